@@ -1,0 +1,141 @@
+"""Input validation shared by the public functions: clear errors that name the argument.
+
+Only metadata (types, shapes, dtypes, devices) is checked on every call. Value checks that would read
+device memory (targets in range) run on CPU tensors outside torch.compile only, so a CUDA call never
+waits on the host and a compiled graph never breaks.
+"""
+from __future__ import annotations
+
+import math
+from numbers import Real
+from typing import Sequence
+
+import torch
+
+LOGIT_REDUCTIONS = ("batchmean", "sum", "mean", "none")
+
+
+def check_float_tensor(name: str, value: object) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if not value.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor (float16, bfloat16, float32 or float64), "
+                        f"got {value.dtype}")
+    return value
+
+
+def check_index_tensor(name: str, value: object) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of class indices, got {type(value).__name__}")
+    if value.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
+        raise TypeError(f"{name} must be an integer tensor of class indices, got {value.dtype}")
+    return value
+
+
+def check_same_device(**tensors: torch.Tensor) -> None:
+    devices = {name: t.device for name, t in tensors.items() if t is not None}
+    if len(set(devices.values())) > 1:
+        listed = ", ".join(f"{name} on {device}" for name, device in devices.items())
+        raise ValueError(f"all tensors must be on the same device, got {listed}")
+
+
+def check_positive(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise TypeError(f"{name} must be a positive Python number, got {type(value).__name__}")
+    if not (value > 0 and math.isfinite(value)):
+        raise ValueError(f"{name} must be positive and finite, got {value}")
+    return float(value)
+
+
+def check_number(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value):
+        raise TypeError(f"{name} must be a finite Python number, got {value!r}")
+    return float(value)
+
+
+def check_unit_interval(name: str, value: object) -> float:
+    value = check_number(name, value)
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must lie in [0, 1], got {value}")
+    return value
+
+
+def check_choice(name: str, value: object, choices: Sequence[str]) -> str:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
+    return value
+
+
+def check_logits(student_logits: object, teacher_logits: object) -> None:
+    """Student and teacher logits: floating tensors of the same shape `(..., classes)` on one device."""
+    check_float_tensor("student_logits", student_logits)
+    check_float_tensor("teacher_logits", teacher_logits)
+    check_same_device(student_logits=student_logits, teacher_logits=teacher_logits)
+    if student_logits.dim() < 1:
+        raise ValueError("student_logits must have a class dimension, got a 0-d tensor")
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(f"student_logits and teacher_logits must have the same shape (rows, classes), got "
+                         f"{tuple(student_logits.shape)} and {tuple(teacher_logits.shape)}")
+    if student_logits.shape[-1] == 0:
+        raise ValueError("student_logits must have at least one class, got 0")
+    if student_logits.numel() == 0:
+        raise ValueError(f"the batch is empty: student_logits has shape {tuple(student_logits.shape)}")
+
+
+def check_target(name: str, target: object, logits: torch.Tensor) -> torch.Tensor:
+    """Class indices, one per row of `logits`, each in [0, classes)."""
+    check_index_tensor(name, target)
+    check_same_device(**{name: target, "student_logits": logits})
+    rows_shape = logits.shape[:-1]
+    if target.shape != rows_shape:
+        raise ValueError(f"{name} must have shape {tuple(rows_shape)} (one class index per row of the logits), "
+                         f"got {tuple(target.shape)}")
+    classes = logits.shape[-1]
+    if target.device.type == "cpu" and not torch.compiler.is_compiling():
+        low, high = int(target.min()), int(target.max())
+        if low < 0 or high >= classes:
+            raise ValueError(f"{name} holds class indices outside [0, {classes}): min {low}, max {high}")
+    return target
+
+
+def check_labels(labels: object, logits: torch.Tensor) -> torch.Tensor:
+    """Per-token labels, used only to mask tokens equal to `ignore_index`."""
+    check_index_tensor("labels", labels)
+    check_same_device(labels=labels, student_logits=logits)
+    if labels.shape != logits.shape[:-1]:
+        raise ValueError(f"labels must have shape {tuple(logits.shape[:-1])} (one per token), "
+                         f"got {tuple(labels.shape)}")
+    return labels
+
+
+def check_features(student_name: str, student: object, teacher_name: str, teacher: object,
+                   *, min_dim: int = 2, min_batch: int = 1, same_shape: bool = False) -> None:
+    """Student and teacher features with a leading batch dimension of equal size."""
+    check_float_tensor(student_name, student)
+    check_float_tensor(teacher_name, teacher)
+    check_same_device(**{student_name: student, teacher_name: teacher})
+    for name, t in ((student_name, student), (teacher_name, teacher)):
+        if t.dim() < min_dim:
+            raise ValueError(f"{name} must have at least {min_dim} dimensions (batch first), "
+                             f"got shape {tuple(t.shape)}")
+        if t.numel() == 0:
+            raise ValueError(f"{name} is empty: shape {tuple(t.shape)}")
+    if student.shape[0] != teacher.shape[0]:
+        raise ValueError(f"{student_name} and {teacher_name} must have the same batch size, "
+                         f"got {student.shape[0]} and {teacher.shape[0]}")
+    if student.shape[0] < min_batch:
+        raise ValueError(f"this loss needs a batch of at least {min_batch} samples, got {student.shape[0]}")
+    if same_shape and student.shape != teacher.shape:
+        raise ValueError(f"{student_name} and {teacher_name} must have the same shape, "
+                         f"got {tuple(student.shape)} and {tuple(teacher.shape)}")
+
+
+def check_feature_lists(student_name: str, students: object, teacher_name: str, teachers: object) -> None:
+    for name, value in ((student_name, students), (teacher_name, teachers)):
+        if isinstance(value, torch.Tensor) or not isinstance(value, Sequence):
+            raise TypeError(f"{name} must be a list or tuple of tensors, got {type(value).__name__}")
+    if len(students) != len(teachers):
+        raise ValueError(f"{student_name} and {teacher_name} must have the same length, "
+                         f"got {len(students)} and {len(teachers)}")
+    if len(students) == 0:
+        raise ValueError(f"{student_name} is empty: at least one feature map is needed")

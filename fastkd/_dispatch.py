@@ -1,0 +1,122 @@
+"""Which implementation of a loss runs: the backend registry and its resolution rule.
+
+Every loss has a reference implementation under the "torch" backend. A kernel backend is a module
+(`fastkd.triton`, `fastkd.cuda`) that, when imported, registers its implementations per loss with
+`register` and exposes `unavailable_reason(device) -> str | None`. The public functions in
+`fastkd.functional` only call `resolve`, so a backend plugs in per loss without touching them.
+
+Resolution of `backend`:
+- None: the `FASTKD_BACKEND` environment variable, else "auto".
+- "auto": on a CUDA tensor, the first of `AUTO_ORDER` that has a kernel for the loss and can run here;
+  on any other device, "torch" (the Triton interpreter is for checking kernels, not for speed).
+- a name: that backend, or `BackendUnavailableError` saying why it cannot run.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+BACKENDS = ("torch", "triton", "cuda")
+AUTO_ORDER = ("cuda", "triton", "torch")
+ENV_VAR = "FASTKD_BACKEND"
+
+# The module that holds each kernel backend; importing it registers its kernels.
+_KERNEL_MODULES = {"triton": "fastkd.triton", "cuda": "fastkd.cuda"}
+_KERNEL_NAMES = {"triton": "Triton", "cuda": "CUDA C++"}
+
+_registry: dict[str, dict[str, Callable]] = {}
+_modules: dict[str, object | None] = {}
+_import_errors: dict[str, str] = {}
+
+
+class BackendUnavailableError(RuntimeError):
+    """A backend was asked for by name but cannot run this loss on this input."""
+
+
+@dataclass(frozen=True)
+class BackendStatus:
+    available: bool
+    reason: str
+
+
+def register(op: str, backend: str, fn: Callable) -> Callable:
+    """Make `fn` the implementation of loss `op` for `backend`; it takes the reference's arguments."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    _registry.setdefault(op, {})[backend] = fn
+    return fn
+
+
+def _kernel_module(backend: str):
+    """Import a kernel backend once; None when this version or this machine does not have it."""
+    if backend not in _modules:
+        name = _KERNEL_MODULES[backend]
+        try:
+            _modules[backend] = importlib.import_module(name)
+        except ModuleNotFoundError as err:
+            _modules[backend] = None
+            if err.name == name:
+                _import_errors[backend] = f"this version of fastkd does not ship {_KERNEL_NAMES[backend]} kernels yet"
+            else:
+                _import_errors[backend] = f"importing {name} failed: {err}"
+        except ImportError as err:
+            _modules[backend] = None
+            _import_errors[backend] = f"importing {name} failed: {err}"
+    return _modules[backend]
+
+
+def _unavailable_reason(backend: str, device: torch.device | None) -> str | None:
+    if backend == "torch":
+        return None
+    module = _kernel_module(backend)
+    if module is None:
+        return _import_errors[backend]
+    return module.unavailable_reason(device)
+
+
+def available_backends() -> dict[str, BackendStatus]:
+    """Each backend's status on this machine: available, or the reason it is not."""
+    statuses = {}
+    for backend in BACKENDS:
+        reason = _unavailable_reason(backend, None)
+        if reason is None:
+            ops = sorted(op for op, impls in _registry.items() if backend in impls)
+            statuses[backend] = BackendStatus(True, f"available for {len(ops)} losses")
+        else:
+            statuses[backend] = BackendStatus(False, reason)
+    return statuses
+
+
+def default_backend() -> str:
+    """The backend used when none is named: `FASTKD_BACKEND`, else "auto"."""
+    return check_backend_name(os.environ.get(ENV_VAR, "auto"), source=ENV_VAR)
+
+
+def check_backend_name(backend: object, source: str = "backend") -> str:
+    if backend != "auto" and backend not in BACKENDS:
+        raise ValueError(f"{source} must be 'auto' or one of {BACKENDS}, got {backend!r}")
+    return backend
+
+
+def resolve(op: str, backend: str | None, device: torch.device) -> Callable:
+    """The implementation of loss `op` to run on tensors on `device`."""
+    name = default_backend() if backend is None else check_backend_name(backend)
+    impls = _registry[op]
+    if name == "auto":
+        if device.type != "cuda":
+            return impls["torch"]
+        for candidate in AUTO_ORDER:
+            if _unavailable_reason(candidate, device) is None and candidate in impls:
+                return impls[candidate]
+        return impls["torch"]
+    reason = _unavailable_reason(name, device)
+    if reason is not None:
+        raise BackendUnavailableError(f"backend {name!r} is not available: {reason}")
+    if name not in impls:
+        raise BackendUnavailableError(
+            f"backend {name!r} has no kernel for {op}; backends with one: {sorted(impls)}")
+    return impls[name]

@@ -1,0 +1,271 @@
+"""The public loss functions: validate the inputs, pick a backend, run it.
+
+Each function's maths is documented on its reference in `fastkd.reference`; the docstrings here say
+what to pass. Every function takes `backend`: None (the `FASTKD_BACKEND` environment variable, else
+"auto"), "auto", "torch", "triton" or "cuda" (see `fastkd.available_backends()`).
+The loss is returned in float32 for float16/bfloat16 inputs (float64 for float64 inputs).
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+
+from . import _checks as checks
+from . import reference
+from ._dispatch import resolve
+
+__all__ = [
+    "kd_loss", "kl_div_loss", "jsd_loss", "dkd_loss", "kl_div", "mutual_learning_loss",
+    "rkd_loss", "rkd_distance_loss", "rkd_angle_loss", "attention_map", "at_loss", "sp_loss",
+    "fsp_matrix", "fsp_loss", "pkt_loss", "nst_loss", "cc_loss", "hint_loss",
+]
+
+DIRECTIONS = ("forward", "reverse")
+AT_MODES = ("code", "paper")
+SP_NORMS = ("l2", "l1")
+
+
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 4.0, *,
+            reduction: str = "batchmean", target: torch.Tensor | None = None, ce_weight: float = 0.0,
+            kd_weight: float = 1.0, backend: str | None = None) -> torch.Tensor:
+    """Hinton KD: `ce_weight * CE(z_s, target) + kd_weight * T^2 * KL(softmax(z_t/T) || softmax(z_s/T))`.
+
+    Logits `(..., C)`; `target` `(...)` class indices, needed when `ce_weight != 0`.
+    reduction: "batchmean" (default, per row), "sum", "mean" (PyTorch's per element), "none" (per row).
+    Defaults give RepDistiller's `DistillKL(4)`; its training mix is `ce_weight=0.1, kd_weight=0.9`.
+    """
+    checks.check_logits(student_logits, teacher_logits)
+    temperature = checks.check_positive("temperature", temperature)
+    checks.check_choice("reduction", reduction, checks.LOGIT_REDUCTIONS)
+    ce_weight = checks.check_number("ce_weight", ce_weight)
+    kd_weight = checks.check_number("kd_weight", kd_weight)
+    if target is not None:
+        checks.check_target("target", target, student_logits)
+    elif ce_weight != 0.0:
+        raise ValueError(f"ce_weight={ce_weight} needs target (the hard labels), got target=None")
+    impl = resolve("kd_loss", backend, student_logits.device)
+    return impl(student_logits, teacher_logits, temperature, reduction=reduction, target=target,
+                ce_weight=ce_weight, kd_weight=kd_weight)
+
+
+def _check_token_loss_args(student_logits, teacher_logits, temperature, labels, ignore_index, reduction):
+    checks.check_logits(student_logits, teacher_logits)
+    checks.check_choice("reduction", reduction, checks.LOGIT_REDUCTIONS)
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    if labels is not None:
+        checks.check_labels(labels, student_logits)
+    return checks.check_positive("temperature", temperature)
+
+
+def kl_div_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0, *,
+                direction: str = "forward", labels: torch.Tensor | None = None, ignore_index: int = -100,
+                reduction: str = "batchmean", backend: str | None = None) -> torch.Tensor:
+    """Token-level KL for language-model distillation: forward `KL(p_t || p_s)` or reverse `KL(p_s || p_t)`.
+
+    Logits `(..., V)`; `labels` `(...)`: tokens equal to `ignore_index` are left out, and "batchmean"
+    is the mean over the remaining tokens (0 when none remain). No `T^2` factor.
+    """
+    temperature = _check_token_loss_args(student_logits, teacher_logits, temperature, labels, ignore_index,
+                                         reduction)
+    checks.check_choice("direction", direction, DIRECTIONS)
+    impl = resolve("kl_div_loss", backend, student_logits.device)
+    return impl(student_logits, teacher_logits, temperature, direction=direction, labels=labels,
+                ignore_index=ignore_index, reduction=reduction)
+
+
+def jsd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, beta: float = 0.5,
+             temperature: float = 1.0, labels: torch.Tensor | None = None, ignore_index: int = -100,
+             reduction: str = "batchmean", backend: str | None = None) -> torch.Tensor:
+    """TRL's generalized JSD: beta 0 is `KL(p_t || p_s)`, beta 1 is `KL(p_s || p_t)`, 0.5 the symmetric JSD.
+
+    Logits `(..., V)`; masking and reductions as in `kl_div_loss`.
+    """
+    temperature = _check_token_loss_args(student_logits, teacher_logits, temperature, labels, ignore_index,
+                                         reduction)
+    beta = checks.check_unit_interval("beta", beta)
+    impl = resolve("jsd_loss", backend, student_logits.device)
+    return impl(student_logits, teacher_logits, beta=beta, temperature=temperature, labels=labels,
+                ignore_index=ignore_index, reduction=reduction)
+
+
+def dkd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target: torch.Tensor, *,
+             alpha: float = 1.0, beta: float = 8.0, temperature: float = 4.0,
+             backend: str | None = None) -> torch.Tensor:
+    """Decoupled KD, mdistiller's `dkd_loss`: `alpha * TCKD + beta * NCKD`. Logits `(B, C)`, target `(B,)`."""
+    checks.check_logits(student_logits, teacher_logits)
+    if student_logits.dim() != 2:
+        raise ValueError(f"student_logits must be 2-d (batch, classes) for DKD, got shape "
+                         f"{tuple(student_logits.shape)}")
+    checks.check_target("target", target, student_logits)
+    alpha = checks.check_number("alpha", alpha)
+    beta = checks.check_number("beta", beta)
+    temperature = checks.check_positive("temperature", temperature)
+    impl = resolve("dkd_loss", backend, student_logits.device)
+    return impl(student_logits, teacher_logits, target, alpha=alpha, beta=beta, temperature=temperature)
+
+
+def kl_div(input: torch.Tensor, target: torch.Tensor, reduction: str = "mean", log_target: bool = False, *,
+           backend: str | None = None) -> torch.Tensor:
+    """`torch.nn.functional.kl_div(input, target, reduction, log_target)` with 0 (not NaN) where target is 0.
+
+    `input` holds log-probabilities, `target` probabilities (log-probabilities with `log_target=True`).
+    """
+    checks.check_float_tensor("input", input)
+    checks.check_float_tensor("target", target)
+    checks.check_same_device(input=input, target=target)
+    checks.check_choice("reduction", reduction, checks.LOGIT_REDUCTIONS)
+    if input.shape != target.shape:
+        raise ValueError(f"input and target must have the same shape, got {tuple(input.shape)} and "
+                         f"{tuple(target.shape)}")
+    if input.numel() == 0:
+        raise ValueError(f"input is empty: shape {tuple(input.shape)}")
+    impl = resolve("kl_div", backend, input.device)
+    return impl(input, target, reduction=reduction, log_target=bool(log_target))
+
+
+def mutual_learning_loss(logits: Sequence[torch.Tensor], target: torch.Tensor | None = None, *,
+                         temperature: float = 1.0, ce_weight: float = 1.0, kl_weight: float = 1.0,
+                         backend: str | None = None) -> torch.Tensor:
+    """Deep mutual learning (Zhang et al. 2018) over a cohort of K >= 2 students' logits `(..., C)` each.
+
+    Student k's loss is `ce_weight * CE(z_k, target) + kl_weight * mean_{l != k} T^2 KL(p_l || p_k)`
+    with each peer's `p_l` detached; the sum over the cohort is returned, so one backward trains all.
+    """
+    if isinstance(logits, torch.Tensor) or not isinstance(logits, Sequence):
+        raise TypeError(f"logits must be a list or tuple of the students' logit tensors, got "
+                        f"{type(logits).__name__}")
+    if len(logits) < 2:
+        raise ValueError(f"mutual learning needs at least 2 students, got {len(logits)}")
+    for k, peer in enumerate(logits[1:], start=1):
+        try:
+            checks.check_logits(logits[0], peer)
+        except (TypeError, ValueError) as err:
+            raise type(err)(f"logits[0] and logits[{k}]: {err}") from None
+    if ce_weight != 0.0 and target is None:
+        raise ValueError(f"ce_weight={ce_weight} needs target (the hard labels), got target=None")
+    kl_scale = checks.check_number("kl_weight", kl_weight) / (len(logits) - 1)
+    total = 0.0
+    for k, own in enumerate(logits):
+        peers = [peer for l, peer in enumerate(logits) if l != k]
+        for j, peer in enumerate(peers):
+            # The hard-label term rides on the first peer's fused pass.
+            with_ce = j == 0 and ce_weight != 0.0
+            total = total + kd_loss(own, peer.detach(), temperature, target=target if with_ce else None,
+                                    ce_weight=ce_weight if with_ce else 0.0, kd_weight=kl_scale, backend=backend)
+    return total
+
+
+def _check_pair(f_s, f_t, **kwargs):
+    checks.check_features("f_s", f_s, "f_t", f_t, **kwargs)
+
+
+def rkd_distance_loss(f_s: torch.Tensor, f_t: torch.Tensor, *, squared: bool = False, eps: float = 1e-12,
+                      backend: str | None = None) -> torch.Tensor:
+    """RKD distance loss on features `(B, ...)` flattened to `(B, D)`, B >= 2; D may differ."""
+    _check_pair(f_s, f_t, min_batch=2)
+    eps = checks.check_positive("eps", eps)
+    return resolve("rkd_distance_loss", backend, f_s.device)(f_s, f_t, squared=bool(squared), eps=eps)
+
+
+def rkd_angle_loss(f_s: torch.Tensor, f_t: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
+    """RKD angle loss on features `(B, ...)` flattened to `(B, D)`, B >= 2; D may differ."""
+    _check_pair(f_s, f_t, min_batch=2)
+    return resolve("rkd_angle_loss", backend, f_s.device)(f_s, f_t)
+
+
+def rkd_loss(f_s: torch.Tensor, f_t: torch.Tensor, *, distance_weight: float = 25.0, angle_weight: float = 50.0,
+             squared: bool = False, eps: float = 1e-12, backend: str | None = None) -> torch.Tensor:
+    """RKD: `distance_weight * L_distance + angle_weight * L_angle` (RepDistiller's weights 25 and 50)."""
+    _check_pair(f_s, f_t, min_batch=2)
+    distance_weight = checks.check_number("distance_weight", distance_weight)
+    angle_weight = checks.check_number("angle_weight", angle_weight)
+    eps = checks.check_positive("eps", eps)
+    return resolve("rkd_loss", backend, f_s.device)(
+        f_s, f_t, distance_weight=distance_weight, angle_weight=angle_weight, squared=bool(squared), eps=eps)
+
+
+def _check_power(p):
+    return checks.check_positive("p", p)
+
+
+def attention_map(f: torch.Tensor, p: float = 2, *, backend: str | None = None) -> torch.Tensor:
+    """The spatial attention map `normalize(mean_c f^p)`: `(B, C, H, W)` to `(B, H*W)`."""
+    checks.check_float_tensor("f", f)
+    if f.dim() < 3 or f.numel() == 0:
+        raise ValueError(f"f must be a non-empty (batch, channels, *spatial) tensor, got shape {tuple(f.shape)}")
+    p = _check_power(p)
+    return resolve("attention_map", backend, f.device)(f, p)
+
+
+def _check_maps(f_s, f_t):
+    _check_pair(f_s, f_t, min_dim=4)
+    if f_s.dim() != 4 or f_t.dim() != 4:
+        raise ValueError(f"f_s and f_t must be 4-d (batch, channels, height, width), got shapes "
+                         f"{tuple(f_s.shape)} and {tuple(f_t.shape)}")
+
+
+def at_loss(f_s: torch.Tensor, f_t: torch.Tensor, *, p: float = 2, mode: str = "code",
+            backend: str | None = None) -> torch.Tensor:
+    """Attention transfer between a student and a teacher map `(B, C, H, W)` (channels may differ;
+    the larger map is pooled to the smaller). mode "code" (RepDistiller) or "paper" (torchdistill)."""
+    _check_maps(f_s, f_t)
+    p = _check_power(p)
+    checks.check_choice("mode", mode, AT_MODES)
+    return resolve("at_loss", backend, f_s.device)(f_s, f_t, p=p, mode=mode)
+
+
+def sp_loss(f_s: torch.Tensor, f_t: torch.Tensor, *, norm: str = "l2", backend: str | None = None) -> torch.Tensor:
+    """Similarity-preserving KD on features `(B, ...)`; norm "l2" (RepDistiller) or "l1" (torchdistill)."""
+    _check_pair(f_s, f_t)
+    checks.check_choice("norm", norm, SP_NORMS)
+    return resolve("sp_loss", backend, f_s.device)(f_s, f_t, norm=norm)
+
+
+def fsp_matrix(bottom: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
+    """The FSP matrix `(B, C_top, C_bottom)` of two maps of one network."""
+    checks.check_features("bottom", bottom, "top", top, min_dim=4)
+    return reference.fsp_matrix(bottom, top)
+
+
+def fsp_loss(feats_s: Sequence[torch.Tensor], feats_t: Sequence[torch.Tensor], *,
+             backend: str | None = None) -> torch.Tensor:
+    """FSP over consecutive layers: lists of >= 2 maps `(B, C_i, H_i, W_i)`, channel counts matching per layer."""
+    checks.check_feature_lists("feats_s", feats_s, "feats_t", feats_t)
+    if len(feats_s) < 2:
+        raise ValueError(f"FSP needs at least 2 feature maps per network, got {len(feats_s)}")
+    for i, (s, t) in enumerate(zip(feats_s, feats_t)):
+        checks.check_features(f"feats_s[{i}]", s, f"feats_t[{i}]", t, min_dim=4)
+        if s.shape[1] != t.shape[1]:
+            raise ValueError(f"feats_s[{i}] and feats_t[{i}] must have the same number of channels for FSP, "
+                             f"got {s.shape[1]} and {t.shape[1]}")
+    return resolve("fsp_loss", backend, feats_s[0].device)(feats_s, feats_t)
+
+
+def pkt_loss(f_s: torch.Tensor, f_t: torch.Tensor, *, eps: float = 1e-7, backend: str | None = None) -> torch.Tensor:
+    """Probabilistic knowledge transfer on features `(B, ...)` (RepDistiller's `PKT`)."""
+    _check_pair(f_s, f_t)
+    eps = checks.check_positive("eps", eps)
+    return resolve("pkt_loss", backend, f_s.device)(f_s, f_t, eps=eps)
+
+
+def nst_loss(f_s: torch.Tensor, f_t: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
+    """Neuron selectivity transfer between maps `(B, C, H, W)` (channels may differ)."""
+    _check_maps(f_s, f_t)
+    return resolve("nst_loss", backend, f_s.device)(f_s, f_t)
+
+
+def cc_loss(f_s: torch.Tensor, f_t: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
+    """Correlation congruence (RepDistiller's `Correlation`) on embeddings `(B, D)` of equal shape, B >= 2."""
+    _check_pair(f_s, f_t, min_batch=2, same_shape=True)
+    return resolve("cc_loss", backend, f_s.device)(f_s, f_t)
+
+
+def hint_loss(f_s: torch.Tensor, f_t: torch.Tensor, regressor: Callable | None = None, *,
+              backend: str | None = None) -> torch.Tensor:
+    """FitNets hint: `mse(regressor(f_s), f_t)`; without a regressor the shapes must already match."""
+    _check_pair(f_s, f_t, min_dim=1)
+    if regressor is not None and not callable(regressor):
+        raise TypeError(f"regressor must be a module or callable, got {type(regressor).__name__}")
+    return resolve("hint_loss", backend, f_s.device)(f_s, f_t, regressor)

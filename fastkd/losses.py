@@ -1,0 +1,270 @@
+"""The losses as `torch.nn.Module`s: constructor arguments are the options of `fastkd.functional`."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from . import _checks as checks
+from . import functional as KF
+
+__all__ = [
+    "KDLoss", "KLDivLoss", "KLDistillationLoss", "JSDLoss", "DKDLoss", "MutualLearningLoss", "RKDLoss",
+    "AttentionTransferLoss", "SimilarityLoss", "FSPLoss", "PKTLoss", "NSTLoss", "CCLoss", "HintLoss",
+    "ConvRegressor",
+]
+
+
+class KDLoss(nn.Module):
+    """Hinton KD with an optional hard-label term; `forward(student_logits, teacher_logits, target=None)`.
+
+    `KDLoss(4.0)` is RepDistiller's `DistillKL(4)`; `KDLoss(4.0, ce_weight=0.1, kd_weight=0.9)` is its
+    default training mix, called with the target.
+    """
+
+    def __init__(self, temperature: float = 4.0, *, reduction: str = "batchmean", ce_weight: float = 0.0,
+                 kd_weight: float = 1.0, backend: str | None = None):
+        super().__init__()
+        self.temperature = checks.check_positive("temperature", temperature)
+        self.reduction = checks.check_choice("reduction", reduction, checks.LOGIT_REDUCTIONS)
+        self.ce_weight, self.kd_weight, self.backend = ce_weight, kd_weight, backend
+
+    def forward(self, student_logits, teacher_logits, target=None):
+        return KF.kd_loss(student_logits, teacher_logits, self.temperature, reduction=self.reduction,
+                          target=target, ce_weight=self.ce_weight, kd_weight=self.kd_weight, backend=self.backend)
+
+    def extra_repr(self):
+        return f"temperature={self.temperature}, ce_weight={self.ce_weight}, kd_weight={self.kd_weight}"
+
+
+class KLDivLoss(nn.Module):
+    """Drop-in for `torch.nn.KLDivLoss`: same constructor, `forward(input, target)` with `input` log-probs.
+
+    Differs only where PyTorch returns NaN: a target probability of 0 contributes 0 even against -inf.
+    """
+
+    def __init__(self, size_average=None, reduce=None, reduction: str = "mean", log_target: bool = False, *,
+                 backend: str | None = None):
+        super().__init__()
+        if size_average is not None or reduce is not None:
+            reduction = nn.modules.loss._Reduction.legacy_get_string(size_average, reduce)
+        self.reduction = checks.check_choice("reduction", reduction, checks.LOGIT_REDUCTIONS)
+        self.log_target, self.backend = log_target, backend
+
+    def forward(self, input, target):
+        return KF.kl_div(input, target, self.reduction, self.log_target, backend=self.backend)
+
+
+class KLDistillationLoss(nn.Module):
+    """Token-level KL for LM distillation; `forward(student_logits, teacher_logits, labels=None)`.
+
+    direction "forward" is `KL(p_t || p_s)`, "reverse" `KL(p_s || p_t)`; tokens labelled `ignore_index`
+    are left out of the mean.
+    """
+
+    def __init__(self, temperature: float = 1.0, *, direction: str = "forward", ignore_index: int = -100,
+                 reduction: str = "batchmean", backend: str | None = None):
+        super().__init__()
+        self.temperature = checks.check_positive("temperature", temperature)
+        self.direction = checks.check_choice("direction", direction, KF.DIRECTIONS)
+        self.ignore_index, self.reduction, self.backend = ignore_index, reduction, backend
+
+    def forward(self, student_logits, teacher_logits, labels=None):
+        return KF.kl_div_loss(student_logits, teacher_logits, self.temperature, direction=self.direction,
+                              labels=labels, ignore_index=self.ignore_index, reduction=self.reduction,
+                              backend=self.backend)
+
+
+class JSDLoss(nn.Module):
+    """TRL's generalized JSD; `forward(student_logits, teacher_logits, labels=None)`."""
+
+    def __init__(self, beta: float = 0.5, temperature: float = 1.0, *, ignore_index: int = -100,
+                 reduction: str = "batchmean", backend: str | None = None):
+        super().__init__()
+        self.beta = checks.check_unit_interval("beta", beta)
+        self.temperature = checks.check_positive("temperature", temperature)
+        self.ignore_index, self.reduction, self.backend = ignore_index, reduction, backend
+
+    def forward(self, student_logits, teacher_logits, labels=None):
+        return KF.jsd_loss(student_logits, teacher_logits, beta=self.beta, temperature=self.temperature,
+                           labels=labels, ignore_index=self.ignore_index, reduction=self.reduction,
+                           backend=self.backend)
+
+
+class DKDLoss(nn.Module):
+    """Decoupled KD; `forward(student_logits, teacher_logits, target, epoch=None)`.
+
+    With `warmup > 0` and an `epoch`, the loss is scaled by `min(epoch / warmup, 1)` as mdistiller's
+    trainer does (its CIFAR default: warmup 20).
+    """
+
+    def __init__(self, alpha: float = 1.0, beta: float = 8.0, temperature: float = 4.0, *, warmup: int = 0,
+                 backend: str | None = None):
+        super().__init__()
+        self.temperature = checks.check_positive("temperature", temperature)
+        self.alpha, self.beta, self.warmup, self.backend = alpha, beta, warmup, backend
+
+    def forward(self, student_logits, teacher_logits, target, epoch: float | None = None):
+        loss = KF.dkd_loss(student_logits, teacher_logits, target, alpha=self.alpha, beta=self.beta,
+                           temperature=self.temperature, backend=self.backend)
+        if self.warmup > 0 and epoch is not None:
+            loss = loss * min(epoch / self.warmup, 1.0)
+        return loss
+
+
+class MutualLearningLoss(nn.Module):
+    """Deep mutual learning over a cohort; `forward(logits_list, target=None)` returns the cohort's sum."""
+
+    def __init__(self, temperature: float = 1.0, *, ce_weight: float = 1.0, kl_weight: float = 1.0,
+                 backend: str | None = None):
+        super().__init__()
+        self.temperature = checks.check_positive("temperature", temperature)
+        self.ce_weight, self.kl_weight, self.backend = ce_weight, kl_weight, backend
+
+    def forward(self, logits: Sequence[torch.Tensor], target=None):
+        return KF.mutual_learning_loss(logits, target, temperature=self.temperature, ce_weight=self.ce_weight,
+                                       kl_weight=self.kl_weight, backend=self.backend)
+
+
+class RKDLoss(nn.Module):
+    """Relational KD, distance and angle; `forward(f_s, f_t)` on `(B, ...)` features."""
+
+    def __init__(self, distance_weight: float = 25.0, angle_weight: float = 50.0, *, squared: bool = False,
+                 eps: float = 1e-12, backend: str | None = None):
+        super().__init__()
+        self.distance_weight, self.angle_weight = distance_weight, angle_weight
+        self.squared, self.eps, self.backend = squared, eps, backend
+
+    def forward(self, f_s, f_t):
+        return KF.rkd_loss(f_s, f_t, distance_weight=self.distance_weight, angle_weight=self.angle_weight,
+                           squared=self.squared, eps=self.eps, backend=self.backend)
+
+
+def _as_pairs(feats_s, feats_t):
+    """One tensor each, or equal-length lists of tensors."""
+    if isinstance(feats_s, torch.Tensor) and isinstance(feats_t, torch.Tensor):
+        return [feats_s], [feats_t]
+    checks.check_feature_lists("feats_s", feats_s, "feats_t", feats_t)
+    return feats_s, feats_t
+
+
+def _reduce_pairs(losses: list[torch.Tensor], reduction: str) -> torch.Tensor:
+    stacked = torch.stack(losses)
+    return stacked if reduction == "none" else stacked.sum()
+
+
+class _PairwiseFeatureLoss(nn.Module):
+    """A loss applied to each (student, teacher) feature pair by the subclass's `pair_loss`;
+    "sum" adds them, "none" stacks them."""
+
+    def __init__(self, reduction: str = "sum", backend: str | None = None):
+        super().__init__()
+        self.reduction = checks.check_choice("reduction", reduction, ("sum", "none"))
+        self.backend = backend
+
+    def forward(self, feats_s, feats_t):
+        feats_s, feats_t = _as_pairs(feats_s, feats_t)
+        return _reduce_pairs([self.pair_loss(s, t) for s, t in zip(feats_s, feats_t)], self.reduction)
+
+
+class AttentionTransferLoss(_PairwiseFeatureLoss):
+    """Attention transfer over lists of maps (or one map each); `forward(feats_s, feats_t)`."""
+
+    def __init__(self, p: float = 2, mode: str = "code", *, reduction: str = "sum", backend: str | None = None):
+        super().__init__(reduction, backend)
+        self.p, self.mode = checks.check_positive("p", p), checks.check_choice("mode", mode, KF.AT_MODES)
+
+    def pair_loss(self, f_s, f_t):
+        return KF.at_loss(f_s, f_t, p=self.p, mode=self.mode, backend=self.backend)
+
+
+class SimilarityLoss(_PairwiseFeatureLoss):
+    """Similarity-preserving KD over lists of features (or one each)."""
+
+    def __init__(self, norm: str = "l2", *, reduction: str = "sum", backend: str | None = None):
+        super().__init__(reduction, backend)
+        self.norm = checks.check_choice("norm", norm, KF.SP_NORMS)
+
+    def pair_loss(self, f_s, f_t):
+        return KF.sp_loss(f_s, f_t, norm=self.norm, backend=self.backend)
+
+
+class NSTLoss(_PairwiseFeatureLoss):
+    """Neuron selectivity transfer over lists of maps (or one each)."""
+
+    def pair_loss(self, f_s, f_t):
+        return KF.nst_loss(f_s, f_t, backend=self.backend)
+
+
+class FSPLoss(nn.Module):
+    """FSP over consecutive layers; `forward(feats_s, feats_t)` with lists of >= 2 maps each."""
+
+    def __init__(self, *, backend: str | None = None):
+        super().__init__()
+        self.backend = backend
+
+    def forward(self, feats_s, feats_t):
+        return KF.fsp_loss(feats_s, feats_t, backend=self.backend)
+
+
+class PKTLoss(nn.Module):
+    """Probabilistic knowledge transfer; `forward(f_s, f_t)`."""
+
+    def __init__(self, eps: float = 1e-7, *, backend: str | None = None):
+        super().__init__()
+        self.eps, self.backend = eps, backend
+
+    def forward(self, f_s, f_t):
+        return KF.pkt_loss(f_s, f_t, eps=self.eps, backend=self.backend)
+
+
+class CCLoss(nn.Module):
+    """Correlation congruence (RepDistiller's `Correlation`); `forward(f_s, f_t)`."""
+
+    def __init__(self, *, backend: str | None = None):
+        super().__init__()
+        self.backend = backend
+
+    def forward(self, f_s, f_t):
+        return KF.cc_loss(f_s, f_t, backend=self.backend)
+
+
+class HintLoss(nn.Module):
+    """FitNets hint: `mse(regressor(f_s), f_t)`; the regressor (optional) is a submodule and trains with it."""
+
+    def __init__(self, regressor: nn.Module | None = None, *, backend: str | None = None):
+        super().__init__()
+        self.regressor, self.backend = regressor, backend
+
+    def forward(self, f_s, f_t):
+        return KF.hint_loss(f_s, f_t, self.regressor, backend=self.backend)
+
+
+class ConvRegressor(nn.Module):
+    """Maps student maps `(B, C_s, H_s, W_s)` to the teacher's `(B, C_t, H_t, W_t)`: conv, batch norm, ReLU.
+
+    The convolution is chosen as RepDistiller's `ConvReg`: stride 2 (3x3) when the student is twice the
+    teacher's height, a transposed convolution when it is half, otherwise a valid convolution with a
+    `(1 + H_s - H_t, 1 + W_s - W_t)` kernel (1x1 for equal sizes).
+    """
+
+    def __init__(self, student_shape: Sequence[int], teacher_shape: Sequence[int], use_relu: bool = True):
+        super().__init__()
+        _, c_s, h_s, w_s = student_shape
+        _, c_t, h_t, w_t = teacher_shape
+        if h_s == 2 * h_t:
+            self.conv = nn.Conv2d(c_s, c_t, kernel_size=3, stride=2, padding=1)
+        elif 2 * h_s == h_t:
+            self.conv = nn.ConvTranspose2d(c_s, c_t, kernel_size=4, stride=2, padding=1)
+        elif h_s >= h_t and w_s >= w_t:
+            self.conv = nn.Conv2d(c_s, c_t, kernel_size=(1 + h_s - h_t, 1 + w_s - w_t))
+        else:
+            raise ValueError(f"no regressor maps student size {h_s}x{w_s} to teacher size {h_t}x{w_t}: the student "
+                             f"must be twice, half, or at least the teacher's size")
+        self.bn = nn.BatchNorm2d(c_t)
+        self.use_relu = use_relu
+
+    def forward(self, x):
+        x = self.bn(self.conv(x))
+        return torch.relu(x) if self.use_relu else x
