@@ -52,8 +52,7 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
 def _check_token_loss_args(student_logits, teacher_logits, temperature, labels, ignore_index, reduction):
     checks.check_logits(student_logits, teacher_logits)
     checks.check_choice("reduction", reduction, checks.LOGIT_REDUCTIONS)
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    checks.check_int("ignore_index", ignore_index)
     if labels is not None:
         checks.check_labels(labels, student_logits)
     return checks.check_positive("temperature", temperature)
@@ -110,15 +109,18 @@ def kl_div(input: torch.Tensor, target: torch.Tensor, reduction: str = "mean", l
            backend: str | None = None) -> torch.Tensor:
     """`torch.nn.functional.kl_div(input, target, reduction, log_target)` with 0 (not NaN) where target is 0.
 
-    `input` holds log-probabilities, `target` probabilities (log-probabilities with `log_target=True`).
+    `input` holds log-probabilities, `target` probabilities (log-probabilities with `log_target=True`);
+    shapes broadcast as in PyTorch. Arithmetic and result in float32 or wider.
     """
     checks.check_float_tensor("input", input)
     checks.check_float_tensor("target", target)
     checks.check_same_device(input=input, target=target)
     checks.check_choice("reduction", reduction, checks.LOGIT_REDUCTIONS)
-    if input.shape != target.shape:
-        raise ValueError(f"input and target must have the same shape, got {tuple(input.shape)} and "
-                         f"{tuple(target.shape)}")
+    try:
+        torch.broadcast_shapes(input.shape, target.shape)
+    except RuntimeError:
+        raise ValueError(f"input and target must have broadcastable shapes, got {tuple(input.shape)} and "
+                         f"{tuple(target.shape)}") from None
     if input.numel() == 0:
         raise ValueError(f"input is empty: shape {tuple(input.shape)}")
     impl = resolve("kl_div", backend, input.device)
@@ -143,7 +145,10 @@ def mutual_learning_loss(logits: Sequence[torch.Tensor], target: torch.Tensor | 
             checks.check_logits(logits[0], peer)
         except (TypeError, ValueError) as err:
             raise type(err)(f"logits[0] and logits[{k}]: {err}") from None
-    if ce_weight != 0.0 and target is None:
+    ce_weight = checks.check_number("ce_weight", ce_weight)
+    if target is not None:
+        checks.check_target("target", target, logits[0])
+    elif ce_weight != 0.0:
         raise ValueError(f"ce_weight={ce_weight} needs target (the hard labels), got target=None")
     kl_scale = checks.check_number("kl_weight", kl_weight) / (len(logits) - 1)
     total = 0.0
@@ -235,8 +240,12 @@ def fsp_loss(feats_s: Sequence[torch.Tensor], feats_t: Sequence[torch.Tensor], *
     checks.check_feature_lists("feats_s", feats_s, "feats_t", feats_t)
     if len(feats_s) < 2:
         raise ValueError(f"FSP needs at least 2 feature maps per network, got {len(feats_s)}")
+    batch = feats_s[0].shape[0] if isinstance(feats_s[0], torch.Tensor) else None
     for i, (s, t) in enumerate(zip(feats_s, feats_t)):
         checks.check_features(f"feats_s[{i}]", s, f"feats_t[{i}]", t, min_dim=4)
+        if s.shape[0] != batch:
+            raise ValueError(f"every map must have the batch size of feats_s[0] ({batch}), "
+                             f"got {s.shape[0]} for feats_s[{i}]")
         if s.shape[1] != t.shape[1]:
             raise ValueError(f"feats_s[{i}] and feats_t[{i}] must have the same number of channels for FSP, "
                              f"got {s.shape[1]} and {t.shape[1]}")

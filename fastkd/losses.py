@@ -8,12 +8,18 @@ from torch import nn
 
 from . import _checks as checks
 from . import functional as KF
+from ._dispatch import check_backend_name
 
 __all__ = [
     "KDLoss", "KLDivLoss", "KLDistillationLoss", "JSDLoss", "DKDLoss", "MutualLearningLoss", "RKDLoss",
     "AttentionTransferLoss", "SimilarityLoss", "FSPLoss", "PKTLoss", "NSTLoss", "CCLoss", "HintLoss",
     "ConvRegressor",
 ]
+
+
+def backend_option(backend: str | None) -> str | None:
+    """A module's backend, checked when it is built; None defers to FASTKD_BACKEND at each call."""
+    return None if backend is None else check_backend_name(backend)
 
 
 class KDLoss(nn.Module):
@@ -28,20 +34,24 @@ class KDLoss(nn.Module):
         super().__init__()
         self.temperature = checks.check_positive("temperature", temperature)
         self.reduction = checks.check_choice("reduction", reduction, checks.LOGIT_REDUCTIONS)
-        self.ce_weight, self.kd_weight, self.backend = ce_weight, kd_weight, backend
+        self.ce_weight = checks.check_number("ce_weight", ce_weight)
+        self.kd_weight = checks.check_number("kd_weight", kd_weight)
+        self.backend = backend_option(backend)
 
     def forward(self, student_logits, teacher_logits, target=None):
         return KF.kd_loss(student_logits, teacher_logits, self.temperature, reduction=self.reduction,
                           target=target, ce_weight=self.ce_weight, kd_weight=self.kd_weight, backend=self.backend)
 
     def extra_repr(self):
-        return f"temperature={self.temperature}, ce_weight={self.ce_weight}, kd_weight={self.kd_weight}"
+        return (f"temperature={self.temperature}, reduction={self.reduction!r}, ce_weight={self.ce_weight}, "
+                f"kd_weight={self.kd_weight}")
 
 
 class KLDivLoss(nn.Module):
     """Drop-in for `torch.nn.KLDivLoss`: same constructor, `forward(input, target)` with `input` log-probs.
 
-    Differs only where PyTorch returns NaN: a target probability of 0 contributes 0 even against -inf.
+    Differs where PyTorch returns NaN (a target probability of 0 contributes 0, even against -inf) and in
+    the result's dtype: float32 for float16/bfloat16 inputs, as every fastkd loss.
     """
 
     def __init__(self, size_average=None, reduce=None, reduction: str = "mean", log_target: bool = False, *,
@@ -50,7 +60,7 @@ class KLDivLoss(nn.Module):
         if size_average is not None or reduce is not None:
             reduction = nn.modules.loss._Reduction.legacy_get_string(size_average, reduce)
         self.reduction = checks.check_choice("reduction", reduction, checks.LOGIT_REDUCTIONS)
-        self.log_target, self.backend = log_target, backend
+        self.log_target, self.backend = log_target, backend_option(backend)
 
     def forward(self, input, target):
         return KF.kl_div(input, target, self.reduction, self.log_target, backend=self.backend)
@@ -68,7 +78,9 @@ class KLDistillationLoss(nn.Module):
         super().__init__()
         self.temperature = checks.check_positive("temperature", temperature)
         self.direction = checks.check_choice("direction", direction, KF.DIRECTIONS)
-        self.ignore_index, self.reduction, self.backend = ignore_index, reduction, backend
+        self.reduction = checks.check_choice("reduction", reduction, checks.LOGIT_REDUCTIONS)
+        self.ignore_index = checks.check_int("ignore_index", ignore_index)
+        self.backend = backend_option(backend)
 
     def forward(self, student_logits, teacher_logits, labels=None):
         return KF.kl_div_loss(student_logits, teacher_logits, self.temperature, direction=self.direction,
@@ -84,7 +96,9 @@ class JSDLoss(nn.Module):
         super().__init__()
         self.beta = checks.check_unit_interval("beta", beta)
         self.temperature = checks.check_positive("temperature", temperature)
-        self.ignore_index, self.reduction, self.backend = ignore_index, reduction, backend
+        self.reduction = checks.check_choice("reduction", reduction, checks.LOGIT_REDUCTIONS)
+        self.ignore_index = checks.check_int("ignore_index", ignore_index)
+        self.backend = backend_option(backend)
 
     def forward(self, student_logits, teacher_logits, labels=None):
         return KF.jsd_loss(student_logits, teacher_logits, beta=self.beta, temperature=self.temperature,
@@ -103,7 +117,10 @@ class DKDLoss(nn.Module):
                  backend: str | None = None):
         super().__init__()
         self.temperature = checks.check_positive("temperature", temperature)
-        self.alpha, self.beta, self.warmup, self.backend = alpha, beta, warmup, backend
+        self.alpha, self.beta = checks.check_number("alpha", alpha), checks.check_number("beta", beta)
+        if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+            raise ValueError(f"warmup must be a non-negative int (epochs), got {warmup!r}")
+        self.warmup, self.backend = warmup, backend_option(backend)
 
     def forward(self, student_logits, teacher_logits, target, epoch: float | None = None):
         loss = KF.dkd_loss(student_logits, teacher_logits, target, alpha=self.alpha, beta=self.beta,
@@ -120,7 +137,9 @@ class MutualLearningLoss(nn.Module):
                  backend: str | None = None):
         super().__init__()
         self.temperature = checks.check_positive("temperature", temperature)
-        self.ce_weight, self.kl_weight, self.backend = ce_weight, kl_weight, backend
+        self.ce_weight = checks.check_number("ce_weight", ce_weight)
+        self.kl_weight = checks.check_number("kl_weight", kl_weight)
+        self.backend = backend_option(backend)
 
     def forward(self, logits: Sequence[torch.Tensor], target=None):
         return KF.mutual_learning_loss(logits, target, temperature=self.temperature, ce_weight=self.ce_weight,
@@ -133,8 +152,10 @@ class RKDLoss(nn.Module):
     def __init__(self, distance_weight: float = 25.0, angle_weight: float = 50.0, *, squared: bool = False,
                  eps: float = 1e-12, backend: str | None = None):
         super().__init__()
-        self.distance_weight, self.angle_weight = distance_weight, angle_weight
-        self.squared, self.eps, self.backend = squared, eps, backend
+        self.distance_weight = checks.check_number("distance_weight", distance_weight)
+        self.angle_weight = checks.check_number("angle_weight", angle_weight)
+        self.squared, self.eps = squared, checks.check_positive("eps", eps)
+        self.backend = backend_option(backend)
 
     def forward(self, f_s, f_t):
         return KF.rkd_loss(f_s, f_t, distance_weight=self.distance_weight, angle_weight=self.angle_weight,
@@ -161,7 +182,7 @@ class _PairwiseFeatureLoss(nn.Module):
     def __init__(self, reduction: str = "sum", backend: str | None = None):
         super().__init__()
         self.reduction = checks.check_choice("reduction", reduction, ("sum", "none"))
-        self.backend = backend
+        self.backend = backend_option(backend)
 
     def forward(self, feats_s, feats_t):
         feats_s, feats_t = _as_pairs(feats_s, feats_t)
@@ -202,7 +223,7 @@ class FSPLoss(nn.Module):
 
     def __init__(self, *, backend: str | None = None):
         super().__init__()
-        self.backend = backend
+        self.backend = backend_option(backend)
 
     def forward(self, feats_s, feats_t):
         return KF.fsp_loss(feats_s, feats_t, backend=self.backend)
@@ -213,7 +234,7 @@ class PKTLoss(nn.Module):
 
     def __init__(self, eps: float = 1e-7, *, backend: str | None = None):
         super().__init__()
-        self.eps, self.backend = eps, backend
+        self.eps, self.backend = checks.check_positive("eps", eps), backend_option(backend)
 
     def forward(self, f_s, f_t):
         return KF.pkt_loss(f_s, f_t, eps=self.eps, backend=self.backend)
@@ -224,7 +245,7 @@ class CCLoss(nn.Module):
 
     def __init__(self, *, backend: str | None = None):
         super().__init__()
-        self.backend = backend
+        self.backend = backend_option(backend)
 
     def forward(self, f_s, f_t):
         return KF.cc_loss(f_s, f_t, backend=self.backend)
@@ -235,7 +256,7 @@ class HintLoss(nn.Module):
 
     def __init__(self, regressor: nn.Module | None = None, *, backend: str | None = None):
         super().__init__()
-        self.regressor, self.backend = regressor, backend
+        self.regressor, self.backend = regressor, backend_option(backend)
 
     def forward(self, f_s, f_t):
         return KF.hint_loss(f_s, f_t, self.regressor, backend=self.backend)

@@ -24,14 +24,20 @@ __all__ = ["DistillKL", "HintLoss", "Attention", "Similarity", "RKDLoss", "PKT",
 
 
 class DistillKL(nn.Module):
-    """`DistillKL(T)(y_s, y_t) = T^2 / B * sum KL(softmax(y_t/T) || softmax(y_s/T))`."""
+    """`DistillKL(T)(y_s, y_t) = T^2 / B * sum KL(softmax(y_t/T) || softmax(y_s/T))`.
+
+    As RepDistiller, classes are dim 1 and the sum is divided by `y_s.shape[0]`, also for `(B, C, ...)`.
+    """
 
     def __init__(self, T, *, backend=None):
         super().__init__()
         self.T, self.backend = T, backend
 
     def forward(self, y_s, y_t):
-        return KF.kd_loss(y_s, y_t, self.T, backend=self.backend)
+        if y_s.dim() <= 2:
+            return KF.kd_loss(y_s, y_t, self.T, backend=self.backend)
+        total = KF.kd_loss(y_s.movedim(1, -1), y_t.movedim(1, -1), self.T, reduction="sum", backend=self.backend)
+        return total / y_s.shape[0]
 
 
 class HintLoss(nn.Module):

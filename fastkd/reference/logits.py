@@ -119,13 +119,20 @@ def kl_div_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temp
 def log_mixture(log_p: torch.Tensor, log_q: torch.Tensor, weight_q: float) -> torch.Tensor:
     """`log((1 - w) p + w q)` from log-probabilities, for 0 < w < 1; -inf where both are -inf.
 
-    Positions where both are -inf are replaced by 0 before `logaddexp`, whose gradient is NaN there;
-    their value is never used, as p = q = 0 contributes nothing to the divergences.
+    With `hi`/`lo` the larger/smaller of `log p`, `log q` and `w_lo` the weight of the smaller,
+    `m = e^hi (1 + w_lo (e^(lo - hi) - 1))`, so `log m = hi + log1p(w_lo * expm1(lo - hi))`: exactly
+    `log p` when p = q (a JSD of exactly 0), and `hi + log(1 - w_lo)` when lo = -inf.
+    Positions where both are -inf are replaced by 0 first, where `lo - hi` would be NaN in the
+    backward pass; their value is never used, as p = q = 0 contributes nothing to the divergences.
     """
     both_zero = (log_p == NEG_INF) & (log_q == NEG_INF)
     log_p = torch.where(both_zero, 0.0, log_p)
     log_q = torch.where(both_zero, 0.0, log_q)
-    mixed = torch.logaddexp(log_p + math.log1p(-weight_q), log_q + math.log(weight_q))
+    p_is_lo = log_p < log_q
+    hi = torch.where(p_is_lo, log_q, log_p)
+    lo = torch.where(p_is_lo, log_p, log_q)
+    weight_lo = torch.where(p_is_lo, hi.new_tensor(1.0 - weight_q), hi.new_tensor(weight_q))
+    mixed = hi + torch.log1p(weight_lo * torch.expm1(lo - hi))
     return torch.where(both_zero, NEG_INF, mixed)
 
 
@@ -195,8 +202,9 @@ def kl_div(input: torch.Tensor, target: torch.Tensor, *, reduction: str = "mean"
 
     `input` holds log-probabilities; `target` probabilities (or log-probabilities with `log_target`).
     Reductions as PyTorch's: "mean" over all elements, "batchmean" sum / size(0), "sum", "none".
-    PyTorch computes `xlogy(t, t) - t * input`, NaN when t = 0 and input = -inf; here that term is 0.
-    A negative target still gives NaN, as in PyTorch. Arithmetic in float32 or wider.
+    PyTorch computes `xlogy(t, t) - t * input`, NaN when t = 0 and input = -inf (and, with `log_target`,
+    for any input where t = 0); here that term is 0. A negative or NaN target, and a NaN or +inf input,
+    still give NaN, as in PyTorch. Arithmetic in float32 or wider.
     """
     dtype = torch.promote_types(compute_dtype(input), target.dtype)
     input = input.to(dtype)
@@ -205,8 +213,9 @@ def kl_div(input: torch.Tensor, target: torch.Tensor, *, reduction: str = "mean"
         t = log_t.exp()
     else:
         t = target.to(dtype)
-        log_t = torch.where(t == 0, 0.0, t).log()
-    pointwise = t * torch.where(t == 0, 0.0, log_t - input)
+        log_t = torch.where(t == 0, 1.0, t).log()
+    # A zero target zeroes its term for any input but NaN and +inf, which still give NaN.
+    pointwise = t * torch.where((t == 0) & (input < float("inf")), 0.0, log_t - input)
     if reduction == "none":
         return pointwise
     if reduction == "sum":
