@@ -1,0 +1,85 @@
+"""What every row kernel shares: addressing rows of `(..., V)` views by strides, block sizes, and the
+online (streaming) log-sum-exp over blocks of a row.
+
+Online log-sum-exp, per lane: each of the BLOCK_V lanes keeps a running max `m` and `z = sum exp(x - m)`
+over the elements it has seen; a new element x gives `m' = max(m, x)`, `z' = z exp(m - m') + exp(x - m')`.
+At the end the lanes are combined: `M = max_lanes m`, `Z = sum_lanes z exp(m - M)`, `lse = M + log Z`.
+A lane (or a row) that has seen only -inf keeps `m = -inf, z = 0`; the `where`s keep `-inf - -inf` out.
+Anything weighted like `z` (a running `sum exp(x - m) * f(x)`) is rescaled and combined the same way.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+# Largest block of a row that one program loads at once: 4096 fp32 lanes over 8 warps is 16 per thread.
+MAX_BLOCK_V = 4096
+
+
+def block_size(V: int) -> int:
+    return min(triton.next_power_of_2(V), MAX_BLOCK_V)
+
+
+def num_warps(block: int) -> int:
+    return 4 if block <= 1024 else 8
+
+
+def row_layout(x: torch.Tensor) -> tuple[torch.Tensor, int, int, int, int]:
+    """`(view, outer_stride, inner_stride, column_stride, inner_size)` addressing the rows of `(..., V)`.
+
+    Row r sits at `(r // inner_size) * outer_stride + (r % inner_size) * inner_stride`: one or two leading
+    dimensions are addressed by their strides, so `logits[:, :-1]` needs no copy. More leading dimensions
+    are merged with `reshape`, which copies only when the strides cannot be merged.
+    """
+    if x.dim() == 1:
+        x = x.unsqueeze(0)
+    if x.dim() > 3:
+        x = x.reshape(-1, x.shape[-2], x.shape[-1])
+    if x.dim() == 2:
+        return x, 0, x.stride(0), x.stride(1), max(x.shape[0], 1)
+    return x, x.stride(0), x.stride(1), x.stride(2), x.shape[1]
+
+
+def flat_index(t: torch.Tensor | None) -> torch.Tensor | None:
+    """Per-row integer tensors (targets, labels) as one contiguous vector."""
+    return None if t is None else t.reshape(-1).contiguous()
+
+
+@triton.jit
+def row_start(ptr, row, inner_size, outer_stride, inner_stride):
+    outer = row // inner_size
+    return ptr + outer * outer_stride + (row - outer * inner_size) * inner_stride
+
+
+@triton.jit
+def online_update(m, z, x):
+    """One step of the per-lane online log-sum-exp; also returns the rescale of old sums and exp(x - m')."""
+    # tl.maximum may drop a NaN (PTX max does); carrying it makes the sums NaN, as they must be.
+    m_new = tl.where(x != x, x, tl.maximum(m, x))
+    seen = m_new != float("-inf")
+    rescale = tl.where(seen, tl.exp(m - m_new), 0.0)
+    e = tl.where(seen, tl.exp(x - m_new), 0.0)
+    return m_new, z * rescale + e, rescale, e
+
+
+@triton.jit
+def lane_weights(m):
+    """The max over lanes and each lane's weight `exp(m - M)` (0 for lanes that saw only -inf)."""
+    big = tl.max(m, 0)
+    return big, tl.where(m == float("-inf"), 0.0, tl.exp(m - big))
+
+
+@triton.jit
+def log1p(x):
+    """log(1 + x), accurate for small x (Kahan's trick: the rounding of 1 + x cancels in the ratio)."""
+    u = 1.0 + x
+    return tl.where(u == 1.0, x, tl.log(u) * (x / (u - 1.0)))
+
+
+@triton.jit
+def expm1(x):
+    """exp(x) - 1, accurate for small x (Kahan's trick); -1 at -inf."""
+    u = tl.exp(x)
+    small = tl.where(u == 1.0, x, (u - 1.0) * (x / tl.log(u)))
+    return tl.where(u == 0.0, -1.0, small)
