@@ -13,8 +13,9 @@ import torch
 import triton
 import triton.language as tl
 
-# Largest block of a row that one program loads at once: 4096 fp32 lanes over 8 warps is 16 per thread.
-MAX_BLOCK_V = 4096
+# Largest block of a row that one program loads at once: 2048 lanes over 8 warps is 8 per thread for each
+# of the up to 8 running per-lane sums a kernel keeps (untuned: no GPU was at hand when this was written).
+MAX_BLOCK_V = 2048
 
 
 def block_size(V: int) -> int:
