@@ -55,7 +55,7 @@ def test_kernel_backend_plugs_in_per_loss(fake_triton):
 def test_auto_uses_the_reference_on_cpu_and_kernels_on_cuda(fake_triton):
     assert _dispatch.resolve("kd_loss", "auto", torch.device("cpu")) is fastkd.reference.kd_loss
     assert _dispatch.resolve("kd_loss", "auto", torch.device("cuda")) is not fastkd.reference.kd_loss
-    assert _dispatch.resolve("rkd_loss", "auto", torch.device("cuda")) is fastkd.reference.rkd_loss
+    assert _dispatch.resolve("cc_loss", "auto", torch.device("cuda")) is fastkd.reference.cc_loss
 
 
 def test_environment_variable_picks_the_backend(fake_triton, monkeypatch):

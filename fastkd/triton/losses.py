@@ -10,7 +10,7 @@ import torch
 from .. import _dispatch
 from .. import reference
 from ..reference.logits import masked_reduce, reduce_rows
-from .ops import kl_rows
+from .ops import dkd_rows, jsd_rows, kl_rows
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -46,5 +46,34 @@ def kl_div_loss(student_logits, teacher_logits, temperature=1.0, *, direction="f
                          student_logits.shape[-1])
 
 
-for _name, _fn in {"kd_loss": kd_loss, "kl_div_loss": kl_div_loss}.items():
+def jsd_loss(student_logits, teacher_logits, *, beta=0.5, temperature=1.0, labels=None, ignore_index=-100,
+             reduction="batchmean"):
+    if not _kernel_dtypes(student_logits, teacher_logits):
+        return reference.jsd_loss(student_logits, teacher_logits, beta=beta, temperature=temperature,
+                                  labels=labels, ignore_index=ignore_index, reduction=reduction)
+    if beta == 0.0 or beta == 1.0:
+        # Exactly forward (beta 0) or reverse (beta 1) KL, as in the reference.
+        per_row, _, _ = kl_rows(student_logits, teacher_logits, temperature, beta == 1.0, None, labels,
+                                ignore_index)
+    else:
+        per_row, _ = jsd_rows(student_logits, teacher_logits, float(beta), temperature, labels, ignore_index)
+    return masked_reduce(per_row.view(student_logits.shape[:-1]), labels, ignore_index, reduction,
+                         student_logits.shape[-1])
+
+
+def dkd_loss(student_logits, teacher_logits, target, *, alpha=1.0, beta=8.0, temperature=4.0):
+    if not _kernel_dtypes(student_logits, teacher_logits):
+        return reference.dkd_loss(student_logits, teacher_logits, target, alpha=alpha, beta=beta,
+                                  temperature=temperature)
+    rows, classes = student_logits.shape
+    tckd, nckd, _ = dkd_rows(student_logits, teacher_logits, target, temperature)
+    # The reference's order of operations; with one class NCKD is left out, as there.
+    loss = alpha * tckd.sum()
+    if classes > 1:
+        loss = loss + beta * nckd.sum()
+    return loss * (temperature * temperature / rows)
+
+
+for _name, _fn in {"kd_loss": kd_loss, "kl_div_loss": kl_div_loss, "jsd_loss": jsd_loss,
+                   "dkd_loss": dkd_loss}.items():
     _dispatch.register(_name, "triton", _fn)
