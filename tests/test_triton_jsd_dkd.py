@@ -5,6 +5,7 @@ TRITON_INTERPRET=1), so shapes stay small; with one, the same tests also run on 
 """
 import pytest
 import torch
+from precision import rounding_slack
 
 import fastkd.triton as fkt
 import fastkd.triton.losses as triton_losses
@@ -301,13 +302,6 @@ def test_dkd_target_out_of_range_is_nan(device, bad):
 
 def max_error(got, exact):
     return (got.double() - exact).abs().max().item()
-
-
-def rounding_slack(dtype, device, magnitude):
-    """One rounding of a gradient of size up to `magnitude` to `dtype`: half an ulp, or a whole one on CPU,
-    where Triton's interpreter casts float32 to bfloat16 by truncation (GPUs round to nearest even)."""
-    ulp = 2.0 ** (1 - {torch.bfloat16: 8, torch.float16: 11}[dtype]) * magnitude
-    return ulp if (device == "cpu" and dtype == torch.bfloat16) else ulp / 2
 
 
 @device_param

@@ -20,6 +20,7 @@ except ImportError as err:  # the package imports and works without Triton
 else:
     _import_error = None
     from . import losses  # noqa: F401  (registers the kernels)
+    from . import rkd, attention  # noqa: F401
 
 
 def unavailable_reason(device: torch.device | None) -> str | None:
