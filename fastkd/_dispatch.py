@@ -7,8 +7,12 @@ Every loss has a reference implementation under the "torch" backend. A kernel ba
 
 Resolution of `backend`:
 - None: the `FASTKD_BACKEND` environment variable, else "auto".
-- "auto": on a CUDA tensor, the first of `AUTO_ORDER` that has a kernel for the loss and can run here;
-  on any other device, "torch" (the Triton interpreter is for checking kernels, not for speed).
+- "auto": on a CUDA tensor, the backend `AUTO_PREFERENCE` names for the loss on that GPU generation if
+  it can run, else the first of `AUTO_ORDER` that has a kernel for the loss and can run here (the CUDA
+  extension only once built: "auto" never starts a compiler); on any other device, "torch" (the Triton
+  interpreter is for checking kernels, not for speed).
+  The rule between Triton and CUDA C++ is what the benchmark suite measured faster per loss and GPU
+  generation; until a GPU run has filled `AUTO_PREFERENCE`, Triton comes first.
 - a name: that backend, or `BackendUnavailableError` saying why it cannot run.
 """
 from __future__ import annotations
@@ -21,7 +25,9 @@ from typing import Callable
 import torch
 
 BACKENDS = ("torch", "triton", "cuda")
-AUTO_ORDER = ("cuda", "triton", "torch")
+AUTO_ORDER = ("triton", "cuda", "torch")
+# (loss, GPU major version) -> backend measured fastest there by bench/; empty: nothing measured yet.
+AUTO_PREFERENCE: dict[tuple[str, int], str] = {}
 ENV_VAR = "FASTKD_BACKEND"
 
 # The module that holds each kernel backend; importing it registers its kernels.
@@ -69,12 +75,16 @@ def _kernel_module(backend: str):
     return _modules[backend]
 
 
-def _unavailable_reason(backend: str, device: torch.device | None) -> str | None:
+def _unavailable_reason(backend: str, device: torch.device | None, build: bool = False) -> str | None:
+    """Why `backend` cannot run on `device` (None: it can). `build`: the backend was named, so it may
+    compile itself first (the CUDA extension just in time); "auto" never waits for a compiler."""
     if backend == "torch":
         return None
     module = _kernel_module(backend)
     if module is None:
         return _import_errors[backend]
+    if build and backend == "cuda":
+        return module.unavailable_reason(device, build=True)
     return module.unavailable_reason(device)
 
 
@@ -109,11 +119,12 @@ def resolve(op: str, backend: str | None, device: torch.device) -> Callable:
     if name == "auto":
         if device.type != "cuda":
             return impls["torch"]
-        for candidate in AUTO_ORDER:
+        preferred = AUTO_PREFERENCE.get((op, torch.cuda.get_device_capability(device)[0])) if AUTO_PREFERENCE else None
+        for candidate in ((preferred,) if preferred else ()) + AUTO_ORDER:
             if _unavailable_reason(candidate, device) is None and candidate in impls:
                 return impls[candidate]
         return impls["torch"]
-    reason = _unavailable_reason(name, device)
+    reason = _unavailable_reason(name, device, build=True)
     if reason is not None:
         raise BackendUnavailableError(f"backend {name!r} is not available: {reason}")
     if name not in impls:

@@ -216,7 +216,7 @@ def test_compiles_in_one_graph(name):
 def test_auto_picks_triton_only_for_cuda_tensors():
     from fastkd import _dispatch
     assert _dispatch.resolve("kd_loss", "auto", torch.device("cpu")) is fastkd.reference.kd_loss
-    assert _dispatch.resolve("kd_loss", "auto", torch.device("cuda")) is fastkd.triton.losses.kd_loss
+    assert _dispatch.resolve("kd_loss", "auto", torch.device("cuda")) is fastkd.triton.losses.LOSSES["kd_loss"]
 
 
 def test_cpu_tensors_without_the_interpreter_say_why(monkeypatch):

@@ -8,6 +8,7 @@ import torch
 from precision import rounding_slack
 
 from fastkd import functional as KF
+from fastkd import kernel_losses
 from fastkd import reference
 
 pytest.importorskip("triton")
@@ -338,10 +339,10 @@ def test_at_several_blocks(monkeypatch):
 
 @needs_interpreter
 def test_opcheck():
-    x_s, x_t = trkd.centred(features(5, 3, seed=32)), trkd.centred(features(5, 4, seed=33))
+    x_s, x_t = kernel_losses.centred(features(5, 3, seed=32)), kernel_losses.centred(features(5, 4, seed=33))
     torch.library.opcheck(trkd.sq_distances_op, (x_s.detach().requires_grad_(),))
-    g_s, d_s = trkd.gram(x_s).requires_grad_(), trkd.sq_distances(x_s).requires_grad_()
-    g_t, d_t = trkd.gram(x_t), trkd.sq_distances(x_t)
+    g_s, d_s = kernel_losses.gram(x_s).requires_grad_(), trkd.sq_distances(x_s).requires_grad_()
+    g_t, d_t = kernel_losses.gram(x_t), trkd.sq_distances(x_t)
     torch.library.opcheck(trkd.rkd_angle_sum_op, (g_s, d_s, g_t, d_t))
     torch.library.opcheck(trkd.rkd_angle_sum_backward_op, (torch.tensor(1.5), g_s.detach(), d_s.detach(), g_t, d_t))
     f = features(2, 3, 4, 5, seed=34).requires_grad_()

@@ -1,4 +1,4 @@
-"""The Triton backend: fused kernels for the logit losses (KD, KL both ways, JSD, DKD).
+"""The Triton backend: fused kernels for the KD family (KD, KL both ways, JSD, DKD), RKD and attention maps.
 
 Importing this module registers its kernels with fastkd's dispatch (`fastkd._dispatch`); the public
 functions find them through `backend="triton"` or `"auto"` on CUDA tensors. Kernels run on CUDA tensors,
@@ -20,7 +20,6 @@ except ImportError as err:  # the package imports and works without Triton
 else:
     _import_error = None
     from . import losses  # noqa: F401  (registers the kernels)
-    from . import rkd, attention  # noqa: F401
 
 
 def unavailable_reason(device: torch.device | None) -> str | None:

@@ -17,16 +17,14 @@ Memory above the inputs: O(B H W) for the maps; the gradient itself in backward.
 """
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from .. import _dispatch
-from .. import reference
-from ..reference.attention import match_spatial
-
-KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+from .. import kernel_autograd as AG
 
 # POW: 1, 2, 3 use products; 0 is the general exp(p log|f|) with PARITY 1 (odd integer p), 2 (even), 0 (other).
 
@@ -212,17 +210,7 @@ def _(grad, f, p):
     return torch.empty_like(f)
 
 
-def _map_setup(ctx, inputs, output):
-    ctx.save_for_backward(inputs[0])
-    ctx.p = inputs[1]
-
-
-def _map_backward(ctx, grad, backward=at_map_backward_op):
-    (f,) = ctx.saved_tensors
-    return (backward(grad, f, ctx.p) if ctx.needs_input_grad[0] else None), None
-
-
-at_map_op.register_autograd(_map_backward, setup_context=_map_setup)
+at_map_op.register_autograd(partial(AG.map_backward, backward=at_map_backward_op), setup_context=AG.map_setup)
 
 
 class ATMap(torch.autograd.Function):
@@ -234,46 +222,16 @@ class ATMap(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        _map_setup(ctx, inputs, output)
+        AG.map_setup(ctx, inputs, output)
 
     @staticmethod
     def backward(ctx, grad):
-        return _map_backward(ctx, grad, backward=map_backward)
+        return AG.map_backward(ctx, grad, backward=map_backward)
 
 
 def channel_mean_pow(f: Tensor, p: float) -> Tensor:
-    """`mean_c f^p`, `(B, C, *spatial)` to float32 `(B, prod(spatial))`, with autograd."""
-    if f.dim() == 3:
-        f = f.unsqueeze(2)
-    elif f.dim() != 4:
-        f = f.reshape(f.shape[0], f.shape[1], 1, -1)
+    """`mean_c f^p`, `(B, C, H, W)` to float32 `(B, H*W)`, with autograd."""
     p = float(p)
     if torch.compiler.is_compiling():
         return at_map_op(f, p)
     return ATMap.apply(f, p)
-
-
-# --- the losses ---------------------------------------------------------------------------------------------
-
-def _kernel_dtypes(*tensors: Tensor) -> bool:
-    return all(t.dtype in KERNEL_DTYPES for t in tensors)
-
-
-def attention_map(f, p=2):
-    if not _kernel_dtypes(f):
-        return reference.attention_map(f, p)
-    return torch.nn.functional.normalize(channel_mean_pow(f, p), dim=1)
-
-
-def at_loss(f_s, f_t, *, p=2, mode="code"):
-    if not _kernel_dtypes(f_s, f_t):
-        return reference.at_loss(f_s, f_t, p=p, mode=mode)
-    f_s, f_t = match_spatial(f_s, f_t)
-    diff = attention_map(f_s, p) - attention_map(f_t, p)
-    if mode == "code":
-        return diff.pow(2).mean()
-    return torch.linalg.vector_norm(diff, dim=1).sum() / f_s.shape[0]
-
-
-for _name, _fn in {"attention_map": attention_map, "at_loss": at_loss}.items():
-    _dispatch.register(_name, "triton", _fn)

@@ -9,11 +9,13 @@
 """
 from __future__ import annotations
 
+from functools import partial
 from typing import Optional
 
 import torch
 from torch import Tensor
 
+from .. import kernel_autograd as AG
 from . import dkd, jsd, kl
 
 
@@ -51,23 +53,7 @@ def _(grad_kl, grad_ce, student, teacher, stats, temperature, reverse, target, l
             teacher.new_empty(teacher.shape if teacher_grad else (0,)))
 
 
-def _kl_setup(ctx, inputs, output):
-    student, teacher, temperature, reverse, target, labels, ignore_index = inputs
-    ctx.save_for_backward(student, teacher, output[2], target, labels)
-    ctx.options = (temperature, reverse, ignore_index)
-
-
-def _kl_backward(ctx, grad_kl, grad_ce, _grad_stats, backward=kl_rows_backward_op):
-    student, teacher, stats, target, labels = ctx.saved_tensors
-    temperature, reverse, ignore_index = ctx.options
-    student_grad, teacher_grad = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-    d_student, d_teacher = backward(grad_kl, grad_ce if target is not None else None, student, teacher, stats,
-                                    temperature, reverse, target, labels, ignore_index, student_grad, teacher_grad)
-    return (d_student if student_grad else None, d_teacher if teacher_grad else None,
-            None, None, None, None, None)
-
-
-kl_rows_op.register_autograd(_kl_backward, setup_context=_kl_setup)
+kl_rows_op.register_autograd(partial(AG.kl_backward, backward=kl_rows_backward_op), setup_context=AG.kl_setup)
 
 
 class KLRows(torch.autograd.Function):
@@ -79,12 +65,12 @@ class KLRows(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        _kl_setup(ctx, inputs, output)
+        AG.kl_setup(ctx, inputs, output)
         ctx.mark_non_differentiable(output[2])
 
     @staticmethod
     def backward(ctx, grad_kl, grad_ce, grad_stats):
-        return _kl_backward(ctx, grad_kl, grad_ce, grad_stats, backward=kl.kl_backward)
+        return AG.kl_backward(ctx, grad_kl, grad_ce, grad_stats, backward=kl.kl_backward)
 
 
 def kl_rows(student: Tensor, teacher: Tensor, temperature: float, reverse: bool = False,
@@ -123,22 +109,7 @@ def _(grad_loss, student, teacher, stats, beta, temperature, labels, ignore_inde
             teacher.new_empty(teacher.shape if teacher_grad else (0,)))
 
 
-def _jsd_setup(ctx, inputs, output):
-    student, teacher, beta, temperature, labels, ignore_index = inputs
-    ctx.save_for_backward(student, teacher, output[1], labels)
-    ctx.options = (beta, temperature, ignore_index)
-
-
-def _jsd_backward(ctx, grad_loss, _grad_stats, backward=jsd_rows_backward_op):
-    student, teacher, stats, labels = ctx.saved_tensors
-    beta, temperature, ignore_index = ctx.options
-    student_grad, teacher_grad = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-    d_student, d_teacher = backward(grad_loss, student, teacher, stats, beta, temperature, labels, ignore_index,
-                                    student_grad, teacher_grad)
-    return (d_student if student_grad else None, d_teacher if teacher_grad else None, None, None, None, None)
-
-
-jsd_rows_op.register_autograd(_jsd_backward, setup_context=_jsd_setup)
+jsd_rows_op.register_autograd(partial(AG.jsd_backward, backward=jsd_rows_backward_op), setup_context=AG.jsd_setup)
 
 
 class JSDRows(torch.autograd.Function):
@@ -150,12 +121,12 @@ class JSDRows(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        _jsd_setup(ctx, inputs, output)
+        AG.jsd_setup(ctx, inputs, output)
         ctx.mark_non_differentiable(output[1])
 
     @staticmethod
     def backward(ctx, grad_loss, grad_stats):
-        return _jsd_backward(ctx, grad_loss, grad_stats, backward=jsd.jsd_backward)
+        return AG.jsd_backward(ctx, grad_loss, grad_stats, backward=jsd.jsd_backward)
 
 
 def jsd_rows(student: Tensor, teacher: Tensor, beta: float, temperature: float, labels: Tensor | None = None,
@@ -195,27 +166,7 @@ def _(grad_tckd, grad_nckd, student, teacher, stats, target, temperature, studen
             teacher.new_empty(teacher.shape if teacher_grad else (0,)))
 
 
-def _dkd_setup(ctx, inputs, output):
-    student, teacher, target, temperature = inputs
-    ctx.save_for_backward(student, teacher, output[2], target)
-    ctx.options = (temperature,)
-
-
-def _dkd_backward(ctx, grad_tckd, grad_nckd, _grad_stats, backward=dkd_rows_backward_op):
-    student, teacher, stats, target = ctx.saved_tensors
-    (temperature,) = ctx.options
-    student_grad, teacher_grad = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-    # An output left out of the loss (NCKD with one class) may come back as None.
-    if grad_tckd is None:
-        grad_tckd = torch.zeros_like(stats[:, 0])
-    if grad_nckd is None:
-        grad_nckd = torch.zeros_like(stats[:, 0])
-    d_student, d_teacher = backward(grad_tckd, grad_nckd, student, teacher, stats, target, temperature,
-                                    student_grad, teacher_grad)
-    return d_student if student_grad else None, d_teacher if teacher_grad else None, None, None
-
-
-dkd_rows_op.register_autograd(_dkd_backward, setup_context=_dkd_setup)
+dkd_rows_op.register_autograd(partial(AG.dkd_backward, backward=dkd_rows_backward_op), setup_context=AG.dkd_setup)
 
 
 class DKDRows(torch.autograd.Function):
@@ -227,12 +178,12 @@ class DKDRows(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        _dkd_setup(ctx, inputs, output)
+        AG.dkd_setup(ctx, inputs, output)
         ctx.mark_non_differentiable(output[2])
 
     @staticmethod
     def backward(ctx, grad_tckd, grad_nckd, grad_stats):
-        return _dkd_backward(ctx, grad_tckd, grad_nckd, grad_stats, backward=dkd.dkd_backward)
+        return AG.dkd_backward(ctx, grad_tckd, grad_nckd, grad_stats, backward=dkd.dkd_backward)
 
 
 def dkd_rows(student: Tensor, teacher: Tensor, target: Tensor, temperature: float):

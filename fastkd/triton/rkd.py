@@ -37,16 +37,14 @@ by cancellation (D = 1, B = 2) the Gram form leaves float32 rounding noise, grow
 """
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from .. import _dispatch
-from .. import reference
-from ..reference.logits import compute_dtype
-
-KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+from .. import kernel_autograd as AG
 
 
 def _block(B: int) -> int:
@@ -198,12 +196,6 @@ def sq_distances(x: Tensor) -> Tensor:
     return out
 
 
-def sq_distances_backward(grad: Tensor, x: Tensor) -> Tensor:
-    """d/dx of `sum grad_ij |x_i - x_j|^2` = 2 (diag(rowsum W) - W) x with W = grad + grad^T (a matmul)."""
-    w = grad + grad.T
-    return 2.0 * (w.sum(1, keepdim=True) * x - w @ x)
-
-
 def angle_forward(gram_s: Tensor, d2_s: Tensor, gram_t: Tensor, d2_t: Tensor) -> Tensor:
     """`sum_ijk Huber(A^s_ijk - A^t_ijk)` (0-d float32) from symmetric float32 Gram and squared-distance matrices."""
     gram_s, d2_s, gram_t, d2_t = (m.contiguous() for m in (gram_s, d2_s, gram_t, d2_t))
@@ -243,16 +235,7 @@ def _(x):
     return x.new_empty((x.shape[0], x.shape[0]), dtype=torch.float32)
 
 
-def _sq_setup(ctx, inputs, output):
-    ctx.save_for_backward(inputs[0])
-
-
-def _sq_backward(ctx, grad):
-    (x,) = ctx.saved_tensors
-    return sq_distances_backward(grad, x) if ctx.needs_input_grad[0] else None
-
-
-sq_distances_op.register_autograd(_sq_backward, setup_context=_sq_setup)
+sq_distances_op.register_autograd(AG.sq_backward, setup_context=AG.sq_setup)
 
 
 class SqDistances(torch.autograd.Function):
@@ -264,11 +247,11 @@ class SqDistances(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        _sq_setup(ctx, inputs, output)
+        AG.sq_setup(ctx, inputs, output)
 
     @staticmethod
     def backward(ctx, grad):
-        return _sq_backward(ctx, grad)
+        return AG.sq_backward(ctx, grad)
 
 
 @torch.library.custom_op("fastkd::rkd_angle_sum", mutates_args=())
@@ -293,18 +276,7 @@ def _(grad, gram_s, d2_s, gram_t, d2_t):
     return gram_s.new_empty((B, B), dtype=torch.float32), gram_s.new_empty((B, B), dtype=torch.float32)
 
 
-def _angle_setup(ctx, inputs, output):
-    ctx.save_for_backward(*inputs)
-
-
-def _angle_backward(ctx, grad, backward=rkd_angle_sum_backward_op):
-    if not (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]):
-        return None, None, None, None
-    d_gram, d_d2 = backward(grad, *ctx.saved_tensors)
-    return (d_gram if ctx.needs_input_grad[0] else None, d_d2 if ctx.needs_input_grad[1] else None, None, None)
-
-
-rkd_angle_sum_op.register_autograd(_angle_backward, setup_context=_angle_setup)
+rkd_angle_sum_op.register_autograd(partial(AG.angle_backward, backward=rkd_angle_sum_backward_op), setup_context=AG.angle_setup)
 
 
 class RKDAngleSum(torch.autograd.Function):
@@ -316,11 +288,11 @@ class RKDAngleSum(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        _angle_setup(ctx, inputs, output)
+        AG.angle_setup(ctx, inputs, output)
 
     @staticmethod
     def backward(ctx, grad):
-        return _angle_backward(ctx, grad, backward=angle_backward)
+        return AG.angle_backward(ctx, grad, backward=angle_backward)
 
 
 def pairwise_sq(x: Tensor) -> Tensor:
@@ -335,85 +307,3 @@ def angle_sum(gram_s: Tensor, d2_s: Tensor, gram_t: Tensor, d2_t: Tensor) -> Ten
     if torch.compiler.is_compiling():
         return rkd_angle_sum_op(gram_s, d2_s, gram_t, d2_t)
     return RKDAngleSum.apply(gram_s, d2_s, gram_t, d2_t)
-
-
-# --- the losses ---------------------------------------------------------------------------------------------
-
-def centred(f: Tensor) -> Tensor:
-    """Flattened float32 rows minus their batch mean.
-
-    Distances and angles are invariant under translation; subtracting the batch mean keeps the Gram form
-    `g_i + g_j - 2 G_ij` and `G_jk - G_ij - G_ik + G_ii` from cancelling when all rows share a large offset.
-    """
-    x = f.reshape(f.shape[0], -1).to(torch.float32)
-    return x - x.mean(0, keepdim=True)
-
-
-def gram(f: Tensor) -> Tensor:
-    """Symmetric float32 Gram matrix of the batch-centred, flattened features (torch.mm: follows TF32 flags)."""
-    return _gram(centred(f))
-
-
-def _gram(x: Tensor) -> Tensor:
-    g = x @ x.T
-    return (g + g.T) * 0.5
-
-
-def _distance_from_gram(g: Tensor, squared: bool, eps: float) -> Tensor:
-    """The reference's normalised distances (`reference.relational.normalized_distances`) from a Gram matrix."""
-    dg = g.diagonal()
-    d2 = (dg[:, None] + dg[None, :] - 2.0 * g).clamp(min=eps)
-    d = d2 if squared else d2.sqrt()
-    eye = torch.eye(g.shape[0], dtype=torch.bool, device=g.device)
-    d = d.masked_fill(eye, 0.0)
-    return d / (d.sum() / (d > 0).sum())
-
-
-def _distance_term(g_s: Tensor, g_t: Tensor, squared: bool, eps: float) -> Tensor:
-    t = _distance_from_gram(g_t, squared, eps)
-    s = _distance_from_gram(g_s, squared, eps)
-    return torch.nn.functional.smooth_l1_loss(s, t)
-
-
-def _angle_term(x_s: Tensor, g_s: Tensor, x_t: Tensor, g_t: Tensor) -> Tensor:
-    B = g_s.shape[0]
-    # float32 whatever autocast made of the Gram product (the kernels read float32 matrices)
-    return angle_sum(g_s.float(), pairwise_sq(x_s), g_t.float(), pairwise_sq(x_t)) / float(B) ** 3
-
-
-def _kernel_dtypes(*tensors: Tensor) -> bool:
-    return all(t.dtype in KERNEL_DTYPES for t in tensors)
-
-
-def rkd_distance_loss(f_s, f_t, *, squared=False, eps=1e-12):
-    if not _kernel_dtypes(f_s, f_t):
-        return reference.relational.rkd_distance_loss(f_s, f_t, squared=squared, eps=eps)
-    return _distance_term(gram(f_s), gram(f_t.detach()), squared, eps)
-
-
-def rkd_angle_loss(f_s, f_t):
-    if not _kernel_dtypes(f_s, f_t):
-        return reference.relational.rkd_angle_loss(f_s, f_t)
-    x_s, x_t = centred(f_s), centred(f_t.detach())
-    return _angle_term(x_s, _gram(x_s), x_t, _gram(x_t))
-
-
-def rkd_loss(f_s, f_t, *, distance_weight=25.0, angle_weight=50.0, squared=False, eps=1e-12):
-    if not _kernel_dtypes(f_s, f_t):
-        return reference.relational.rkd_loss(f_s, f_t, distance_weight=distance_weight, angle_weight=angle_weight,
-                                             squared=squared, eps=eps)
-    loss = f_s.new_zeros((), dtype=compute_dtype(f_s))
-    if distance_weight == 0.0 and angle_weight == 0.0:
-        return loss
-    x_s, x_t = centred(f_s), centred(f_t.detach())
-    g_s, g_t = _gram(x_s), _gram(x_t)
-    if distance_weight != 0.0:
-        loss = loss + distance_weight * _distance_term(g_s, g_t, squared, eps)
-    if angle_weight != 0.0:
-        loss = loss + angle_weight * _angle_term(x_s, g_s, x_t, g_t)
-    return loss
-
-
-for _name, _fn in {"rkd_distance_loss": rkd_distance_loss, "rkd_angle_loss": rkd_angle_loss,
-                   "rkd_loss": rkd_loss}.items():
-    _dispatch.register(_name, "triton", _fn)
