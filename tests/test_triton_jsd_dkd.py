@@ -388,3 +388,15 @@ def test_float64_falls_back_to_the_reference(device):
     y = targets(3, 11, device)
     assert torch.equal(KF.jsd_loss(s, t, beta=0.3, backend="triton"), reference.jsd_loss(s, t, beta=0.3))
     assert torch.equal(KF.dkd_loss(s, t, y, backend="triton"), reference.dkd_loss(s, t, y))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("column", ["target", "other"])
+@pytest.mark.parametrize("side", ["student", "teacher"])
+def test_dkd_nan_anywhere_in_a_row_gives_nan(device, column, side):
+    # The zero-mass guards (no non-target teacher mass, a zero binary probability) must not hide a NaN.
+    s, t = make((3, 9), device, seed=41), make((3, 9), device, seed=42)
+    target = torch.tensor([2, 4, 8], device=device)
+    (s if side == "student" else t)[1, 4 if column == "target" else 6] = float("nan")
+    loss = KF.dkd_loss(s, t, target, backend="triton")
+    assert torch.isnan(loss)

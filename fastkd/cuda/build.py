@@ -41,11 +41,11 @@ def architectures() -> list[str]:
 
 
 def gencode_flags(archs: list[str]) -> list[str]:
-    flags = []
-    for arch in archs:
-        number = arch.replace(".", "").replace("+PTX", "")
-        flags.append(f"-gencode=arch=compute_{number},code=sm_{number}")
-    return flags
+    """The architectures as recorded in the library (`cuda_build_info`: a token such as sm80_sm90, which
+    needs no quoting through the build tools), then nvcc's -gencode for each."""
+    numbers = [arch.replace(".", "").replace("+PTX", "") for arch in archs]
+    flags = ["-DFASTKD_ARCHS=" + "_".join(f"sm{n}" for n in numbers)]
+    return flags + [f"-gencode=arch=compute_{n},code=sm_{n}" for n in numbers]
 
 
 def cuda_home() -> str | None:
@@ -86,7 +86,7 @@ def build(verbose: bool = False, build_directory: str | None = None, only: list[
         os.makedirs(build_directory, exist_ok=True)
     cpp_extension.load(
         name=name, sources=[str(s) for s in sources() if only is None or s.name in set(only) | {"ops.cpp"}], extra_include_paths=include_paths(),
-        extra_cflags=CXX_FLAGS, extra_cuda_cflags=NVCC_FLAGS + gencode_flags(archs),
+        extra_cflags=CXX_FLAGS + gencode_flags(archs)[:1], extra_cuda_cflags=NVCC_FLAGS + gencode_flags(archs),
         extra_ldflags=[f"-L{Path(home) / 'lib64'}"], build_directory=build_directory,
         is_python_module=False, verbose=verbose)
     directory = build_directory or cpp_extension._get_build_directory(name, verbose)

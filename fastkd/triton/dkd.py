@@ -110,8 +110,10 @@ def dkd_forward_kernel(
     tckd = (tl.where(bt_g > 0, bt_g * (log_bt_g - log_bs_g), 0.0)
             + tl.where(bt_r > 0, bt_r * (log_bt_r - log_bs_r), 0.0))
 
-    tckd = tl.where(valid, tckd, float("nan"))
-    nckd = tl.where(valid, nckd, float("nan"))
+    # A NaN anywhere in the row makes both terms NaN: the zero-mass guards above would otherwise hide it.
+    nan_in_row = (r_x != r_x) | (r_y != r_y) | (x_g != x_g) | (y_g != y_g)
+    tckd = tl.where(valid & ~nan_in_row, tckd, float("nan"))
+    nckd = tl.where(valid & ~nan_in_row, nckd, float("nan"))
     tl.store(tckd_ptr + row, tckd)
     tl.store(nckd_ptr + row, nckd)
     tl.store(stats_ptr + row * 6 + 0, r_x)

@@ -1,0 +1,358 @@
+// What the CUDA row kernels share (the CUDA counterpart of fastkd/triton/rows.py): addressing the rows of
+// `(..., V)` views by strides, the online log-sum-exp with the same -inf and NaN rules, warp-shuffle and
+// block reductions, a row visitor with 16-byte vector loads, and the host-side checks and dispatch.
+//
+// One thread block per row. Each thread keeps its own online log-sum-exp state (m, z) over the columns it
+// visits; the states are then combined across the block: M = max m, Z = sum z exp(m - M), where a state that
+// has seen only -inf (m = -inf, z = 0) gets weight 0, so `-inf - -inf` never reaches a result.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <optional>
+#include <tuple>
+
+namespace fastkd {
+
+// ------------------------------------------------------------------------------------------------------
+// Device helpers
+// ------------------------------------------------------------------------------------------------------
+
+__device__ __forceinline__ float neg_inf() { return __int_as_float(0xff800000); }
+__device__ __forceinline__ float pos_inf() { return __int_as_float(0x7f800000); }
+__device__ __forceinline__ float quiet_nan() { return __int_as_float(0x7fffffff); }
+
+template <typename T>
+__device__ __forceinline__ float to_float(T v) {
+  return static_cast<float>(v);
+}
+
+template <typename T>
+__device__ __forceinline__ T from_float(float v) {
+  return static_cast<T>(v);  // round to nearest even for half and bfloat16, as Triton's .to()
+}
+
+// One step of the online log-sum-exp (rows.py `online_update`): m' = max(m, x) (a NaN x is carried, so the
+// sums become NaN), z' = z exp(m - m') + exp(x - m'); also the rescale of older sums and exp(x - m').
+__device__ __forceinline__ void online_update(float& m, float& z, float x, float& rescale, float& e) {
+  const float m_new = (x != x) ? x : fmaxf(m, x);
+  const bool seen = m_new != neg_inf();
+  rescale = seen ? __expf(m - m_new) : 0.0f;
+  e = seen ? __expf(x - m_new) : 0.0f;
+  z = z * rescale + e;
+  m = m_new;
+}
+
+__device__ __forceinline__ void online_update(float& m, float& z, float x) {
+  float rescale, e;
+  online_update(m, z, x, rescale, e);
+}
+
+// The weight exp(m - M) of a state with max m in a combination with max M; 0 for a state that saw only -inf.
+__device__ __forceinline__ float state_weight(float m, float big) {
+  return m == neg_inf() ? 0.0f : __expf(m - big);
+}
+
+// log(e^a + e^b), -inf when both are -inf (dkd.py `logaddexp`); a NaN operand gives NaN.
+__device__ __forceinline__ float logaddexp(float a, float b) {
+  if (a != a || b != b) return a + b;
+  const float hi = fmaxf(a, b);
+  const float lo = fminf(a, b);
+  if (hi == neg_inf()) return neg_inf();
+  return hi + log1pf(__expf(lo - hi));
+}
+
+// N floats reduced together across a block.
+template <int N>
+struct Floats {
+  float v[N];
+};
+
+template <int N>
+__device__ __forceinline__ Floats<N> shfl_xor(const Floats<N>& s, int offset) {
+  Floats<N> r;
+#pragma unroll
+  for (int i = 0; i < N; ++i) r.v[i] = __shfl_xor_sync(0xffffffffu, s.v[i], offset);
+  return r;
+}
+
+// Combines every thread's state with `op` (associative and commutative up to rounding) and returns the
+// result to every thread. blockDim.x must be a multiple of 32 and at most 1024. Contains __syncthreads():
+// every thread of the block must call it.
+template <int N, typename Op>
+__device__ __forceinline__ Floats<N> block_reduce(Floats<N> s, Op op) {
+  __shared__ Floats<N> shared[32];
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) s = op(s, shfl_xor(s, offset));
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  const int warps = blockDim.x >> 5;
+  if (lane == 0) shared[warp] = s;
+  __syncthreads();
+  if (warp == 0) {
+    // Lanes beyond the warp count start from warp 0's state: combining a state with itself is not neutral,
+    // so they are dropped by folding only over the real ones (the shuffle below reads them, the select
+    // discards them).
+    Floats<N> t = shared[lane < warps ? lane : 0];
+#pragma unroll
+    for (int offset = 16; offset > 0; offset >>= 1) {
+      Floats<N> other = shfl_xor(t, offset);
+      const int src = lane ^ offset;
+      if (src < warps && lane < warps) t = op(t, other);
+    }
+    if (lane == 0) shared[0] = t;
+  }
+  __syncthreads();
+  Floats<N> result = shared[0];
+  __syncthreads();  // the buffer may be reused by the next call
+  return result;
+}
+
+// Sums of N floats across a block.
+template <int N>
+__device__ __forceinline__ Floats<N> block_sum(Floats<N> s) {
+  return block_reduce<N>(s, [](const Floats<N>& a, const Floats<N>& b) {
+    Floats<N> r;
+#pragma unroll
+    for (int i = 0; i < N; ++i) r.v[i] = a.v[i] + b.v[i];
+    return r;
+  });
+}
+
+// Combines two (m, z) log-sum-exp states at positions i (m) and i + 1 (z), and rescales the sums at the
+// positions in `extra` (weighted like z) with the same weights.
+template <int N>
+__device__ __forceinline__ void combine_lse(Floats<N>& r, const Floats<N>& a, const Floats<N>& b, int i,
+                                            float& weight_a, float& weight_b) {
+  const float big = fmaxf(a.v[i], b.v[i]);
+  weight_a = state_weight(a.v[i], big);
+  weight_b = state_weight(b.v[i], big);
+  r.v[i] = big;
+  r.v[i + 1] = a.v[i + 1] * weight_a + b.v[i + 1] * weight_b;
+}
+
+// Row r of a `(..., V)` view starts at (r / inner_size) * outer + (r % inner_size) * inner (rows.py).
+struct RowLayout {
+  int64_t outer;
+  int64_t inner;
+  int64_t col;
+  int64_t inner_size;
+};
+
+__device__ __forceinline__ int64_t row_offset(int64_t row, const RowLayout& layout) {
+  const int64_t outer = row / layout.inner_size;
+  return outer * layout.outer + (row - outer * layout.inner_size) * layout.inner;
+}
+
+template <typename T, int K>
+struct alignas(sizeof(T) * K) Chunk {
+  T v[K];
+};
+
+// The 8- or 16-byte register type moving one Chunk in one vector load or store.
+template <int BYTES>
+struct RawVec;
+template <>
+struct RawVec<8> {
+  using type = uint2;
+};
+template <>
+struct RawVec<16> {
+  using type = uint4;
+};
+
+template <typename T, int K>
+__device__ __forceinline__ Chunk<T, K> load_chunk(const T* p) {
+  using Raw = typename RawVec<sizeof(Chunk<T, K>)>::type;
+  const Raw raw = *reinterpret_cast<const Raw*>(p);
+  Chunk<T, K> c;
+  memcpy(&c, &raw, sizeof(Raw));
+  return c;
+}
+
+template <typename T, int K>
+__device__ __forceinline__ void store_chunk(T* p, const Chunk<T, K>& c) {
+  using Raw = typename RawVec<sizeof(Chunk<T, K>)>::type;
+  Raw raw;
+  memcpy(&raw, &c, sizeof(Raw));
+  __stwb(reinterpret_cast<Raw*>(p), raw);  // one vector store (a plain assignment was split by the compiler)
+}
+
+template <typename T, int K>
+__device__ __forceinline__ int phase(const T* p) {
+  return static_cast<int>((reinterpret_cast<uintptr_t>(p) / sizeof(T)) % K);
+}
+
+template <size_t A, size_t B>
+struct MaxSize {
+  static constexpr size_t value = A > B ? A : B;
+};
+
+// Visits columns [0, n) of a row pair, each exactly once, spread over the block's threads:
+// `f(col, x, y, out_a, out_b)` gets the two elements as floats and, for each output that is written (WA, WB:
+// contiguous rows `a`, `b`), sets the value stored at `a[col]`, `b[col]`.
+// Vector path: when every pointer has column stride 1 and all of them sit at the same element phase modulo
+// K (K elements of the widest type make 16 bytes), a scalar head brings them to a K-aligned column, the body
+// moves K elements per pointer with one vector load or store (16 bytes for the widest type, 8 for a
+// narrower one), and a scalar tail finishes. Otherwise every element is a scalar, strided access.
+template <bool WA, bool WB, typename TX, typename TY, typename TA, typename TB, typename F>
+__device__ __forceinline__ void visit_row(const TX* __restrict__ x, int64_t x_col, const TY* __restrict__ y,
+                                          int64_t y_col, TA* __restrict__ a, TB* __restrict__ b, int64_t n,
+                                          F&& f) {
+  constexpr size_t kWidest = MaxSize<MaxSize<sizeof(TX), sizeof(TY)>::value,
+                                     MaxSize<WA ? sizeof(TA) : 1, WB ? sizeof(TB) : 1>::value>::value;
+  constexpr int K = static_cast<int>(16 / kWidest);
+  int64_t head = 0;
+  int64_t chunks = 0;
+  if (x_col == 1 && y_col == 1) {
+    const int ph = phase<TX, K>(x);
+    const bool same = phase<TY, K>(y) == ph && (!WA || phase<TA, K>(a) == ph) && (!WB || phase<TB, K>(b) == ph);
+    if (same) {
+      head = (K - ph) % K;
+      if (head > n) head = n;
+      chunks = (n - head) / K;
+    }
+  }
+  const int64_t body_end = head + chunks * K;
+  const int64_t scalars = head + (n - body_end);
+  for (int64_t i = threadIdx.x; i < scalars; i += blockDim.x) {
+    const int64_t c = i < head ? i : body_end + (i - head);
+    float out_a = 0.0f, out_b = 0.0f;
+    f(c, to_float(x[c * x_col]), to_float(y[c * y_col]), out_a, out_b);
+    if (WA) a[c] = from_float<TA>(out_a);
+    if (WB) b[c] = from_float<TB>(out_b);
+  }
+  for (int64_t i = threadIdx.x; i < chunks; i += blockDim.x) {
+    const int64_t c0 = head + i * K;
+    const Chunk<TX, K> cx = load_chunk<TX, K>(x + c0);
+    const Chunk<TY, K> cy = load_chunk<TY, K>(y + c0);
+    Chunk<TA, K> ca;
+    Chunk<TB, K> cb;
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      float out_a = 0.0f, out_b = 0.0f;
+      f(c0 + k, to_float(cx.v[k]), to_float(cy.v[k]), out_a, out_b);
+      if (WA) ca.v[k] = from_float<TA>(out_a);
+      if (WB) cb.v[k] = from_float<TB>(out_b);
+    }
+    if constexpr (WA) store_chunk<TA, K>(a + c0, ca);
+    if constexpr (WB) store_chunk<TB, K>(b + c0, cb);
+  }
+}
+
+// Reads only (forward passes).
+template <typename TX, typename TY, typename F>
+__device__ __forceinline__ void visit_row(const TX* __restrict__ x, int64_t x_col, const TY* __restrict__ y,
+                                          int64_t y_col, int64_t n, F&& f) {
+  visit_row<false, false, TX, TY, float, float>(x, x_col, y, y_col, nullptr, nullptr, n, f);
+}
+
+// Writes zeros over a contiguous row (the gradient of an ignored token).
+template <typename T>
+__device__ __forceinline__ void zero_row(T* __restrict__ out, int64_t n) {
+  for (int64_t c = threadIdx.x; c < n; c += blockDim.x) out[c] = from_float<T>(0.0f);
+}
+
+// ------------------------------------------------------------------------------------------------------
+// Host helpers
+// ------------------------------------------------------------------------------------------------------
+
+// Threads per row block: enough to keep a vocabulary-sized row's loads in flight, few for short rows.
+inline int threads_for(int64_t V) {
+  if (V <= 1024) return 128;
+  if (V <= 8192) return 256;
+  return 512;
+}
+constexpr int kMaxThreads = 512;
+
+inline bool kernel_dtype(at::ScalarType t) {
+  return t == at::kFloat || t == at::kHalf || t == at::kBFloat16;
+}
+
+// Student and teacher logits: CUDA tensors on one device, float32/float16/bfloat16 (each may differ), the
+// same shape (..., V) with V > 0.
+inline void check_logits(const char* op, const at::Tensor& student, const at::Tensor& teacher) {
+  TORCH_CHECK(student.is_cuda() && teacher.is_cuda(), op, ": student and teacher must be CUDA tensors");
+  TORCH_CHECK(student.device() == teacher.device(), op, ": student and teacher must be on the same device");
+  TORCH_CHECK_TYPE(kernel_dtype(student.scalar_type()) && kernel_dtype(teacher.scalar_type()), op,
+                   ": logits must be float32, float16 or bfloat16, got ", student.scalar_type(), " and ",
+                   teacher.scalar_type());
+  TORCH_CHECK(student.dim() >= 1, op, ": logits need a class dimension");
+  TORCH_CHECK(student.sizes() == teacher.sizes(), op, ": student and teacher shapes differ: ", student.sizes(),
+              " and ", teacher.sizes());
+  TORCH_CHECK(student.size(-1) > 0, op, ": the class dimension is empty");
+}
+
+inline int64_t row_count(const at::Tensor& x) {
+  const int64_t rows = x.numel() / x.size(-1);
+  TORCH_CHECK(rows <= static_cast<int64_t>(INT32_MAX), "fastkd: too many rows for one launch: ", rows);
+  return rows;
+}
+
+// The view and layout addressing the rows of `(..., V)` (rows.py `row_layout`): one or two leading dims by
+// their strides (`logits[:, :-1]` is not copied), more merged by reshape (a copy only where the strides
+// cannot be merged). The returned tensor must outlive the launch.
+inline std::pair<at::Tensor, RowLayout> row_layout(const at::Tensor& input) {
+  at::Tensor x = input;
+  if (x.dim() == 1) x = x.unsqueeze(0);
+  if (x.dim() > 3) x = x.reshape({-1, x.size(-2), x.size(-1)});
+  if (x.dim() == 2) return {x, RowLayout{0, x.stride(0), x.stride(1), std::max<int64_t>(x.size(0), 1)}};
+  return {x, RowLayout{x.stride(0), x.stride(1), x.stride(2), std::max<int64_t>(x.size(1), 1)}};
+}
+
+// Per-row class indices (targets, labels) of any integer dtype as one contiguous int64 vector; O(rows).
+inline at::Tensor index_vector(const char* op, const char* name, const at::Tensor& t, const at::Tensor& like,
+                               int64_t rows) {
+  TORCH_CHECK(t.device() == like.device(), op, ": ", name, " must be on the logits' device");
+  TORCH_CHECK_TYPE(at::isIntegralType(t.scalar_type(), /*includeBool=*/false), op, ": ", name,
+                   " must be an integer tensor, got ", t.scalar_type());
+  TORCH_CHECK(t.numel() == rows, op, ": ", name, " must have one entry per row (", rows, "), got ", t.numel());
+  return t.reshape({-1}).to(at::kLong).contiguous();
+}
+
+// A per-row float32 vector (an incoming gradient), contiguous.
+inline at::Tensor row_vector(const char* op, const char* name, const at::Tensor& t, const at::Tensor& like,
+                             int64_t rows) {
+  TORCH_CHECK(t.device() == like.device(), op, ": ", name, " must be on the logits' device");
+  TORCH_CHECK(t.numel() == rows, op, ": ", name, " must have one entry per row (", rows, "), got ", t.numel());
+  return t.reshape({-1}).to(at::kFloat).contiguous();
+}
+
+inline at::Tensor stats_matrix(const char* op, const at::Tensor& stats, const at::Tensor& like, int64_t rows,
+                               int64_t width) {
+  TORCH_CHECK(stats.device() == like.device(), op, ": stats must be on the logits' device");
+  TORCH_CHECK(stats.scalar_type() == at::kFloat && stats.dim() == 2 && stats.size(0) == rows &&
+                  stats.size(1) == width,
+              op, ": stats must be float32 of shape (", rows, ", ", width, "), got ", stats.scalar_type(), " ",
+              stats.sizes());
+  return stats.contiguous();
+}
+
+template <typename T>
+inline const T* data_of(const at::Tensor& t) {
+  return static_cast<const T*>(t.const_data_ptr());
+}
+
+template <typename T>
+inline T* mutable_data_of(const at::Tensor& t) {
+  return static_cast<T*>(t.data_ptr());
+}
+
+}  // namespace fastkd
+
+// Dispatch over the three kernel dtypes only (AT_DISPATCH_FLOATING_TYPES_AND2 would also instantiate every
+// kernel for double, which the checks reject).
+#define FASTKD_DISPATCH_FLOATING(TYPE, NAME, ...)                  \
+  AT_DISPATCH_SWITCH(TYPE, NAME,                                   \
+                     AT_DISPATCH_CASE(at::ScalarType::Float, __VA_ARGS__) \
+                     AT_DISPATCH_CASE(at::ScalarType::Half, __VA_ARGS__)  \
+                     AT_DISPATCH_CASE(at::ScalarType::BFloat16, __VA_ARGS__))

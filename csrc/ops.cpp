@@ -1,0 +1,56 @@
+// The CUDA C++ backend's operators: one schema per op, mirroring the Triton backend's `fastkd::<op>` one for
+// one (same arguments, outputs and semantics), under the prefix `cuda_`. The CUDA implementations are
+// registered beside each kernel (TORCH_LIBRARY_IMPL(fastkd, CUDA, ...)); the fake (shape) implementations
+// and autograd are registered from Python (fastkd/cuda/ops.py), as for the Triton ops.
+#include <Python.h>
+#include <torch/library.h>
+
+#include <string>
+
+#ifndef FASTKD_ARCHS
+#define FASTKD_ARCHS unknown
+#endif
+#define FASTKD_STRING(x) #x
+#define FASTKD_EXPAND_STRING(x) FASTKD_STRING(x)
+
+// What this build holds, for `fastkd info`: the GPU architectures it was compiled for (set by the build).
+static std::string cuda_build_info() { return std::string("architectures ") + FASTKD_EXPAND_STRING(FASTKD_ARCHS); }
+
+TORCH_LIBRARY(fastkd, m) {
+  m.def("cuda_build_info() -> str", &cuda_build_info);
+  // Per-row KL(p_t || p_s) (reverse: KL(p_s || p_t)), CE(student, target) (empty without target), and
+  // float32 stats (rows, 4): lse(x/T), lse(y/T), KL, lse(student) -- see fastkd/triton/kl.py.
+  m.def("cuda_kl_rows(Tensor student, Tensor teacher, float temperature, bool reverse, Tensor? target, "
+        "Tensor? labels, int ignore_index) -> (Tensor, Tensor, Tensor)");
+  m.def("cuda_kl_rows_backward(Tensor grad_kl, Tensor? grad_ce, Tensor student, Tensor teacher, Tensor stats, "
+        "float temperature, bool reverse, Tensor? target, Tensor? labels, int ignore_index, bool student_grad, "
+        "bool teacher_grad) -> (Tensor, Tensor)");
+  // Per-row generalized JSD for 0 < beta < 1 and stats (rows, 4) -- see fastkd/triton/jsd.py.
+  m.def("cuda_jsd_rows(Tensor student, Tensor teacher, float beta, float temperature, Tensor? labels, "
+        "int ignore_index) -> (Tensor, Tensor)");
+  m.def("cuda_jsd_rows_backward(Tensor grad_loss, Tensor student, Tensor teacher, Tensor stats, float beta, "
+        "float temperature, Tensor? labels, int ignore_index, bool student_grad, bool teacher_grad) "
+        "-> (Tensor, Tensor)");
+  // Per-row TCKD, NCKD and stats (rows, 6) -- see fastkd/triton/dkd.py.
+  m.def("cuda_dkd_rows(Tensor student, Tensor teacher, Tensor target, float temperature) "
+        "-> (Tensor, Tensor, Tensor)");
+  m.def("cuda_dkd_rows_backward(Tensor grad_tckd, Tensor grad_nckd, Tensor student, Tensor teacher, Tensor stats, "
+        "Tensor target, float temperature, bool student_grad, bool teacher_grad) -> (Tensor, Tensor)");
+  // RKD: direct squared distances (B, B) of float32 rows (B, D); the Huber sum over angle triples from the
+  // Gram and squared-distance matrices, and its gradient to the student's two -- see fastkd/triton/rkd.py.
+  m.def("cuda_rkd_sq_distances(Tensor x) -> Tensor");
+  m.def("cuda_rkd_angle_sum(Tensor gram_s, Tensor d2_s, Tensor gram_t, Tensor d2_t) -> Tensor");
+  m.def("cuda_rkd_angle_sum_backward(Tensor grad, Tensor gram_s, Tensor d2_s, Tensor gram_t, Tensor d2_t) "
+        "-> (Tensor, Tensor)");
+  // Attention transfer: mean over channels of f^p, (B, H*W) float32, and its gradient -- see
+  // fastkd/triton/attention.py.
+  m.def("cuda_at_channel_mean_pow(Tensor f, float p) -> Tensor");
+  m.def("cuda_at_channel_mean_pow_backward(Tensor grad, Tensor f, float p) -> Tensor");
+}
+
+// `import fastkd._C` loads the operators: a module with no functions, built against Python's stable ABI so
+// one build serves every Python version (the operators are reached through torch.ops, not through Python).
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
