@@ -1,6 +1,6 @@
 """The CUDA C++ backend: its build configuration (everywhere) and its kernels against the reference (GPU only).
 
-CI compiles and links the extension on a machine without a GPU (`python -m fastkd build-cuda` in .ci/run);
+CI compiles and links the extension on a machine without a GPU (tests/test_cuda_build.py, which .ci/run enables);
 the kernel tests below need a GPU and are skipped without one. They mirror the Triton tests' cases.
 """
 import pytest
