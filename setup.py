@@ -53,7 +53,7 @@ setup(
     packages=find_packages(include=["fastkd", "fastkd.*"]),
     package_data={"fastkd.data": ["*.gz", "*.md"]},
     install_requires=["torch>=2.4"],
-    extras_require={"test": ["pytest>=7", "numpy", "ninja"]},
+    extras_require={"test": ["pytest>=7", "numpy", "ninja"], "bench": ["matplotlib", "pytest-benchmark"]},
     entry_points={"console_scripts": ["fastkd = fastkd.__main__:main"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
