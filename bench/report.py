@@ -151,11 +151,15 @@ def plots(rows, out_dir, pass_="fwd+bwd") -> list[Path]:
             if mem:
                 ax_m.plot([m[0] for m in mem], [m[1] for m in mem], marker="o", label=f"{peer} {label}")
         for ax, ylabel in ((ax_t, f"{pass_} median ms"), (ax_m, "peak MB above inputs")):
-            ax.set_xscale("log")
-            ax.set_yscale("log")
+            if ax.lines:
+                ax.set_xscale("log")
+                ax.set_yscale("log")
             ax.set_xlabel(xlabel)
             ax.set_ylabel(ylabel)
             ax.grid(True, which="both", alpha=0.3)
+        if not ax_m.lines:
+            ax_m.text(0.5, 0.5, "no memory counter on this device", ha="center", va="center",
+                      transform=ax_m.transAxes)
         ax_t.legend(fontsize=7)
         fig.suptitle(f"{loss} {dtype} on {device} ({mode})")
         fig.tight_layout()

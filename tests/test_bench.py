@@ -1,44 +1,100 @@
-"""The benchmark suite cannot rot: its quick mode runs here, writes rows, and the report renders them."""
+"""The benchmark suite's --quick mode end to end on the CPU: rows written with every column, statuses
+that say why a peer did not run, a report that renders; and the full suite refusing to run without a GPU."""
 import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from bench import __main__ as bench_cli
-from bench import report, results
-from bench.suite import disagreement
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from bench.results import COLUMNS  # noqa: E402
 
 
-def test_quick_run_writes_rows_and_the_report_renders_them(tmp_path, capsys):
-    out = tmp_path / "quick.csv"
-    # A small slice of the quick suite keeps this fast; Triton runs in the interpreter (tests/conftest.py).
-    code = bench_cli.main(["--quick", "--losses", "kd,rkd,at", "--peers", "eager,liger,triton,cuda",
-                           "--passes", "fwd,fwd+bwd", "--out", str(out)])
-    assert code == 0
-    assert "[1/" in capsys.readouterr().out  # progress, one line per case
-    rows = list(csv.DictReader(out.open()))
-    assert rows and set(results.COLUMNS) <= set(rows[0])
-    by_peer = {row["peer"]: row for row in rows}
-    assert by_peer["eager"]["status"] == "ok" and float(by_peer["eager"]["median_ms"]) > 0
-    assert by_peer["cuda"]["status"].startswith("unavailable: ")  # never a crash, always a reason
-    assert by_peer["liger"]["status"].startswith("unavailable: ")
-    if not torch.cuda.is_available():
-        assert all(row["mode"] == "quick" and row["device"].startswith("cpu") for row in rows)
-
-    markdown = tmp_path / "README.md"
-    assert report.main(["--csv", str(out), "--md", str(markdown), "--no-plots"]) == 0
-    text = markdown.read_text()
-    assert "| shape | dtype | pass | peer | ms |" in text and "### kd" in text
+def run_bench(*args, env=None, timeout=120):
+    return subprocess.run([sys.executable, "-m", "bench", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})})
 
 
-def test_full_suite_without_a_gpu_says_so(capsys):
-    if torch.cuda.is_available():
-        pytest.skip("a GPU is here")
-    assert bench_cli.main(["--losses", "kd"]) == 2
-    assert "needs a CUDA GPU" in capsys.readouterr().err
+@pytest.fixture(scope="module")
+def quick_csv(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "quick.csv"
+    # Under the interpreter the Triton peer runs (slowly): two small cases keep this to seconds.
+    done = run_bench("--quick", "--losses", "kd,at", "--shapes", "image,resnet", "--out", str(out),
+                     env={"TRITON_INTERPRET": "1"})
+    assert done.returncode == 0, done.stdout + done.stderr
+    return out, done.stdout
+
+
+def test_quick_rows_have_every_column(quick_csv):
+    out, stdout = quick_csv
+    with open(out, newline="") as f:
+        reader = csv.DictReader(f)
+        assert reader.fieldnames == COLUMNS
+        rows = list(reader)
+    peers = ("eager", "compile", "liger", "triton", "cuda")
+    assert len(rows) == 2 * len(peers) * 3  # 2 cases x peers x passes
+    assert {r["pass"] for r in rows} == {"fwd", "bwd", "fwd+bwd"}
+    assert "[1/2] kd 64x100 float32" in stdout  # one progress line per case
+    for row in rows:
+        assert row["status"] == "ok" or row["status"].startswith(("unavailable: ", "mismatch: ", "error: ")), row
+        assert row["date"] and row["commit"] and row["device"] and row["torch"] and row["fastkd"]
+        assert int(row["min_bytes"]) > 0
+        if row["status"] == "ok":
+            assert float(row["median_ms"]) > 0 and float(row["gbps"]) > 0 and float(row["pct_copy_bw"]) > 0
+            assert row["peak_mb"] == ""  # no memory counter on a CPU
+    eager = [r for r in rows if r["peer"] == "eager"]
+    assert all(r["status"] == "ok" and float(r["max_err"]) == 0 for r in eager)
+    compiled = {r["status"] for r in rows if r["peer"] == "compile"}
+    assert all(s.startswith("unavailable: skipped in --quick on CPU") for s in compiled)
+    liger_at = {r["status"] for r in rows if r["peer"] == "liger" and r["loss"] == "at"}
+    assert liger_at == {"unavailable: liger-kernel has no at_loss equivalent"}
+    kd_min = {r["pass"]: int(r["min_bytes"]) for r in eager if r["loss"] == "kd"}
+    assert kd_min == {"fwd": 2 * 64 * 100 * 4, "bwd": 64 * 100 * 4, "fwd+bwd": 3 * 64 * 100 * 4}
+
+
+def test_report_renders_a_table(quick_csv, tmp_path):
+    out, _ = quick_csv
+    md = tmp_path / "README.md"
+    done = run_bench("report", "--csv", str(out), "--md", str(md), "--no-plots")
+    assert done.returncode == 0, done.stderr
+    text = md.read_text()
+    assert "| shape | dtype | pass | peer | ms | x eager | x compile | % floor | peak MB | max err |" in text
+    assert "| 64x100 | float32 | fwd+bwd | eager |" in text
+    assert "### at" in text and "Not timed:" in text
+
+
+def test_triton_peer_says_why_without_the_interpreter(tmp_path):
+    out = tmp_path / "q.csv"
+    done = run_bench("--quick", "--losses", "kd", "--shapes", "image", "--peers", "eager,triton", "--passes", "fwd",
+                     "--out", str(out), env={"TRITON_INTERPRET": "0"})
+    assert done.returncode == 0, done.stderr
+    rows = list(csv.DictReader(open(out, newline="")))
+    triton = [r for r in rows if r["peer"] == "triton"]
+    assert len(triton) == 1 and triton[0]["status"].startswith("unavailable: ")
+    assert "TRITON_INTERPRET" in triton[0]["status"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given without a GPU")
+def test_full_suite_without_gpu_exits_nonzero():
+    done = run_bench("--losses", "kd")
+    assert done.returncode != 0
+    assert "needs a CUDA GPU" in done.stderr
+
+
+def test_list_and_bad_arguments():
+    done = run_bench("--list", "--losses", "rkd")
+    assert done.returncode == 0 and "rkd 4096x2048 float32" in done.stdout and len(done.stdout.splitlines()) == 12
+    assert run_bench("--losses", "nope", "--quick").returncode != 0
+    assert run_bench("--peers", "nope", "--quick").returncode != 0
 
 
 def test_a_peer_that_disagrees_is_caught():
+    from bench.suite import disagreement
     grad = torch.ones(3, 4)
     assert disagreement((1.0, grad), (1.0, grad)) == 0
     assert disagreement((1.0, grad), (1.1, grad)) == pytest.approx(0.1)
