@@ -292,6 +292,12 @@ inline void check_logits(const char* op, const at::Tensor& student, const at::Te
   TORCH_CHECK(student.size(-1) > 0, op, ": the class dimension is empty");
 }
 
+// A gradient for `input`, in its shape and dtype, or an empty tensor when it is not asked for (the contract
+// of every backward operator here, as of the Triton launchers).
+inline at::Tensor input_gradient(const at::Tensor& input, bool wanted) {
+  return wanted ? at::empty(input.sizes(), input.options()) : at::empty({0}, input.options());
+}
+
 inline int64_t row_count(const at::Tensor& x) {
   const int64_t rows = x.numel() / x.size(-1);
   TORCH_CHECK(rows <= static_cast<int64_t>(INT32_MAX), "fastkd: too many rows for one launch: ", rows);

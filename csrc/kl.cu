@@ -184,8 +184,8 @@ std::tuple<at::Tensor, at::Tensor> kl_rows_backward_cuda(
   const at::cuda::CUDAGuard guard(student.device());
   const int64_t V = student.size(-1);
   const int64_t rows = row_count(student);
-  at::Tensor d_student = student_grad ? at::empty(student.sizes(), student.options()) : at::empty({0}, student.options());
-  at::Tensor d_teacher = teacher_grad ? at::empty(teacher.sizes(), teacher.options()) : at::empty({0}, teacher.options());
+  at::Tensor d_student = input_gradient(student, student_grad);
+  at::Tensor d_teacher = input_gradient(teacher, teacher_grad);
   if (rows == 0 || !(student_grad || teacher_grad)) return {d_student, d_teacher};
   at::Tensor stats_c = stats_matrix(op, stats, student, rows, kStats);
   at::Tensor grad_kl_v = row_vector(op, "grad_kl", grad_kl, student, rows);
