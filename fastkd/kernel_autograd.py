@@ -62,30 +62,72 @@ def dkd_backward(ctx, grad_tckd, grad_nckd, _grad_stats, *, backward):
     return d_student if student_grad else None, d_teacher if teacher_grad else None, None, None
 
 
-def sq_distances_backward(grad: Tensor, x: Tensor) -> Tensor:
-    """d/dx of `sum grad_ij |x_i - x_j|^2` = 2 (diag(rowsum W) - W) x with W = grad + grad^T (a matmul)."""
-    w = grad + grad.T
-    return 2.0 * (w.sum(1, keepdim=True) * x - w @ x)
+def gram_hi_lo(x: Tensor) -> tuple[Tensor, Tensor]:
+    """The Gram matrix of the rows centred in float64, as float32 pairs `(hi, lo)` with `hi + lo` equal to it
+    to ~float32^2 (see fastkd/triton/rkd.py, step 2). No gradient: the angle kernels' backward differentiates
+    through the rows themselves."""
+    x64 = x.detach().double()
+    xc = x64 - x64.mean(0, keepdim=True)
+    g = xc @ xc.T
+    g = (g + g.T) * 0.5
+    hi = g.float()
+    return hi, (g - hi.double()).float()
 
 
-def sq_setup(ctx, inputs, output):
-    ctx.save_for_backward(inputs[0])
+def angle_diagonal(q_s: Tensor, q_t: Tensor) -> Tensor:
+    """`sum_{i, j} Huber(A^s_ijj - A^t_ijj)`: the triples the angle kernels leave out, where
+    `A_ijj = |e_ij|^2 = Q_ij / max(Q_ij, 1e-24)` (1 on distinct rows; F.normalize's clamp below 1e-12).
+    Exactly the reference's value, and its exact gradient (0 wherever the rows are more than 1e-12 apart)."""
+    return torch.nn.functional.smooth_l1_loss((q_s * 1e24).clamp(max=1.0), (q_t * 1e24).clamp(max=1.0),
+                                              reduction="sum")
 
 
-def sq_backward(ctx, grad):
-    (x,) = ctx.saved_tensors
-    return sq_distances_backward(grad, x) if ctx.needs_input_grad[0] else None
+def rkd_functions(sq_distances, weighted_diff, angle_sum, angle_grads):
+    """`(pairwise_sq, angle_sum)` with autograd, from a backend's four RKD operators (fastkd/triton/rkd.py).
 
+    `pairwise_sq(x) -> Q`, `Q_ij = |x_i - x_j|^2`; `angle_sum(x_s, Q_s, x_t, Q_t) -> sum over (i, j != k) of
+    Huber(A^s_ijk - A^t_ijk)`, with gradients to the student's float32 rows `x_s` (through the Gram matrix)
+    and to `Q_s` (through the norms); the teacher gets none. `Q` must be exactly symmetric, as
+    `pairwise_sq` makes it.
+    """
 
-def angle_setup(ctx, inputs, output):
-    ctx.save_for_backward(*inputs)
+    class PairwiseSq(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            ctx.save_for_backward(x)
+            return sq_distances(x)
 
+        @staticmethod
+        def backward(ctx, grad):
+            # d/dx_m sum_ij g_ij |x_i - x_j|^2 = sum_k 2 (g + g^T)_mk (x_m - x_k), by direct differences.
+            (x,) = ctx.saved_tensors
+            return weighted_diff(2.0 * (grad + grad.T), x)
 
-def angle_backward(ctx, grad, *, backward):
-    if not (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]):
-        return None, None, None, None
-    d_gram, d_d2 = backward(grad, *ctx.saved_tensors)
-    return (d_gram if ctx.needs_input_grad[0] else None, d_d2 if ctx.needs_input_grad[1] else None, None, None)
+    class AngleSum(torch.autograd.Function):
+        """G route of the gradient: with w_ijk = dL/dN_ijk and N_ijk = (x_j - x_i).(x_k - x_i),
+            dL/dx_m = sum_ik w_imk (x_k - x_i) + sum_ij w_ijm (x_j - x_i) - sum_jk w_mjk ((x_k - x_m) + (x_j - x_m))
+                    = sum_k (2 U_mk - 2 S_km - 2 S_mk) (x_k - x_m)     (w symmetric in its last two indices)
+        with S_ij = sum_k w_ijk and U_jk = sum_i w_ijk: `-weighted_diff(V)` for V = 2 U - 2 (S + S^T)."""
+
+        @staticmethod
+        def forward(ctx, x_s, q_s, x_t, q_t):
+            gh_s, gl_s = gram_hi_lo(x_s)
+            gh_t, gl_t = gram_hi_lo(x_t)
+            # At D = 1 every angle is +-1 exactly: the kernels take the sign of N, and the gradient is 0.
+            ctx.unit_s, ctx.unit_t = x_s.shape[1] == 1, x_t.shape[1] == 1
+            ctx.save_for_backward(x_s, gh_s, gl_s, q_s, gh_t, gl_t, q_t)
+            return angle_sum(gh_s, gl_s, q_s, gh_t, gl_t, q_t, ctx.unit_s, ctx.unit_t)
+
+        @staticmethod
+        def backward(ctx, grad):
+            x_s, gh_s, gl_s, q_s, gh_t, gl_t, q_t = ctx.saved_tensors
+            if ctx.unit_s:
+                return torch.zeros_like(x_s), torch.zeros_like(q_s), None, None
+            v, e = angle_grads(gh_s, gl_s, q_s, gh_t, gl_t, q_t, ctx.unit_t)
+            # Q is read as Q_ij (apex i) and as its mirror Q_ji: the gradient of the entry is the mean of both.
+            return weighted_diff(v, x_s) * -grad, (e + e.T) * (0.5 * grad), None, None
+
+    return PairwiseSq.apply, AngleSum.apply
 
 
 def map_setup(ctx, inputs, output):

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from . import _dispatch, reference
+from .kernel_autograd import angle_diagonal
 from .reference.attention import match_spatial
 from .reference.logits import compute_dtype, masked_reduce, reduce_rows
 
@@ -27,8 +28,8 @@ class KernelSet:
     kl_rows: Callable  # (student, teacher, T, reverse, target, labels, ignore_index) -> (kl, ce, stats) per row
     jsd_rows: Callable  # (student, teacher, beta, T, labels, ignore_index) -> (jsd, stats) per row, 0 < beta < 1
     dkd_rows: Callable  # (student, teacher, target, T) -> (tckd, nckd, stats) per row
-    pairwise_sq: Callable  # (x (B, D) float32) -> |x_i - x_j|^2, (B, B)
-    angle_sum: Callable  # (G_s, Q_s, G_t, Q_t) -> sum over triples of Huber(A_s - A_t)
+    pairwise_sq: Callable  # (x (B, D) float32) -> Q = |x_i - x_j|^2, (B, B)
+    angle_sum: Callable  # (x_s, Q_s, x_t, Q_t) -> sum over triples (i, j != k) of Huber(A_s - A_t)
     channel_mean_pow: Callable  # (f (B, C, H, W), p) -> mean_c f^p, (B, H*W) float32
 
 
@@ -36,20 +37,9 @@ def kernel_dtypes(*tensors: Tensor) -> bool:
     return all(t.dtype in KERNEL_DTYPES for t in tensors)
 
 
-def centred(f: Tensor) -> Tensor:
-    """Flattened float32 rows minus their batch mean.
-
-    Distances and angles are invariant under translation; subtracting the batch mean keeps the Gram form
-    `g_i + g_j - 2 G_ij` and `G_jk - G_ij - G_ik + G_ii` from cancelling when all rows share a large offset.
-    """
-    x = f.reshape(f.shape[0], -1).to(torch.float32)
-    return x - x.mean(0, keepdim=True)
-
-
-def gram(x: Tensor) -> Tensor:
-    """Symmetric float32 Gram matrix of centred rows (torch.mm: follows the TF32 flags, as the reference)."""
-    g = x @ x.T
-    return (g + g.T) * 0.5
+def rows(f: Tensor) -> Tensor:
+    """Features flattened to float32 rows `(B, D)`, uncentred: the RKD kernels difference rows directly."""
+    return f.reshape(f.shape[0], -1).to(torch.float32)
 
 
 def as_4d(f: Tensor) -> Tensor:
@@ -61,12 +51,12 @@ def as_4d(f: Tensor) -> Tensor:
     return f
 
 
-def distances_from_gram(g: Tensor, squared: bool, eps: float) -> Tensor:
-    """The reference's normalised distances (`reference.relational.normalized_distances`) from a Gram matrix."""
-    dg = g.diagonal()
-    d2 = (dg[:, None] + dg[None, :] - 2.0 * g).clamp(min=eps)
+def distances_from_sq(q: Tensor, squared: bool, eps: float) -> Tensor:
+    """The reference's normalised distances (`reference.relational.normalized_distances`) from the directly
+    computed squared distances (the reference's Gram form cancels for close rows; these do not)."""
+    d2 = q.clamp(min=eps)
     d = d2 if squared else d2.sqrt()
-    eye = torch.eye(g.shape[0], dtype=torch.bool, device=g.device)
+    eye = torch.eye(q.shape[0], dtype=torch.bool, device=q.device)
     d = d.masked_fill(eye, 0.0)
     return d / (d.sum() / (d > 0).sum())
 
@@ -126,24 +116,24 @@ def make_losses(k: KernelSet) -> dict[str, Callable]:
             loss = loss + beta * nckd.sum()
         return loss * (temperature * temperature / rows)
 
-    def distance_term(g_s, g_t, squared, eps):
-        return torch.nn.functional.smooth_l1_loss(distances_from_gram(g_s, squared, eps),
-                                                  distances_from_gram(g_t, squared, eps))
+    def distance_term(q_s, q_t, squared, eps):
+        return torch.nn.functional.smooth_l1_loss(distances_from_sq(q_s, squared, eps),
+                                                  distances_from_sq(q_t, squared, eps))
 
-    def angle_term(x_s, g_s, x_t, g_t):
-        # float32 whatever autocast made of the Gram product (the kernels read float32 matrices)
-        return k.angle_sum(g_s.float(), k.pairwise_sq(x_s), g_t.float(), k.pairwise_sq(x_t)) / float(g_s.shape[0]) ** 3
+    def angle_term(x_s, q_s, x_t, q_t):
+        triples = k.angle_sum(x_s, q_s, x_t, q_t) + angle_diagonal(q_s, q_t)
+        return triples / float(x_s.shape[0]) ** 3
 
     def rkd_distance_loss(f_s, f_t, *, squared=False, eps=1e-12):
         if not kernel_dtypes(f_s, f_t):
             return reference.rkd_distance_loss(f_s, f_t, squared=squared, eps=eps)
-        return distance_term(gram(centred(f_s)), gram(centred(f_t.detach())), squared, eps)
+        return distance_term(k.pairwise_sq(rows(f_s)), k.pairwise_sq(rows(f_t.detach())), squared, eps)
 
     def rkd_angle_loss(f_s, f_t):
         if not kernel_dtypes(f_s, f_t):
             return reference.rkd_angle_loss(f_s, f_t)
-        x_s, x_t = centred(f_s), centred(f_t.detach())
-        return angle_term(x_s, gram(x_s), x_t, gram(x_t))
+        x_s, x_t = rows(f_s), rows(f_t.detach())
+        return angle_term(x_s, k.pairwise_sq(x_s), x_t, k.pairwise_sq(x_t))
 
     def rkd_loss(f_s, f_t, *, distance_weight=25.0, angle_weight=50.0, squared=False, eps=1e-12):
         if not kernel_dtypes(f_s, f_t):
@@ -152,12 +142,12 @@ def make_losses(k: KernelSet) -> dict[str, Callable]:
         loss = f_s.new_zeros((), dtype=compute_dtype(f_s))
         if distance_weight == 0.0 and angle_weight == 0.0:
             return loss
-        x_s, x_t = centred(f_s), centred(f_t.detach())
-        g_s, g_t = gram(x_s), gram(x_t)
+        x_s, x_t = rows(f_s), rows(f_t.detach())
+        q_s, q_t = k.pairwise_sq(x_s), k.pairwise_sq(x_t)
         if distance_weight != 0.0:
-            loss = loss + distance_weight * distance_term(g_s, g_t, squared, eps)
+            loss = loss + distance_weight * distance_term(q_s, q_t, squared, eps)
         if angle_weight != 0.0:
-            loss = loss + angle_weight * angle_term(x_s, g_s, x_t, g_t)
+            loss = loss + angle_weight * angle_term(x_s, q_s, x_t, q_t)
         return loss
 
     def attention_map(f, p=2):

@@ -8,7 +8,7 @@ import torch
 from precision import rounding_slack
 
 from fastkd import functional as KF
-from fastkd import kernel_losses
+from fastkd.kernel_autograd import gram_hi_lo
 from fastkd import reference
 
 pytest.importorskip("triton")
@@ -339,12 +339,14 @@ def test_at_several_blocks(monkeypatch):
 
 @needs_interpreter
 def test_opcheck():
-    x_s, x_t = kernel_losses.centred(features(5, 3, seed=32)), kernel_losses.centred(features(5, 4, seed=33))
-    torch.library.opcheck(trkd.sq_distances_op, (x_s.detach().requires_grad_(),))
-    g_s, d_s = kernel_losses.gram(x_s).requires_grad_(), trkd.sq_distances(x_s).requires_grad_()
-    g_t, d_t = kernel_losses.gram(x_t), trkd.sq_distances(x_t)
-    torch.library.opcheck(trkd.rkd_angle_sum_op, (g_s, d_s, g_t, d_t))
-    torch.library.opcheck(trkd.rkd_angle_sum_backward_op, (torch.tensor(1.5), g_s.detach(), d_s.detach(), g_t, d_t))
+    x_s, x_t = features(5, 3, seed=32), features(5, 4, seed=33)
+    torch.library.opcheck(trkd.sq_distances_op, (x_s,))
+    q_s, q_t = trkd.sq_distances(x_s), trkd.sq_distances(x_t)
+    torch.library.opcheck(trkd.weighted_diff_op, (q_s, x_s))
+    (gh_s, gl_s), (gh_t, gl_t) = gram_hi_lo(x_s), gram_hi_lo(x_t)
+    for unit_s, unit_t in ((False, False), (False, True)):
+        torch.library.opcheck(trkd.angle_sum_op, (gh_s, gl_s, q_s, gh_t, gl_t, q_t, unit_s, unit_t))
+        torch.library.opcheck(trkd.angle_grads_op, (gh_s, gl_s, q_s, gh_t, gl_t, q_t, unit_t))
     f = features(2, 3, 4, 5, seed=34).requires_grad_()
     f_cl = features(2, 3, 4, 5, seed=35).to(memory_format=torch.channels_last).requires_grad_()
     for x in (f, f_cl):
