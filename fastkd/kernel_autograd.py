@@ -62,33 +62,31 @@ def dkd_backward(ctx, grad_tckd, grad_nckd, _grad_stats, *, backward):
     return d_student if student_grad else None, d_teacher if teacher_grad else None, None, None
 
 
-def gram_hi_lo(x: Tensor) -> tuple[Tensor, Tensor]:
-    """The Gram matrix of the rows centred in float64, as float32 pairs `(hi, lo)` with `hi + lo` equal to it
-    to ~float32^2 (see fastkd/triton/rkd.py, step 2). No gradient: the angle kernels' backward differentiates
-    through the rows themselves."""
+def sq_hi_lo(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Squared distances `|x_i - x_j|^2` of float32 rows, computed directly in float64, as float32 pairs
+    `(hi, lo)` with `hi + lo` equal to them to ~float32^2 (fastkd/triton/rkd.py, step 1). No gradient."""
     x64 = x.detach().double()
-    xc = x64 - x64.mean(0, keepdim=True)
-    g = xc @ xc.T
-    g = (g + g.T) * 0.5
-    hi = g.float()
-    return hi, (g - hi.double()).float()
+    q = torch.cdist(x64, x64, compute_mode="donot_use_mm_for_euclid_dist").square()
+    q = (q + q.T) * 0.5  # exactly symmetric whatever the cdist kernel's order of summation
+    hi = q.float()
+    return hi, (q - hi.double()).float()
 
 
 def angle_diagonal(q_s: Tensor, q_t: Tensor) -> Tensor:
     """`sum_{i, j} Huber(A^s_ijj - A^t_ijj)`: the triples the angle kernels leave out, where
-    `A_ijj = |e_ij|^2 = Q_ij / max(Q_ij, 1e-24)` (1 on distinct rows; F.normalize's clamp below 1e-12).
-    Exactly the reference's value, and its exact gradient (0 wherever the rows are more than 1e-12 apart)."""
+    `A_ijj = |e_ij|^2 = Q_ij / max(Q_ij, 1e-24)`: 1 on distinct rows, and below F.normalize's clamp
+    (rows less than 1e-12 apart) what the reference computes. Constant wherever the rows are more than 1e-12
+    apart, so its gradient is taken as 0."""
     return torch.nn.functional.smooth_l1_loss((q_s * 1e24).clamp(max=1.0), (q_t * 1e24).clamp(max=1.0),
                                               reduction="sum")
 
 
-def rkd_functions(sq_distances, weighted_diff, angle_sum, angle_grads):
+def rkd_functions(sq_distances, weighted_diff, angle_sum, angle_weights):
     """`(pairwise_sq, angle_sum)` with autograd, from a backend's four RKD operators (fastkd/triton/rkd.py).
 
-    `pairwise_sq(x) -> Q`, `Q_ij = |x_i - x_j|^2`; `angle_sum(x_s, Q_s, x_t, Q_t) -> sum over (i, j != k) of
-    Huber(A^s_ijk - A^t_ijk)`, with gradients to the student's float32 rows `x_s` (through the Gram matrix)
-    and to `Q_s` (through the norms); the teacher gets none. `Q` must be exactly symmetric, as
-    `pairwise_sq` makes it.
+    `pairwise_sq(x) -> Q`, `Q_ij = |x_i - x_j|^2` in float32, with its gradient; `angle_sum(x_s, x_t)` is
+    `sum_ijk Huber(A^s_ijk - A^t_ijk)` over all `B^3` triples of the float32 rows, with its gradient to the
+    student's rows `x_s` (the teacher gets none).
     """
 
     class PairwiseSq(torch.autograd.Function):
@@ -104,28 +102,27 @@ def rkd_functions(sq_distances, weighted_diff, angle_sum, angle_grads):
             return weighted_diff(2.0 * (grad + grad.T), x)
 
     class AngleSum(torch.autograd.Function):
-        """G route of the gradient: with w_ijk = dL/dN_ijk and N_ijk = (x_j - x_i).(x_k - x_i),
+        """The gradient through the numerators N_ijk = (x_j - x_i).(x_k - x_i), with w_ijk = dL/dN_ijk:
             dL/dx_m = sum_ik w_imk (x_k - x_i) + sum_ij w_ijm (x_j - x_i) - sum_jk w_mjk ((x_k - x_m) + (x_j - x_m))
                     = sum_k (2 U_mk - 2 S_km - 2 S_mk) (x_k - x_m)     (w symmetric in its last two indices)
-        with S_ij = sum_k w_ijk and U_jk = sum_i w_ijk: `-weighted_diff(V)` for V = 2 U - 2 (S + S^T)."""
+        with S_ij = sum_k w_ijk and U_jk = sum_i w_ijk; through the norms, dL/dQ_ij = E_ij read at (i, j) and
+        at its mirror; both are weights of direct differences (the kernels' `angle_weights`)."""
 
         @staticmethod
-        def forward(ctx, x_s, q_s, x_t, q_t):
-            gh_s, gl_s = gram_hi_lo(x_s)
-            gh_t, gl_t = gram_hi_lo(x_t)
+        def forward(ctx, x_s, x_t):
+            qh_s, ql_s = sq_hi_lo(x_s)
+            qh_t, ql_t = sq_hi_lo(x_t)
             # At D = 1 every angle is +-1 exactly: the kernels take the sign of N, and the gradient is 0.
             ctx.unit_s, ctx.unit_t = x_s.shape[1] == 1, x_t.shape[1] == 1
-            ctx.save_for_backward(x_s, gh_s, gl_s, q_s, gh_t, gl_t, q_t)
-            return angle_sum(gh_s, gl_s, q_s, gh_t, gl_t, q_t, ctx.unit_s, ctx.unit_t)
+            ctx.save_for_backward(x_s, qh_s, ql_s, qh_t, ql_t)
+            return angle_sum(qh_s, ql_s, qh_t, ql_t, ctx.unit_s, ctx.unit_t) + angle_diagonal(qh_s, qh_t)
 
         @staticmethod
         def backward(ctx, grad):
-            x_s, gh_s, gl_s, q_s, gh_t, gl_t, q_t = ctx.saved_tensors
+            x_s, qh_s, ql_s, qh_t, ql_t = ctx.saved_tensors
             if ctx.unit_s:
-                return torch.zeros_like(x_s), torch.zeros_like(q_s), None, None
-            v, e = angle_grads(gh_s, gl_s, q_s, gh_t, gl_t, q_t, ctx.unit_t)
-            # Q is read as Q_ij (apex i) and as its mirror Q_ji: the gradient of the entry is the mean of both.
-            return weighted_diff(v, x_s) * -grad, (e + e.T) * (0.5 * grad), None, None
+                return torch.zeros_like(x_s), None
+            return weighted_diff(angle_weights(qh_s, ql_s, qh_t, ql_t, ctx.unit_t), x_s) * grad, None
 
     return PairwiseSq.apply, AngleSum.apply
 

@@ -15,7 +15,6 @@ import torch
 from torch import Tensor
 
 from . import _dispatch, reference
-from .kernel_autograd import angle_diagonal
 from .reference.attention import match_spatial
 from .reference.logits import compute_dtype, masked_reduce, reduce_rows
 
@@ -29,7 +28,7 @@ class KernelSet:
     jsd_rows: Callable  # (student, teacher, beta, T, labels, ignore_index) -> (jsd, stats) per row, 0 < beta < 1
     dkd_rows: Callable  # (student, teacher, target, T) -> (tckd, nckd, stats) per row
     pairwise_sq: Callable  # (x (B, D) float32) -> Q = |x_i - x_j|^2, (B, B)
-    angle_sum: Callable  # (x_s, Q_s, x_t, Q_t) -> sum over triples (i, j != k) of Huber(A_s - A_t)
+    angle_sum: Callable  # (x_s, x_t) (B, D) float32 -> sum over all B^3 triples of Huber(A_s - A_t)
     channel_mean_pow: Callable  # (f (B, C, H, W), p) -> mean_c f^p, (B, H*W) float32
 
 
@@ -120,9 +119,8 @@ def make_losses(k: KernelSet) -> dict[str, Callable]:
         return torch.nn.functional.smooth_l1_loss(distances_from_sq(q_s, squared, eps),
                                                   distances_from_sq(q_t, squared, eps))
 
-    def angle_term(x_s, q_s, x_t, q_t):
-        triples = k.angle_sum(x_s, q_s, x_t, q_t) + angle_diagonal(q_s, q_t)
-        return triples / float(x_s.shape[0]) ** 3
+    def angle_term(x_s, x_t):
+        return k.angle_sum(x_s, x_t) / float(x_s.shape[0]) ** 3
 
     def rkd_distance_loss(f_s, f_t, *, squared=False, eps=1e-12):
         if not kernel_dtypes(f_s, f_t):
@@ -132,8 +130,7 @@ def make_losses(k: KernelSet) -> dict[str, Callable]:
     def rkd_angle_loss(f_s, f_t):
         if not kernel_dtypes(f_s, f_t):
             return reference.rkd_angle_loss(f_s, f_t)
-        x_s, x_t = rows(f_s), rows(f_t.detach())
-        return angle_term(x_s, k.pairwise_sq(x_s), x_t, k.pairwise_sq(x_t))
+        return angle_term(rows(f_s), rows(f_t.detach()))
 
     def rkd_loss(f_s, f_t, *, distance_weight=25.0, angle_weight=50.0, squared=False, eps=1e-12):
         if not kernel_dtypes(f_s, f_t):
@@ -143,11 +140,10 @@ def make_losses(k: KernelSet) -> dict[str, Callable]:
         if distance_weight == 0.0 and angle_weight == 0.0:
             return loss
         x_s, x_t = rows(f_s), rows(f_t.detach())
-        q_s, q_t = k.pairwise_sq(x_s), k.pairwise_sq(x_t)
         if distance_weight != 0.0:
-            loss = loss + distance_weight * distance_term(q_s, q_t, squared, eps)
+            loss = loss + distance_weight * distance_term(k.pairwise_sq(x_s), k.pairwise_sq(x_t), squared, eps)
         if angle_weight != 0.0:
-            loss = loss + angle_weight * angle_term(x_s, q_s, x_t, q_t)
+            loss = loss + angle_weight * angle_term(x_s, x_t)
         return loss
 
     def attention_map(f, p=2):
