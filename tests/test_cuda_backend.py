@@ -106,7 +106,7 @@ def test_rkd(B, D):
 
 
 @gpu
-@pytest.mark.parametrize("p", [1, 2, 3, 2.5])
+@pytest.mark.parametrize("p", [1, 2, 3, 5, 2.5])
 @pytest.mark.parametrize("mode", ["code", "paper"])
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_attention_transfer(p, mode, channels_last):
@@ -139,3 +139,21 @@ def test_opcheck_and_compile():
     torch.library.opcheck(torch.ops.fastkd.cuda_jsd_rows.default, (s, t, 0.5, 1.0, None, -100))
     compiled = torch.compile(lambda s, t: KF.jsd_loss(s, t, beta=0.3, backend="cuda"), fullgraph=True)
     torch.testing.assert_close(compiled(s, t), KF.jsd_loss(s, t, beta=0.3, backend="cuda"))
+
+
+@gpu
+@pytest.mark.parametrize("p", [1, 3, 5])
+def test_attention_map_odd_power_signed_entries(p):
+    """Odd p keeps the sign of negative entries (no abs()); the gradient p f^(p-1) is even. Against the reference
+    and against the reference in float64."""
+    f = rand(2, 3, 6, 5, seed=11, scale=1.0)
+    w = rand(2, 30, seed=12, scale=1.0)
+    results = []
+    for backend, x in (("cuda", f), ("torch", f), ("torch", f.double())):
+        x = x.detach().clone().requires_grad_()
+        out = KF.attention_map(x, p, backend=backend)
+        (out * w.to(out.dtype)).sum().backward()
+        results.append((out.detach(), x.grad))
+    for got, want in ((results[0], results[1]), (results[0], results[2])):
+        torch.testing.assert_close(got[0].double(), want[0].double(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got[1].double(), want[1].double(), rtol=1e-5, atol=1e-6)

@@ -98,8 +98,16 @@ def test_at_loss(p, mode):
     check(lambda s, t: R.at_loss(s, t, p=p, mode=mode), rand(3, 2, 6, 6), rand(3, 4, 3, 3, seed=1))
 
 
-def test_attention_map():
-    check(lambda f: R.attention_map(f, 3), rand(2, 3, 4, 5))
+@pytest.mark.parametrize("p", [1, 3, 5])
+def test_attention_map(p):
+    # odd p on signed entries: the float64 reference the kernels' odd-power gradients are checked against
+    f = rand(2, 3, 4, 5)
+    assert (f < 0).any()
+    check(lambda f: R.attention_map(f, p), f)
+
+
+def test_at_loss_odd_power_five():
+    check(lambda s, t: R.at_loss(s, t, p=5), rand(2, 3, 4, 4), rand(2, 2, 4, 4, seed=1))
 
 
 @pytest.mark.parametrize("norm", ["l2", "l1"])
