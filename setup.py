@@ -52,7 +52,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["fastkd", "fastkd.*"]),
     package_data={"fastkd.data": ["*.gz", "*.md"]},
-    install_requires=["torch>=2.4"],
+    install_requires=["torch>=2.11"],
     extras_require={"test": ["pytest>=7", "numpy", "ninja"], "bench": ["matplotlib", "pytest-benchmark"]},
     entry_points={"console_scripts": ["fastkd = fastkd.__main__:main"]},
     ext_modules=ext_modules,

@@ -22,6 +22,34 @@ else:
     from . import losses  # noqa: F401  (registers the kernels)
 
 
+def _interpreter_index_fix() -> None:
+    """Backport Triton 3.7's fix of the interpreter's `tensor.__index__` (triton-lang/triton#9172) to Triton < 3.7.
+
+    The interpreter holds a scalar, such as a kernel's int argument, as a one-element 1-D NumPy array, and
+    Triton <= 3.6 turns it into a Python int with `int(array)`, which NumPy >= 2.4 refuses ("only 0-dimensional
+    arrays can be converted to Python scalars"). Every `range(0, V, BLOCK)` over a runtime bound needs that
+    int. Only the interpreter is touched: compiled GPU kernels are unchanged.
+    """
+    try:
+        from triton.runtime import interpreter
+    except ImportError:
+        return
+    original = getattr(interpreter, "_patch_lang_tensor", None)
+    if original is None or getattr(original, "_fastkd_index_fix", False):
+        return
+
+    def patch_lang_tensor(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+    patch_lang_tensor._fastkd_index_fix = True
+    interpreter._patch_lang_tensor = patch_lang_tensor
+
+
+if INTERPRET and _import_error is None and tuple(int(v) for v in triton.__version__.split(".")[:2]) < (3, 7):
+    _interpreter_index_fix()
+
+
 def unavailable_reason(device: torch.device | None) -> str | None:
     """None if the kernels can run on tensors on `device` (None: on some device of this machine)."""
     if _import_error is not None:
