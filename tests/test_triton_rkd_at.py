@@ -286,7 +286,7 @@ def test_at_matches_reference(device, p, mode):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("p", [1, 3, 5])
 def test_odd_power_keeps_the_sign_of_negative_entries(device, p):
-    """Odd integer p on signed maps (p = 5 through the general exp/log path with the parity rule): f^p keeps
+    """Odd integer p on signed maps (p = 5 by binary exponentiation): f^p keeps
     the sign and its derivative p f^(p-1) is even. Map, at_loss (both modes) and gradients against the
     reference, and against the reference in float64 (gradcheck'd in test_gradcheck.py)."""
     device = kernel_device(device)
@@ -311,6 +311,57 @@ def test_odd_power_keeps_the_sign_of_negative_entries(device, p):
         exact = float64_reference(at_fn(p, mode), f, t)
         for g, e, what in zip(got, exact, ("loss", "student grad", "teacher grad")):
             close(g.double(), e, 1e-5, f"{mode} {what} against float64")
+
+
+POW_CASES = [5, 4, 7, 2.5, 1.5, 0.5, -1.5, 2.3, 0.7, 0.3, 7.77, -1, -2]
+
+
+def _pow_inputs(device):
+    g = torch.Generator().manual_seed(90)
+    return {"offset_1e3": 1000 + torch.randn(2000, generator=g), "unit": torch.randn(2000, generator=g).abs(),
+            "scale_1e4": 1e4 * torch.randn(2000, generator=g).abs(),
+            "scale_1e-4": 1e-4 * torch.randn(2000, generator=g).abs(),
+            "wide": torch.empty(2000).uniform_(-20, 20, generator=g).exp()}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("p", POW_CASES)
+def test_at_pow_accuracy(device, p):
+    """f^p (forward, C = 1) and p f^(p-1) (backward) against float64, elementwise in units of u = 2^-24 where
+    the true value is at least 2^-100 (the pair's low part a normal float32) and finite in float32:
+    correctly rounded but in near-ties (<= 1.05 u) for integer and half-integer p, as torch.pow; a few u for
+    other p at every magnitude (exp(p log f) errs by ~|p log f| u: 23 u at f = 1e4, p = 2.5)."""
+    device = kernel_device(device)
+    u = 2.0 ** -24
+    special = float(p).is_integer() or float(2 * p).is_integer()
+    bound = 1.05 * u if special else (4 if device == "cpu" else 8) * u
+    for name, x in _pow_inputs(device).items():
+        f = x.reshape(1, 1, 1, -1).to(device)
+        for what, got, want in [
+            ("f^p", tat.map_forward(f, p), x.double().pow(p)),
+            ("p f^(p-1)", tat.map_backward(torch.ones(1, x.numel(), device=device), f, p), p * x.double().pow(p - 1)),
+        ]:
+            normal = (want.abs() >= 2.0 ** -100) & (want.abs() <= torch.finfo(torch.float32).max)  # the pair's l normal
+            rel = ((got.reshape(-1).cpu().double() - want) / want).abs()[normal]
+            assert rel.max().item() <= bound, f"{name} {what}: {rel.max().item() / u:.2f} u > {bound / u:.2f} u"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("p", [0, 1, 2, 3, 4, 5, 33, 0.5, 1.5, 2.5, 0.3, 2.3, 0.7, -1, -2, -3, -0.5, -1.5, -2.3, 1e10])
+def test_at_pow_special_values(device, p):
+    """torch.pow's values (and its backward p x^(p-1), 0 for p = 0) at 0, -0, +-1, +-inf, NaN, subnormals and
+    values whose powers overflow or underflow, for integer, half-integer, other and negative p (signs of
+    zero aside: the map is a sum)."""
+    device = kernel_device(device)
+    x = torch.tensor([0.0, -0.0, 1.0, -1.0, 2.0, -2.0, 0.5, -0.5, float("inf"), -float("inf"), float("nan"),
+                      1e-40, -1e-40, 3e38, 1e-20, 1e20, 1.7, -1.7])
+    f = x.reshape(1, 1, 1, -1).to(device)
+    got = tat.map_forward(f, p).reshape(-1).cpu()
+    torch.testing.assert_close(got, x.pow(p), rtol=3e-7, atol=0, equal_nan=True)
+    xx = x.clone().requires_grad_()
+    xx.pow(p).sum().backward()
+    dg = tat.map_backward(torch.ones(1, x.numel(), device=device), f, p).reshape(-1).cpu()
+    torch.testing.assert_close(dg, xx.grad, rtol=3e-7, atol=0, equal_nan=True)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -3,20 +3,53 @@
 Maths. For a map `f` of shape `(B, C, H, W)`, `a_bs = (1/C) sum_c f_bcs^p` (float32 arithmetic), then
 `at(f) = a / max(||a_b||, 1e-12)` per sample, and the loss on the two normalised `(B, H*W)` maps (mode "code":
 mean of squared differences; "paper": `sum_b ||diff_b|| / B`). The pow follows `torch.pow`: no `abs()`, so
-odd integer p keeps the sign, a non-integer p gives NaN for negative entries. p = 1, 2, 3 are products;
-any other p is `exp(p log|f|)` with the sign rule (a few float32 ulps from `torch.pow`).
-Gradient: `dL/df_bcs = p f_bcs^(p-1) / C * dL/da_bs`, broadcast over channels.
+odd integer p keeps the sign, a non-integer p gives NaN for negative entries.
+Gradient: `dL/df_bcs = p f_bcs^(p-1) / C * dL/da_bs`, broadcast over channels (0 for p = 0, as torch).
 
-Design. The only passes over the big tensor are the forward reduction (one read of f) and the backward
-(one read of f, one write of df in f's dtype and memory layout); the normalisation and the difference run
-in PyTorch on the small `(B, H*W)` maps, with autograd. The kernels address f by its strides, so a
-channels-last map needs no copy: a constexpr flag orients the tile so the unit-stride dimension (spatial
+Pow. `x^q` (q = p forward, q = p - 1 backward) is computed as an unnormalised float32 pair `(h, l)`,
+`h + l = x^q` to well below an ulp, rounded once (`fl(h + l)`, or `h` where `l` is NaN): the result is
+torch.pow's correctly rounded value but in rare near-ties, at most ~1 ulp for integer and half-integer q
+(measured: the same error distribution as torch.pow on CPU, max 0.5 ulp), ~1 ulp for other q. Exact
+products: `TwoProd(a, b) = (a*b, fma(a, b, -a*b))` (compiled kernels, and the CUDA twin; the interpreter, whose fma
+rounds twice, uses Dekker's product on Veltkamp's split `c = 4097 a; a_hi = c - (c - a); a_lo = a - a_hi`). Pair
+product `(ah, al)(bh, bl) = (h, err(ah bh) + (ah bl + al bh))` with `h = ah bh`.
+- Integer |q| = N (constexpr): binary exponentiation in pairs, `b = (x, 0)`, squared for every bit of N
+  after the lowest, multiplied into the result for every set bit (the lowest set bit initialises it);
+  `x^0 = 1` (also 0, inf, NaN). Sign, 0, inf, NaN follow from the products (no abs()).
+- Non-integer q, |q| = N + fr with 0 < fr < 1: `|x|^N * z`, z = |x|^fr as a pair, NaN where `-inf < x < 0`
+  (-inf behaves as +inf, as C's pow).
+  fr = 1/2: `s = sqrt_rn(|x|)`, `z = (s, ((|x| - s*s) - err(s*s)) / (2 s))` (correction 0 at s = 0, inf);
+  for |q| = 1/2 exactly s = sqrt_rn(x), so sqrt(-0) = -0 and sqrt(-inf) = NaN as torch's sqrt/rsqrt path.
+  Other fr: `z = (y, 0)`, y to ~1 ulp at every magnitude: |x| = m 2^e from the bits (subnormals scaled by 2^24,
+  e -= 24; m in [1, 2) from the mantissa, halved with e += 1 if m > float32(sqrt 2)); fr is passed as
+  fr (float32 of frac|q|), fr_hi = fr rounded to a multiple of 2^-15, fr_lo = float32((frac|q| in float64) -
+  fr_hi); t = fr_hi * e (exact), k = floor(t + 0.5), r = (t - k) + (fr_lo * e + fr * log2(m)) (|r| <= 0.76),
+  y = (exp2(r) * 2^k1) * 2^k2 with k1 = floor(k / 2), k2 = k - k1, 2^j built as the bits (j + 127) << 23;
+  y = |x| where |x| is 0, inf or NaN. Its error, ~|r| u from r plus exp2's and fr ln2 times log2's absolute
+  error, does not grow with |log x| or with p (exp(p log|x|) errs by ~u |p log x|).
+- q < 0: `1 / (h + l)` as the pair `(r, r ((1 - h r) - err(h r) - l r))`, r = div_rn(1, h) (correction 0
+  where r is 0 or inf). 0^q = inf, (-0)^q = -inf for odd q.
+- Gradient: `p (h + l)` rounded once: `fl(p h + (err(p h) + p l))`.
+Cost per element, forward and backward alike (the backward with q = p - 1): integer N: floor(log2 N) +
+popcount(N) - 1 pair products (3 multiply/fma each), no exp/log; fr = 1/2: one sqrt_rn and one division
+more; other fr: one log2 and one exp2 (plus ~20 integer/float ops); q < 0: one div_rn more. Accuracy of
+the general-fraction route on a GPU rests on Triton's exp2 (PTX ex2.approx.ftz.f32, ~2 ulp on |r| <= 0.76)
+and log2; the interpreter uses NumPy's. Below ~2^-100 the pair's low part is subnormal: results there lose the
+extra accuracy (measured up to ~10 u near 2^-126 for q = 6.77), as do subnormal results themselves.
+
+Design. The only passes over the big tensor are the forward reduction (one read of f: B C H W elements of
+f's dtype, plus 4 B H W bytes written for the map) and the backward (one read of f, one write of df in f's
+dtype and memory layout, plus 4 B H W bytes of the map's gradient read); the normalisation and the
+difference run in PyTorch on the small `(B, H*W)` maps, with autograd. The kernels address f by its strides,
+so a channels-last map needs no copy: a constexpr flag orients the tile so the unit-stride dimension (spatial
 for contiguous maps, channels for channels-last) is the fast one. Maps of different spatial sizes are
 pooled first with the reference's `match_spatial` (PyTorch's adaptive average pooling).
 Memory above the inputs: O(B H W) for the maps; the gradient itself in backward.
 """
 from __future__ import annotations
 
+import math
+import os
 from functools import partial
 
 import torch
@@ -26,63 +59,185 @@ from torch import Tensor
 
 from .. import kernel_autograd as AG
 
-# POW: 1, 2, 3 use products; 0 is the general exp(p log|f|) with PARITY 1 (odd integer p), 2 (even), 0 (other).
+# The power x^q as torch.pow (module docstring, "Pow"), specialised by three constexprs: NPOW = floor(|q|),
+# FRAC = 0 (q an integer), 1 (frac(|q|) = 1/2: a square root), 2 (any other fraction: exp2/log2), RECIP = q < 0;
+# and three float32 arguments: fr = frac(|q|), fr_hi = fr rounded to a multiple of 2^-15,
+# fr_lo = frac(|q|) - fr_hi (from float64).
+_FRAC_HI_QUANTUM = 2.0 ** -15
+# fma is fused in compiled kernels; Triton's interpreter (decided, as by triton.jit, at import) rounds twice.
+_EXACT_FMA = os.environ.get("TRITON_INTERPRET") != "1"
+_MAX_NPOW = 2 ** 62  # any float |q| >= 2^53 is an even integer; x^(2^62) over/underflows exactly as x^q does
 
 
-def _pow_mode(p: float) -> tuple[int, int]:
-    if p in (1.0, 2.0, 3.0):
-        return int(p), 0
-    if float(p).is_integer():
-        return 0, 1 if int(p) % 2 == 1 else 2
-    return 0, 0
+def _pow_args(q: float) -> tuple[dict, tuple[float, float, float]]:
+    """The constexpr flags and the float arguments of `_pow` for the exponent q."""
+    q = float(q)
+    if not math.isfinite(q):
+        raise ValueError(f"attention transfer needs a finite power p, got {q}")
+    a = abs(q)
+    n = math.floor(a)
+    fr = float(torch.tensor(a - n, dtype=torch.float32))  # a - n is exact in float64
+    if fr == 1.0:  # frac(|q|) rounds up to 1 in float32: |q| is within 2^-25 of the next integer
+        n, fr = n + 1, 0.0
+    n = min(n, _MAX_NPOW)
+    frac = 0 if fr == 0.0 else 1 if fr == 0.5 else 2
+    hi = math.floor(fr / _FRAC_HI_QUANTUM + 0.5) * _FRAC_HI_QUANTUM
+    lo = float(torch.tensor((a - n) - hi, dtype=torch.float32))  # |lo| <= 2^-16: hi + lo = frac(|q|) to 2^-40
+    return dict(NPOW=n, FRAC=frac, RECIP=q < 0), (fr, hi, lo)
 
 
 @triton.jit
-def _signed_pow(x, q, PARITY: tl.constexpr):
-    """x^q as torch.pow for float q: PARITY 1 odd integer, 2 even integer, 0 non-integer (NaN for x < 0)."""
-    m = tl.exp(q * tl.log(tl.abs(x)))
-    if PARITY == 1:
-        m = tl.where(x < 0, -m, m)
-    elif PARITY == 0:
-        m = tl.where(x < 0, float("nan"), m)
-    return m
-
-
-@triton.jit
-def _pow(x, p, POW: tl.constexpr, PARITY: tl.constexpr):
-    if POW == 1:
-        return x
-    elif POW == 2:
-        return x * x
-    elif POW == 3:
-        return x * x * x
+def _prod_err(a, b, ab, EXACT_FMA: tl.constexpr):
+    """a * b - ab exactly, for ab = fl(a * b) (barring under/overflow): fma(a, b, -ab) where fma is fused (a
+    compiled kernel); Dekker's product on Veltkamp's 12/12-bit split otherwise (Triton's interpreter evaluates
+    fma as a rounded product plus a rounded sum; a factor above 2^96 is scaled by 2^-32 for its split, and
+    the error scaled back)."""
+    if EXACT_FMA:
+        return tl.fma(a, b, -ab)
     else:
-        return _signed_pow(x, p, PARITY)
+        sa = tl.where(tl.abs(a) > 7.922816251426434e28, 2.3283064365386963e-10, 1.0)
+        sb = tl.where(tl.abs(b) > 7.922816251426434e28, 2.3283064365386963e-10, 1.0)
+        a = a * sa
+        b = b * sb
+        ab = (ab * sa) * sb
+        ca = a * 4097.0
+        a_hi = ca - (ca - a)
+        a_lo = a - a_hi
+        cb = b * 4097.0
+        b_hi = cb - (cb - b)
+        b_lo = b - b_hi
+        return (((a_hi * b_hi - ab) + a_hi * b_lo + a_lo * b_hi) + a_lo * b_lo) / (sa * sb)
 
 
 @triton.jit
-def _pow_grad(x, p, POW: tl.constexpr, PARITY: tl.constexpr):
-    """d(x^p)/dx = p x^(p-1), as torch's pow backward."""
-    if POW == 1:
-        return tl.full(x.shape, 1.0, tl.float32)
-    elif POW == 2:
-        return 2.0 * x
-    elif POW == 3:
-        return 3.0 * x * x
+def _mul2(ah, al, bh, bl, EXACT_FMA: tl.constexpr):
+    """(ah + al)(bh + bl) as an unnormalised pair (h, l), to ~2u^2 relative (al bl dropped)."""
+    h = ah * bh
+    return h, _prod_err(ah, bh, h, EXACT_FMA) + (ah * bl + al * bh)
+
+
+@triton.jit
+def _round(h, l):
+    """fl(h + l); h itself where l is NaN (h infinite or NaN, or an overflowed split)."""
+    y = h + l
+    return tl.where(y != y, h, y)
+
+
+@triton.jit
+def _int_pow2(x, N: tl.constexpr, EXACT_FMA: tl.constexpr):
+    """x^N as a pair (h, l), h + l = x^N to ~(N - 1) 2u^2, for a constexpr integer N >= 0, by binary
+    exponentiation in pair arithmetic: the squarings x^2, x^4, ... and a product with each whose bit is set in
+    N, low bits first (x^0 = 1, also for 0, inf and NaN, as torch.pow). No abs(): odd N keeps the sign."""
+    rh = tl.full(x.shape, 1.0, tl.float32)
+    rl = tl.zeros(x.shape, tl.float32)
+    bh = x
+    bl = tl.zeros(x.shape, tl.float32)
+    for i in tl.static_range(63):
+        if (N >> i) > 0:
+            if i > 0:
+                bh, bl = _mul2(bh, bl, bh, bl, EXACT_FMA)
+            if (N >> i) & 1:
+                if (N & ((1 << i) - 1)) == 0:  # the lowest set bit: r = b, no product
+                    rh = bh
+                    rl = bl
+                else:
+                    rh, rl = _mul2(rh, rl, bh, bl, EXACT_FMA)
+    return rh, rl
+
+
+@triton.jit
+def _frac_pow(ax, fr, fr_hi, fr_lo):
+    """ax^fr for ax >= 0 (or NaN) and 0 < fr < 1, to a few ulp at any magnitude of ax.
+
+    ax = m 2^e exactly (m in [sqrt(1/2), sqrt(2)), from the bits; subnormals scaled by 2^24 first), so
+    fr log2(ax) = fr_hi e + fr_lo e + fr log2(m), where fr_hi e is exact (15 bits times 9) and is split as
+    k + (fr_hi e - k) with k = round(fr_hi e) (the difference exact). ax^fr = 2^k * exp2(r) with
+    r = (fr_hi e - k) + (fr_lo e + fr log2(m)), |r| <= ~0.76; 2^k is applied as 2^k1 * 2^k2 (k1 = floor(k/2),
+    k2 = k - k1, both built from their bits), so no intermediate leaves the normal range."""
+    tiny = ax < 1.1754943508222875e-38  # subnormal (or 0): scale into the normal range
+    axs = tl.where(tiny, ax * 16777216.0, ax)
+    bits = axs.to(tl.int32, bitcast=True)
+    e = (bits >> 23) - 127
+    m = ((bits & 0x7FFFFF) | 0x3F800000).to(tl.float32, bitcast=True)  # in [1, 2)
+    up = m > 1.41421353816986083984375  # float32(sqrt 2)
+    m = tl.where(up, m * 0.5, m)
+    e = e + tl.where(up, 1, 0) - tl.where(tiny, 24, 0)
+    ef = e.to(tl.float32)
+    t = fr_hi * ef
+    k = tl.floor(t + 0.5)
+    r = (t - k) + (fr_lo * ef + fr * tl.log2(m))
+    ki = k.to(tl.int32)
+    k1 = ki >> 1
+    k2 = ki - k1
+    s1 = ((k1 + 127) << 23).to(tl.float32, bitcast=True)
+    s2 = ((k2 + 127) << 23).to(tl.float32, bitcast=True)
+    y = (tl.exp2(r) * s1) * s2
+    special = (ax == 0.0) | (ax == float("inf")) | (ax != ax)  # 0^fr = 0, inf^fr = inf, NaN stays
+    return tl.where(special, ax, y)
+
+
+@triton.jit
+def _pow2(x, fr, fr_hi, fr_lo, NPOW: tl.constexpr, FRAC: tl.constexpr, RECIP: tl.constexpr,
+          EXACT_FMA: tl.constexpr):
+    """x^q as torch.pow (see `_pow_args`), as a pair (h, l): NaN for x < 0 and non-integer q; 0^0 = 1;
+    0^q = inf for q < 0."""
+    if FRAC == 0:
+        h, l = _int_pow2(x, NPOW, EXACT_FMA)
     else:
-        # p - 1 has the other parity for integer p.
-        if PARITY == 1:
-            return p * _signed_pow(x, p - 1.0, 2)
-        elif PARITY == 2:
-            return p * _signed_pow(x, p - 1.0, 1)
+        ax = tl.abs(x)
+        if FRAC == 1:  # sqrt(ax) = s + (ax - s^2) / (2 s), the residual ax - s^2 exact but for one rounding
+            if NPOW == 0:  # |q| = 1/2: torch.pow's sqrt/rsqrt, so sqrt(-0) = -0 and sqrt(-inf) = NaN
+                zh = tl.sqrt_rn(x)
+            else:
+                zh = tl.sqrt_rn(ax)
+            sq = zh * zh
+            res = (ax - sq) - _prod_err(zh, zh, sq, EXACT_FMA)
+            zl = tl.where((zh > 0.0) & (zh < float("inf")), res / (2.0 * zh), 0.0)
         else:
-            return p * _signed_pow(x, p - 1.0, 0)
+            zh = _frac_pow(ax, fr, fr_hi, fr_lo)
+            zl = tl.zeros(x.shape, tl.float32)
+        if NPOW == 0:
+            h = zh
+            l = zl
+        else:
+            ih, il = _int_pow2(ax, NPOW, EXACT_FMA)
+            h, l = _mul2(ih, il, zh, zl, EXACT_FMA)
+        h = tl.where((x < 0.0) & (x > float("-inf")), float("nan"), h)  # (-inf)^q = inf^q, as C's pow
+    if RECIP:  # 1 / (h + l) = r + r (1 - h r - l r), with 1 - h r exact but for one rounding
+        r = tl.div_rn(tl.full(x.shape, 1.0, tl.float32), h)
+        hr = h * r
+        e = ((1.0 - hr) - _prod_err(h, r, hr, EXACT_FMA)) - l * r
+        l = tl.where((r != 0.0) & (tl.abs(r) < float("inf")), e * r, 0.0)
+        h = r
+    return h, l
+
+
+@triton.jit
+def _pow(x, fr, fr_hi, fr_lo, NPOW: tl.constexpr, FRAC: tl.constexpr, RECIP: tl.constexpr,
+         EXACT_FMA: tl.constexpr):
+    """x^q as torch.pow, rounded once from the pair."""
+    h, l = _pow2(x, fr, fr_hi, fr_lo, NPOW, FRAC, RECIP, EXACT_FMA)
+    return _round(h, l)
+
+
+@triton.jit
+def _pow_grad(x, p, fr, fr_hi, fr_lo, NPOW: tl.constexpr, FRAC: tl.constexpr, RECIP: tl.constexpr,
+              ZERO: tl.constexpr, EXACT_FMA: tl.constexpr):
+    """d(x^p)/dx = p x^(p-1) as torch's pow backward (0 everywhere for p = 0), rounded once from the pair
+    p (h + l); the flags and floats are those of q = p - 1."""
+    if ZERO:
+        return tl.zeros(x.shape, tl.float32)
+    else:
+        h, l = _pow2(x, fr, fr_hi, fr_lo, NPOW, FRAC, RECIP, EXACT_FMA)
+        ph = p * h
+        return _round(ph, _prod_err(h, p + tl.zeros(x.shape, tl.float32), ph, EXACT_FMA) + p * l)
 
 
 @triton.jit
 def at_map_forward_kernel(
-    f_ptr, a_ptr, C, HW, W, s_b, s_c, s_h, s_w, inv_c, p,
-    POW: tl.constexpr, PARITY: tl.constexpr, CHANNELS_LAST: tl.constexpr,
+    f_ptr, a_ptr, C, HW, W, s_b, s_c, s_h, s_w, inv_c, fr, fr_hi, fr_lo,
+    NPOW: tl.constexpr, FRAC: tl.constexpr, RECIP: tl.constexpr, EXACT_FMA: tl.constexpr,
+    CHANNELS_LAST: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
@@ -98,7 +253,7 @@ def at_map_forward_kernel(
             offs_c = c0 + cols
             mask = ms[:, None] & (offs_c < C)[None, :]
             x = tl.load(base + sp[:, None] + offs_c.to(tl.int64)[None, :] * s_c, mask=mask, other=0.0)
-            acc += tl.where(mask, _pow(x.to(tl.float32), p, POW, PARITY), 0.0)
+            acc += tl.where(mask, _pow(x.to(tl.float32), fr, fr_hi, fr_lo, NPOW, FRAC, RECIP, EXACT_FMA), 0.0)
         a = tl.sum(acc, 1)
     else:
         acc = tl.zeros([BLOCK_C, BLOCK_S], tl.float32)
@@ -106,15 +261,16 @@ def at_map_forward_kernel(
             offs_c = c0 + cols
             mask = (offs_c < C)[:, None] & ms[None, :]
             x = tl.load(base + offs_c.to(tl.int64)[:, None] * s_c + sp[None, :], mask=mask, other=0.0)
-            acc += tl.where(mask, _pow(x.to(tl.float32), p, POW, PARITY), 0.0)
+            acc += tl.where(mask, _pow(x.to(tl.float32), fr, fr_hi, fr_lo, NPOW, FRAC, RECIP, EXACT_FMA), 0.0)
         a = tl.sum(acc, 0)
     tl.store(a_ptr + b * HW + offs_s, a * inv_c, mask=ms)
 
 
 @triton.jit
 def at_map_backward_kernel(
-    f_ptr, g_ptr, df_ptr, C, HW, W, s_b, s_c, s_h, s_w, d_b, d_c, d_h, d_w, inv_c, p,
-    POW: tl.constexpr, PARITY: tl.constexpr, CHANNELS_LAST: tl.constexpr,
+    f_ptr, g_ptr, df_ptr, C, HW, W, s_b, s_c, s_h, s_w, d_b, d_c, d_h, d_w, inv_c, p, fr, fr_hi, fr_lo,
+    NPOW: tl.constexpr, FRAC: tl.constexpr, RECIP: tl.constexpr, ZERO: tl.constexpr, EXACT_FMA: tl.constexpr,
+    CHANNELS_LAST: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
@@ -133,12 +289,12 @@ def at_map_backward_kernel(
         if CHANNELS_LAST:
             mask = ms[:, None] & (offs_c < C)[None, :]
             x = tl.load(base + sp[:, None] + offs_c[None, :] * s_c, mask=mask, other=0.0).to(tl.float32)
-            df = _pow_grad(x, p, POW, PARITY) * g[:, None]
+            df = _pow_grad(x, p, fr, fr_hi, fr_lo, NPOW, FRAC, RECIP, ZERO, EXACT_FMA) * g[:, None]
             tl.store(dbase + dsp[:, None] + offs_c[None, :] * d_c, df.to(df_ptr.dtype.element_ty), mask=mask)
         else:
             mask = (offs_c < C)[:, None] & ms[None, :]
             x = tl.load(base + offs_c[:, None] * s_c + sp[None, :], mask=mask, other=0.0).to(tl.float32)
-            df = _pow_grad(x, p, POW, PARITY) * g[None, :]
+            df = _pow_grad(x, p, fr, fr_hi, fr_lo, NPOW, FRAC, RECIP, ZERO, EXACT_FMA) * g[None, :]
             tl.store(dbase + offs_c[:, None] * d_c + dsp[None, :], df.to(df_ptr.dtype.element_ty), mask=mask)
 
 
@@ -163,12 +319,12 @@ def map_forward(f: Tensor, p: float) -> Tensor:
     B, C, H, W = f.shape
     HW = H * W
     a = torch.empty(B, HW, dtype=torch.float32, device=f.device)
-    pow_mode, parity = _pow_mode(p)
+    flags, fr = _pow_args(p)
     cl = _channels_last(f)
     block_c, block_s = _blocks(f, cl)
     at_map_forward_kernel[(B, triton.cdiv(HW, block_s))](
-        f, a, C, HW, W, *f.stride(), 1.0 / C, float(p),
-        POW=pow_mode, PARITY=parity, CHANNELS_LAST=cl, BLOCK_C=block_c, BLOCK_S=block_s, num_warps=4)
+        f, a, C, HW, W, *f.stride(), 1.0 / C, *fr, **flags, EXACT_FMA=_EXACT_FMA, CHANNELS_LAST=cl,
+        BLOCK_C=block_c, BLOCK_S=block_s, num_warps=4)
     return a
 
 
@@ -178,12 +334,12 @@ def map_backward(grad: Tensor, f: Tensor, p: float) -> Tensor:
     HW = H * W
     df = torch.empty_like(f)
     grad = grad.to(torch.float32).contiguous()
-    pow_mode, parity = _pow_mode(p)
+    flags, fr = _pow_args(float(p) - 1.0)  # the derivative p f^(p-1): the power q = p - 1
     cl = _channels_last(f)
     block_c, block_s = _blocks(f, cl)
     at_map_backward_kernel[(B, triton.cdiv(HW, block_s))](
-        f, grad, df, C, HW, W, *f.stride(), *df.stride(), 1.0 / C, float(p),
-        POW=pow_mode, PARITY=parity, CHANNELS_LAST=cl,
+        f, grad, df, C, HW, W, *f.stride(), *df.stride(), 1.0 / C, float(p), *fr, **flags,
+        ZERO=float(p) == 0.0, EXACT_FMA=_EXACT_FMA, CHANNELS_LAST=cl,
         BLOCK_C=block_c, BLOCK_S=block_s, num_warps=4)
     return df
 
