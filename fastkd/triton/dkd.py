@@ -1,35 +1,51 @@
 """Fused decoupled KD (DKD, mdistiller's `dkd_loss`): the target-class and non-target-class KL of two rows.
 
-Maths, per row with target class g, student `x = S / T`, teacher `y = T_logits / T`:
-    R_x = lse_{c != g} x_c,   R_y = lse_{c != g} y_c,   A = logaddexp(R_x, x_g) = lse(x),   B = lse(y)
-- TCKD = KL(b_t || b_s) over the binary split `b = [p_g, sum_{c != g} p_c]`, in log space:
-      log b_t = [y_g - B, R_y - B],   log b_s = [x_g - A, R_x - A]
+Maths, per row with target class g, student `x = S / T`, teacher `y = T_logits / T` (float32, times 1/T);
+the non-target classes c != g are the "rest":
+    M_x = max_{c != g} x_c,  a_c = x_c - M_x,  Z_x = sum_{c != g} exp(a_c),  q~_c = exp(a_c) / Z_x  (student)
+    M_y = max_{c != g} y_c,  b_c = y_c - M_y,  Z_y = sum_{c != g} exp(b_c),  p~_c = exp(b_c) / Z_y  (teacher)
+(a max of -inf, no rest at all, is replaced by 0 before subtracting: `rows.finite_or_zero`).
+- TCKD = KL(b_t || b_s) over the binary split `b = [p_g, sum_{c != g} p_c]`, from the log-odds of target
+  against rest, `u_s = (x_g - M_x) - log Z_x`, `u_t = (y_g - M_y) - log Z_y`:
+      log b_g = -softplus(-u),  log b_r = -softplus(u),  softplus(z) = max(z, 0) + log1p(exp(-|z|))
+      TCKD = sum_{k in g, r} b_t,k (log b_t,k - log b_s,k)
   (a part with b_t = 0 contributes 0; b_t > 0 against b_s = 0 gives +inf, as in the reference).
-- NCKD = KL(p~ || q~) over the non-target classes renormalised, `p~_c = exp(y_c - R_y)` (teacher),
-  `q~_c = exp(x_c - R_x)` (student): as in `fastkd.triton.kl`,
-      NCKD = sum_{c != g} p~_c (y_c - x_c) - (R_y - R_x) = W / Z - (R_y - R_x),
-  `W = sum_{c != g} exp(y_c - m)(y_c - x_c)` streamed with the teacher's online log-sum-exp (`Z`, `m`).
-  A teacher term against `x_c = -inf` makes NCKD = +inf (tracked, never summed).
+- NCKD = KL(p~ || q~) as in `fastkd.triton.kl` (P = the teacher's rest, Q = the student's):
+      e_c = b_c - a_c,  Ebar = sum_{c != g} p~_c e_c,
+      D = Z_y - Z_x = sum_{c != g} (exp(b_c) - exp(a_c))   (`rows.exp_diff`),
+      NCKD = Ebar - log(Z_y / Z_x)                            (`rows.log_ratio` from D)
+  A teacher term p~_c > 0 against x_c = -inf makes NCKD = +inf (a flag, never summed).
 - The loss `T^2 / rows * sum_rows (alpha TCKD + beta NCKD)` is formed in PyTorch from the per-row terms.
-One streaming pass over the row, with the target column masked out, gives R_x, R_y and W; x_g and y_g are one
-scalar load each. An out-of-range target gives NaN (never an out-of-bounds read).
+x_g and y_g are one scalar load each. An out-of-range target gives NaN (never an out-of-bounds read).
 With one class there is no non-target class: both terms are 0 (the reference leaves NCKD out). When every
 non-target teacher logit is -inf (but C > 1) the reference's NCKD is NaN (`log_softmax` of a row of -inf);
 here it is 0, as a teacher putting no mass on the non-target classes has nothing to transfer there.
+A NaN anywhere in the row makes both terms NaN.
 
 Gradients (d/dS = d/dx / T, the per-row gradients g_t of TCKD and g_n of NCKD come from autograd):
-- student, through `log b_s = log_softmax([x_g, R_x])`, `dR_x/dx_c = q~_c`, and NCKD's softmax gradient:
+- student, through `log b_s = log_softmax([x_g, R_x])` (R_x = M_x + log Z_x), `dR_x/dx_c = q~_c`, and
+  NCKD's softmax gradient:
       d/dx_g = g_t (b_s,g - b_t,g)
       d/dx_c = (g_t (b_s,r - b_t,r) + g_n) q~_c - g_n p~_c                     (c != g; r = the rest part)
 - teacher, from `dKL(P || Q)/dz_i = P_i ((log P_i - log Q_i) - KL)` for P = softmax(z): TCKD with
-  z = [y_g, R_y], `dR_y/dy_c = p~_c`; NCKD with z = the non-target teacher logits:
+  z = [y_g, R_y], `dR_y/dy_c = p~_c`; NCKD with z = the non-target teacher logits, where
+  `log p~_c - log q~_c - NCKD = e_c - Ebar` (the log-ratio of the sums cancels):
       d/dy_g = g_t b_t,g ((log b_t,g - log b_s,g) - TCKD)
-      d/dy_c = g_t b_t,r ((log b_t,r - log b_s,r) - TCKD) p~_c + g_n p~_c ((log p~_c - log q~_c) - NCKD)
+      d/dy_c = g_t b_t,r ((log b_t,r - log b_s,r) - TCKD) p~_c + g_n p~_c (e_c - Ebar)
   each product 0 where its teacher probability is 0.
 
-Design: as for KL, the forward saves per-row statistics (R_x, R_y, x_g, y_g, TCKD, NCKD) and the backward
-re-reads both rows; the teacher's gradient is computed only when asked for. DKD's rows are image-classifier
-logits (C up to a few thousand): one block per row in practice, but any C streams.
+Why this formulation (u = 2^-24): `R = M + log Z` and `x - R`, `x_g - logaddexp(R, x_g)` carry an absolute
+error u |M| (logits offset by 1e3, T = 0.05, float16 logits near 6e4); `a = x - M` and `x_g - M` are exact
+for the entries that carry the mass, and `log Z <= log C`. NCKD is formed as in `fastkd.triton.kl`. The
+backward recomputes the binary split from the saved u_s, u_t with the same code, and uses the forward's own
+TCKD and Ebar: for a one-hot teacher (logits of 1e4) the teacher's gradient is exactly 0, as it must be.
+
+Design and cost: the forward saves per-row statistics (M_x, Z_x, M_y, Z_y, u_s, u_t, TCKD, Ebar) and the
+backward re-reads both rows; the teacher's gradient is computed only when asked for. DKD's rows are
+image-classifier logits (C up to a few thousand): one block per row (C <= `rows.MAX_BLOCK_V`), read once
+in the forward; a longer row streams in two passes (the maxima, then the sums against them). Element
+traffic, forward plus backward with the student's gradient: 2 + 2 reads + 1 write = 5 x N x C (7 beyond
+one block). Per element: forward 2 exp (plus ~10 multiply-adds for D), backward 2 exp.
 """
 from __future__ import annotations
 
@@ -37,26 +53,43 @@ import torch
 import triton
 import triton.language as tl
 
-from .rows import block_size, flat_index, lane_weights, log1p, num_warps, online_update, row_layout, row_start
+from .rows import (block_size, exp_diff, finite_or_zero, flat_index, log1p, log_ratio, num_warps, row_layout,
+                   row_start)
 
-STATS = 6  # per row: R_x, R_y, x_g, y_g (NaN for an out-of-range target), TCKD, NCKD
-
-
-@triton.jit
-def logaddexp(a, b):
-    """`log(e^a + e^b)`; -inf when both are -inf."""
-    hi = tl.maximum(a, b)
-    lo = tl.minimum(a, b)
-    safe_hi = tl.where(hi == float("-inf"), 0.0, hi)
-    return tl.where(hi == float("-inf"), float("-inf"), hi + log1p(tl.exp(lo - safe_hi)))
+STATS = 8  # per row: M_x, Z_x, M_y, Z_y, u_s, u_t (NaN for an out-of-range target), TCKD, Ebar (NCKD's)
 
 
 @triton.jit
-def binary_split(r_x, r_y, x_g, y_g):
-    """`(log b_s,g, log b_s,r, log b_t,g, log b_t,r)`: the student's and teacher's [target, rest] split."""
-    a = logaddexp(r_x, x_g)
-    b = logaddexp(r_y, y_g)
-    return x_g - a, r_x - a, y_g - b, r_y - b
+def softplus(z):
+    """`log(1 + e^z)`; inf at +inf, 0 at -inf."""
+    return tl.maximum(z, 0.0) + log1p(tl.exp(-tl.abs(z)))
+
+
+@triton.jit
+def binary_split(u_s, u_t):
+    """`(log b_s,g, log b_s,r, log b_t,g, log b_t,r)`: the [target, rest] split from the log-odds u."""
+    return -softplus(-u_s), -softplus(u_s), -softplus(-u_t), -softplus(u_t)
+
+
+@triton.jit
+def load_rest(x_row, y_row, offs, mask, is_target, x_col, y_col, inv_temperature):
+    """`(x, y)` of one block with the target column and the lanes outside the row at -inf."""
+    x = tl.load(x_row + offs * x_col, mask=mask, other=float("-inf")).to(tl.float32) * inv_temperature
+    y = tl.load(y_row + offs * y_col, mask=mask, other=float("-inf")).to(tl.float32) * inv_temperature
+    return tl.where(is_target, float("-inf"), x), tl.where(is_target, float("-inf"), y)
+
+
+@triton.jit
+def nckd_terms(x, y, m_x, m_y):
+    """Per element: `exp(a)`, `exp(b)`, `exp(b) (b - a)` (0 where p~ = 0 or q~ = 0), `exp(b) - exp(a)`, and
+    whether p~ > 0 meets x = -inf."""
+    a = x - m_x
+    b = y - m_y
+    ea = tl.exp(a)
+    eb = tl.exp(b)
+    x_masked = a == float("-inf")
+    w = tl.where((eb > 0) & ~x_masked, eb * (b - a), 0.0)
+    return ea, eb, w, exp_diff(b, a, eb, ea), (eb > 0) & x_masked
 
 
 @triton.jit
@@ -64,7 +97,7 @@ def dkd_forward_kernel(
     x_ptr, y_ptr, target_ptr, tckd_ptr, nckd_ptr, stats_ptr,
     V, inner_size, x_outer, x_inner, x_col, y_outer, y_inner, y_col,
     inv_temperature,
-    BLOCK_V: tl.constexpr,
+    BLOCK_V: tl.constexpr, ONE_BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     x_row = row_start(x_ptr, row, inner_size, x_outer, x_inner)
@@ -74,54 +107,76 @@ def dkd_forward_kernel(
     x_g = tl.load(x_row + target * x_col, mask=valid, other=0.0).to(tl.float32) * inv_temperature
     y_g = tl.load(y_row + target * y_col, mask=valid, other=0.0).to(tl.float32) * inv_temperature
 
-    neg_inf = tl.full([BLOCK_V], float("-inf"), tl.float32)
     zeros = tl.zeros([BLOCK_V], tl.float32)
-    m_x, z_x = neg_inf, zeros
-    m_y, z_y, w, inf_y = neg_inf, zeros, zeros, neg_inf
     cols = tl.arange(0, BLOCK_V)
-    for start in range(0, V, BLOCK_V):
-        offs = (start + cols).to(tl.int64)
-        mask = offs < V
-        x = tl.load(x_row + offs * x_col, mask=mask, other=float("-inf")).to(tl.float32) * inv_temperature
-        y = tl.load(y_row + offs * y_col, mask=mask, other=float("-inf")).to(tl.float32) * inv_temperature
-        is_target = offs == target
-        x = tl.where(is_target, float("-inf"), x)
-        y = tl.where(is_target, float("-inf"), y)
-        m_x, z_x, _, _ = online_update(m_x, z_x, x)
-        m_y, z_y, rescale, e = online_update(m_y, z_y, y)
-        diff = y - x
-        w = w * rescale + tl.where((e > 0) & (diff != float("inf")), e * diff, 0.0)
-        inf_y = tl.maximum(inf_y, tl.where(diff == float("inf"), y, float("-inf")))
+    if ONE_BLOCK:
+        offs = cols.to(tl.int64)
+        x, y = load_rest(x_row, y_row, offs, offs < V, offs == target, x_col, y_col, inv_temperature)
+        m_x = finite_or_zero(tl.max(x, 0))
+        m_y = finite_or_zero(tl.max(y, 0))
+        ea, eb, w, d, inf_term = nckd_terms(x, y, m_x, m_y)
+        z_x = tl.sum(ea, 0)
+        z_y = tl.sum(eb, 0)
+        e_sum = tl.sum(w, 0)
+        d_sum = tl.sum(d, 0)
+        any_inf = tl.max(inf_term.to(tl.int32), 0) > 0
+    else:
+        # Pass 1: the maxima of the rest.
+        mx_lane = tl.full([BLOCK_V], float("-inf"), tl.float32)
+        my_lane = mx_lane
+        for start in range(0, V, BLOCK_V):
+            offs = (start + cols).to(tl.int64)
+            x, y = load_rest(x_row, y_row, offs, offs < V, offs == target, x_col, y_col, inv_temperature)
+            mx_lane = tl.maximum(mx_lane, x)
+            my_lane = tl.maximum(my_lane, y)
+        m_x = finite_or_zero(tl.max(mx_lane, 0))
+        m_y = finite_or_zero(tl.max(my_lane, 0))
+        # Pass 2: the sums against the final maxima.
+        zx_lane, zy_lane, e_lane, d_lane = zeros, zeros, zeros, zeros
+        inf_lane = tl.zeros([BLOCK_V], tl.int32)
+        for start in range(0, V, BLOCK_V):
+            offs = (start + cols).to(tl.int64)
+            x, y = load_rest(x_row, y_row, offs, offs < V, offs == target, x_col, y_col, inv_temperature)
+            ea, eb, w, d, inf_term = nckd_terms(x, y, m_x, m_y)
+            zx_lane += ea
+            zy_lane += eb
+            e_lane += w
+            d_lane += d
+            inf_lane = tl.maximum(inf_lane, inf_term.to(tl.int32))
+        z_x = tl.sum(zx_lane, 0)
+        z_y = tl.sum(zy_lane, 0)
+        e_sum = tl.sum(e_lane, 0)
+        d_sum = tl.sum(d_lane, 0)
+        any_inf = tl.max(inf_lane, 0) > 0
 
-    big_x, weight_x = lane_weights(m_x)
-    r_x = big_x + tl.log(tl.sum(z_x * weight_x, 0))
-    big_y, weight_y = lane_weights(m_y)
-    sum_y = tl.sum(z_y * weight_y, 0)
-    r_y = big_y + tl.log(sum_y)
-    # NCKD: subtracting the lse difference last makes it exactly 0 for identical rows.
-    has_rest = sum_y > 0
-    nckd = tl.sum(w * weight_y, 0) / tl.where(has_rest, sum_y, 1.0) - (r_y - r_x)
-    nckd = tl.where(tl.exp(tl.max(inf_y, 0) - r_y) > 0, float("inf"), nckd)
+    has_rest = z_y > 0
+    e_bar = e_sum / tl.where(has_rest, z_y, 1.0)
+    nckd = e_bar - log_ratio(z_y, z_x, d_sum)
+    nckd = tl.where(any_inf, float("inf"), nckd)
     nckd = tl.where(has_rest, nckd, 0.0)  # no non-target teacher mass (one class): nothing to transfer
 
-    log_bs_g, log_bs_r, log_bt_g, log_bt_r = binary_split(r_x, r_y, x_g, y_g)
+    u_s = (x_g - m_x) - tl.log(z_x)
+    u_t = (y_g - m_y) - tl.log(z_y)
+    log_bs_g, log_bs_r, log_bt_g, log_bt_r = binary_split(u_s, u_t)
     bt_g = tl.exp(log_bt_g)
     bt_r = tl.exp(log_bt_r)
     tckd = (tl.where(bt_g > 0, bt_g * (log_bt_g - log_bs_g), 0.0)
             + tl.where(bt_r > 0, bt_r * (log_bt_r - log_bs_r), 0.0))
 
     # A NaN anywhere in the row makes both terms NaN: the zero-mass guards above would otherwise hide it.
-    nan_in_row = (r_x != r_x) | (r_y != r_y) | (x_g != x_g) | (y_g != y_g)
+    nan_in_row = (z_x != z_x) | (z_y != z_y) | (x_g != x_g) | (y_g != y_g)
     tckd = tl.where(valid & ~nan_in_row, tckd, float("nan"))
     nckd = tl.where(valid & ~nan_in_row, nckd, float("nan"))
     tl.store(tckd_ptr + row, tckd)
     tl.store(nckd_ptr + row, nckd)
-    tl.store(stats_ptr + row * 6 + 0, r_x)
-    tl.store(stats_ptr + row * 6 + 1, r_y)
-    tl.store(stats_ptr + row * 6 + 2, tl.where(valid, x_g, float("nan")))
-    tl.store(stats_ptr + row * 6 + 3, tl.where(valid, y_g, float("nan")))
-    tl.store(stats_ptr + row * 6 + 4, tckd)
-    tl.store(stats_ptr + row * 6 + 5, nckd)
+    tl.store(stats_ptr + row * 8 + 0, m_x)
+    tl.store(stats_ptr + row * 8 + 1, z_x)
+    tl.store(stats_ptr + row * 8 + 2, m_y)
+    tl.store(stats_ptr + row * 8 + 3, z_y)
+    tl.store(stats_ptr + row * 8 + 4, tl.where(valid, u_s, float("nan")))
+    tl.store(stats_ptr + row * 8 + 5, tl.where(valid, u_t, float("nan")))
+    tl.store(stats_ptr + row * 8 + 6, tckd)
+    tl.store(stats_ptr + row * 8 + 7, e_bar)
 
 
 @triton.jit
@@ -134,19 +189,21 @@ def dkd_backward_kernel(
     row = tl.program_id(0).to(tl.int64)
     x_row = row_start(x_ptr, row, inner_size, x_outer, x_inner)
     y_row = row_start(y_ptr, row, inner_size, y_outer, y_inner)
-    r_x = tl.load(stats_ptr + row * 6 + 0)
-    r_y = tl.load(stats_ptr + row * 6 + 1)
-    x_g = tl.load(stats_ptr + row * 6 + 2)
-    y_g = tl.load(stats_ptr + row * 6 + 3)
-    tckd = tl.load(stats_ptr + row * 6 + 4)
-    nckd = tl.load(stats_ptr + row * 6 + 5)
+    m_x = tl.load(stats_ptr + row * 8 + 0)
+    z_x = tl.load(stats_ptr + row * 8 + 1)
+    m_y = tl.load(stats_ptr + row * 8 + 2)
+    z_y = tl.load(stats_ptr + row * 8 + 3)
+    u_s = tl.load(stats_ptr + row * 8 + 4)
+    u_t = tl.load(stats_ptr + row * 8 + 5)
+    tckd = tl.load(stats_ptr + row * 8 + 6)
+    e_bar = tl.load(stats_ptr + row * 8 + 7)
     target = tl.load(target_ptr + row).to(tl.int64)
     valid = (target >= 0) & (target < V)
     # d/dS = d/dx / T: the 1/T rides on the incoming gradients.
     g_t = tl.load(grad_tckd_ptr + row) * inv_temperature
     g_n = tl.load(grad_nckd_ptr + row) * inv_temperature
 
-    log_bs_g, log_bs_r, log_bt_g, log_bt_r = binary_split(r_x, r_y, x_g, y_g)
+    log_bs_g, log_bs_r, log_bt_g, log_bt_r = binary_split(u_s, u_t)
     bs_g = tl.exp(log_bs_g)
     bs_r = tl.exp(log_bs_r)
     bt_g = tl.exp(log_bt_g)
@@ -162,21 +219,23 @@ def dkd_backward_kernel(
     for start in range(0, V, BLOCK_V):
         offs = (start + cols).to(tl.int64)
         mask = offs < V
-        x = tl.load(x_row + offs * x_col, mask=mask, other=float("-inf")).to(tl.float32) * inv_temperature
-        y = tl.load(y_row + offs * y_col, mask=mask, other=float("-inf")).to(tl.float32) * inv_temperature
         is_target = offs == target
+        x, y = load_rest(x_row, y_row, offs, mask, is_target, x_col, y_col, inv_temperature)
         # The non-target distributions; 0 on the target column and where a logit is -inf (also when
-        # R = -inf, where x - R would be NaN).
-        log_q = x - r_x
-        log_p = y - r_y
-        q = tl.where(is_target | (x == float("-inf")), 0.0, tl.exp(log_q))
-        p = tl.where(is_target | (y == float("-inf")), 0.0, tl.exp(log_p))
+        # Z = 0, where exp(a) / Z would be NaN).
+        a = x - m_x
+        b = y - m_y
+        ea = tl.exp(a)
+        eb = tl.exp(b)
+        q = tl.where(ea > 0, ea / z_x, 0.0)
+        p = tl.where(eb > 0, eb / z_y, 0.0)
         if X_GRAD:
             dx = tl.where(is_target, dx_target, q_factor * q - g_n * p)
             dx = tl.where(valid, dx, float("nan"))
             tl.store(dx_ptr + row * V + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
         if Y_GRAD:
-            nckd_term = tl.where(p > 0, p * ((log_p - log_q) - nckd), 0.0)
+            # The same `b - a` as the forward's Ebar: exactly 0 for a one-hot p~.
+            nckd_term = tl.where(p > 0, p * ((b - a) - e_bar), 0.0)
             dy = tl.where(is_target, dy_target, p_factor * p + g_n * nckd_term)
             dy = tl.where(valid, dy, float("nan"))
             tl.store(dy_ptr + row * V + offs, dy.to(dy_ptr.dtype.element_ty), mask=mask)
@@ -196,7 +255,7 @@ def dkd_forward(student, teacher, target, temperature):
     dkd_forward_kernel[(rows,)](
         x, y, flat_index(target), tckd, nckd, stats,
         V, inner, x_outer, x_inner, x_col, y_outer, y_inner, y_col, 1.0 / temperature,
-        BLOCK_V=block, num_warps=num_warps(block))
+        BLOCK_V=block, ONE_BLOCK=V <= block, num_warps=num_warps(block))
     return tckd, nckd, stats
 
 
