@@ -6,13 +6,12 @@
 // with torch.pow's sign rules (odd integer p keeps the sign, non-integer p gives NaN for negative entries).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include <cmath>
 #include <cstdint>
+
+#include "device.cuh"
 
 namespace fastkd_attention {
 
@@ -196,7 +195,7 @@ static unsigned grid_size(int64_t B, const Geometry& g, const char* op) {
 }
 
 static void check_map(const at::Tensor& f, const char* op) {
-  TORCH_CHECK(f.is_cuda(), op, ": f must be a CUDA tensor");
+  TORCH_CHECK(fastkd::on_device(f), op, ": f must be a CUDA tensor");
   TORCH_CHECK(f.dim() == 4, op, ": f must be (B, C, H, W), got ", f.sizes());
   TORCH_CHECK(f.scalar_type() == at::kFloat || f.scalar_type() == at::kHalf || f.scalar_type() == at::kBFloat16 ||
                   f.scalar_type() == at::kDouble,
@@ -233,9 +232,11 @@ at::Tensor channel_mean_pow(const at::Tensor& f, double p) {
     float* ap = a.data_ptr<float>();
     FASTKD_AT_POW_CASES(pw, [&] {
       if (cl) {
-        map_forward_kernel<scalar_t, kPow, true><<<grid, block, 0, stream>>>(fp, ap, g, inv_c, pf, parity);
+        FASTKD_LAUNCH(grid, block, 0, stream, map_forward_kernel<scalar_t, kPow, true>)(
+            fp, ap, g, inv_c, pf, parity);
       } else {
-        map_forward_kernel<scalar_t, kPow, false><<<grid, block, 0, stream>>>(fp, ap, g, inv_c, pf, parity);
+        FASTKD_LAUNCH(grid, block, 0, stream, map_forward_kernel<scalar_t, kPow, false>)(
+            fp, ap, g, inv_c, pf, parity);
       }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
@@ -247,7 +248,7 @@ at::Tensor channel_mean_pow(const at::Tensor& f, double p) {
 at::Tensor channel_mean_pow_backward(const at::Tensor& grad_in, const at::Tensor& f, double p) {
   check_map(f, "cuda_at_channel_mean_pow_backward");
   const int64_t B = f.size(0), C = f.size(1), HW = f.size(2) * f.size(3);
-  TORCH_CHECK(grad_in.is_cuda() && grad_in.device() == f.device(),
+  TORCH_CHECK(fastkd::on_device(grad_in) && grad_in.device() == f.device(),
               "cuda_at_channel_mean_pow_backward: grad must be on f's device (", f.device(), "), got ",
               grad_in.device());
   TORCH_CHECK(grad_in.dim() == 2 && grad_in.size(0) == B && grad_in.size(1) == HW,
@@ -275,11 +276,11 @@ at::Tensor channel_mean_pow_backward(const at::Tensor& grad_in, const at::Tensor
     scalar_t* dp = df.data_ptr<scalar_t>();
     FASTKD_AT_POW_CASES(pw, [&] {
       if (cl) {
-        map_backward_kernel<scalar_t, kPow, true>
-            <<<grid, block, 0, stream>>>(fp, gp, dp, g, d_b, d_c, d_h, d_w, inv_c, pf, parity);
+        FASTKD_LAUNCH(grid, block, 0, stream, map_backward_kernel<scalar_t, kPow, true>)(
+            fp, gp, dp, g, d_b, d_c, d_h, d_w, inv_c, pf, parity);
       } else {
-        map_backward_kernel<scalar_t, kPow, false>
-            <<<grid, block, 0, stream>>>(fp, gp, dp, g, d_b, d_c, d_h, d_w, inv_c, pf, parity);
+        FASTKD_LAUNCH(grid, block, 0, stream, map_backward_kernel<scalar_t, kPow, false>)(
+            fp, gp, dp, g, d_b, d_c, d_h, d_w, inv_c, pf, parity);
       }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
@@ -291,7 +292,7 @@ at::Tensor channel_mean_pow_backward(const at::Tensor& grad_in, const at::Tensor
 
 }  // namespace fastkd_attention
 
-TORCH_LIBRARY_IMPL(fastkd, CUDA, m) {
+TORCH_LIBRARY_IMPL(FASTKD_LIBRARY, FASTKD_DISPATCH_KEY, m) {
   m.impl("cuda_at_channel_mean_pow", &fastkd_attention::channel_mean_pow);
   m.impl("cuda_at_channel_mean_pow_backward", &fastkd_attention::channel_mean_pow_backward);
 }

@@ -9,10 +9,9 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
+
+#include "device.cuh"
 
 #include <algorithm>
 #include <cmath>
@@ -281,7 +280,7 @@ inline bool kernel_dtype(at::ScalarType t) {
 // Student and teacher logits: CUDA tensors on one device, float32/float16/bfloat16 (each may differ), the
 // same shape (..., V) with V > 0.
 inline void check_logits(const char* op, const at::Tensor& student, const at::Tensor& teacher) {
-  TORCH_CHECK(student.is_cuda() && teacher.is_cuda(), op, ": student and teacher must be CUDA tensors");
+  TORCH_CHECK(on_device(student) && on_device(teacher), op, ": student and teacher must be CUDA tensors");
   TORCH_CHECK(student.device() == teacher.device(), op, ": student and teacher must be on the same device");
   TORCH_CHECK_TYPE(kernel_dtype(student.scalar_type()) && kernel_dtype(teacher.scalar_type()), op,
                    ": logits must be float32, float16 or bfloat16, got ", student.scalar_type(), " and ",

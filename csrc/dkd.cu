@@ -160,7 +160,7 @@ void launch_dkd_backward(int64_t rows, int threads, cudaStream_t stream, const a
                          const at::Tensor& target, const at::Tensor& stats, const at::Tensor& grad_tckd,
                          const at::Tensor& grad_nckd, const at::Tensor& dx, const at::Tensor& dy, int64_t V,
                          const RowLayout& xl, const RowLayout& yl, float inv_temperature) {
-  dkd_backward_kernel<TX, TY, X_GRAD, Y_GRAD><<<static_cast<unsigned>(rows), threads, 0, stream>>>(
+  FASTKD_LAUNCH(static_cast<unsigned>(rows), threads, 0, stream, dkd_backward_kernel<TX, TY, X_GRAD, Y_GRAD>)(
       data_of<TX>(x), data_of<TY>(y), data_of<int64_t>(target), data_of<float>(stats), data_of<float>(grad_tckd),
       data_of<float>(grad_nckd), X_GRAD ? mutable_data_of<TX>(dx) : nullptr,
       Y_GRAD ? mutable_data_of<TY>(dy) : nullptr, V, xl, yl, inv_temperature);
@@ -193,7 +193,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dkd_rows_cuda(const at::Tensor& s
     using TX = scalar_t;
     FASTKD_DISPATCH_FLOATING(y.scalar_type(), "cuda_dkd_rows", [&] {
       using TY = scalar_t;
-      dkd_forward_kernel<TX, TY><<<static_cast<unsigned>(rows), threads, 0, stream>>>(
+      FASTKD_LAUNCH(static_cast<unsigned>(rows), threads, 0, stream, dkd_forward_kernel<TX, TY>)(
           data_of<TX>(x), data_of<TY>(y), data_of<int64_t>(target_v), mutable_data_of<float>(tckd),
           mutable_data_of<float>(nckd), mutable_data_of<float>(stats), V, xl, yl, inv_temperature);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -250,7 +250,7 @@ std::tuple<at::Tensor, at::Tensor> dkd_rows_backward_cuda(const at::Tensor& grad
 }  // namespace
 }  // namespace fastkd
 
-TORCH_LIBRARY_IMPL(fastkd, CUDA, m) {
+TORCH_LIBRARY_IMPL(FASTKD_LIBRARY, FASTKD_DISPATCH_KEY, m) {
   m.impl("cuda_dkd_rows", &fastkd::dkd_rows_cuda);
   m.impl("cuda_dkd_rows_backward", &fastkd::dkd_rows_backward_cuda);
 }

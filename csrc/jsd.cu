@@ -129,7 +129,7 @@ void launch_jsd_backward(int64_t rows, int threads, cudaStream_t stream, const a
                          const at::Tensor& dx, const at::Tensor& dy, int64_t V, const RowLayout& xl,
                          const RowLayout& yl, float inv_temperature, float beta, float one_minus_beta,
                          int64_t ignore_index) {
-  jsd_backward_kernel<TX, TY, X_GRAD, Y_GRAD><<<static_cast<unsigned>(rows), threads, 0, stream>>>(
+  FASTKD_LAUNCH(static_cast<unsigned>(rows), threads, 0, stream, jsd_backward_kernel<TX, TY, X_GRAD, Y_GRAD>)(
       data_of<TX>(x), data_of<TY>(y), labels, data_of<float>(stats), data_of<float>(grad),
       X_GRAD ? mutable_data_of<TX>(dx) : nullptr, Y_GRAD ? mutable_data_of<TY>(dy) : nullptr, V, xl, yl,
       inv_temperature, beta, one_minus_beta, ignore_index);
@@ -170,7 +170,7 @@ std::tuple<at::Tensor, at::Tensor> jsd_rows_cuda(const at::Tensor& student, cons
     using TX = scalar_t;
     FASTKD_DISPATCH_FLOATING(y.scalar_type(), "cuda_jsd_rows", [&] {
       using TY = scalar_t;
-      jsd_forward_kernel<TX, TY><<<static_cast<unsigned>(rows), threads, 0, stream>>>(
+      FASTKD_LAUNCH(static_cast<unsigned>(rows), threads, 0, stream, jsd_forward_kernel<TX, TY>)(
           data_of<TX>(x), data_of<TY>(y), labels_v.defined() ? data_of<int64_t>(labels_v) : nullptr,
           mutable_data_of<float>(loss), mutable_data_of<float>(stats), V, xl, yl, inv_temperature, beta_f,
           one_minus_beta, ignore_index);
@@ -235,7 +235,7 @@ std::tuple<at::Tensor, at::Tensor> jsd_rows_backward_cuda(const at::Tensor& grad
 }  // namespace
 }  // namespace fastkd
 
-TORCH_LIBRARY_IMPL(fastkd, CUDA, m) {
+TORCH_LIBRARY_IMPL(FASTKD_LIBRARY, FASTKD_DISPATCH_KEY, m) {
   m.impl("cuda_jsd_rows", &fastkd::jsd_rows_cuda);
   m.impl("cuda_jsd_rows_backward", &fastkd::jsd_rows_backward_cuda);
 }

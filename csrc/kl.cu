@@ -126,7 +126,7 @@ void launch_kl_backward(int64_t rows, int threads, cudaStream_t stream, const at
                         const at::Tensor& grad_kl, const float* grad_ce, const at::Tensor& dx, const at::Tensor& dy,
                         int64_t V, const RowLayout& xl, const RowLayout& yl, float inv_temperature,
                         int64_t ignore_index) {
-  kl_backward_kernel<TX, TY, X_GRAD, Y_GRAD><<<static_cast<unsigned>(rows), threads, 0, stream>>>(
+  FASTKD_LAUNCH(static_cast<unsigned>(rows), threads, 0, stream, kl_backward_kernel<TX, TY, X_GRAD, Y_GRAD>)(
       data_of<TX>(x), data_of<TY>(y), labels, target, data_of<float>(stats), data_of<float>(grad_kl), grad_ce,
       X_GRAD ? mutable_data_of<TX>(dx) : nullptr, Y_GRAD ? mutable_data_of<TY>(dy) : nullptr, V, xl, yl,
       inv_temperature, ignore_index);
@@ -163,7 +163,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kl_rows_cuda(const at::Tensor& st
     using TX = scalar_t;
     FASTKD_DISPATCH_FLOATING(y.scalar_type(), "cuda_kl_rows", [&] {
       using TY = scalar_t;
-      kl_forward_kernel<TX, TY><<<static_cast<unsigned>(rows), threads, 0, stream>>>(
+      FASTKD_LAUNCH(static_cast<unsigned>(rows), threads, 0, stream, kl_forward_kernel<TX, TY>)(
           data_of<TX>(x), data_of<TY>(y), labels_v.defined() ? data_of<int64_t>(labels_v) : nullptr,
           target_v.defined() ? data_of<int64_t>(target_v) : nullptr, mutable_data_of<float>(kl),
           target_v.defined() ? mutable_data_of<float>(ce) : nullptr, mutable_data_of<float>(stats), V, xl, yl,
@@ -234,7 +234,7 @@ std::tuple<at::Tensor, at::Tensor> kl_rows_backward_cuda(
 }  // namespace
 }  // namespace fastkd
 
-TORCH_LIBRARY_IMPL(fastkd, CUDA, m) {
+TORCH_LIBRARY_IMPL(FASTKD_LIBRARY, FASTKD_DISPATCH_KEY, m) {
   m.impl("cuda_kl_rows", &fastkd::kl_rows_cuda);
   m.impl("cuda_kl_rows_backward", &fastkd::kl_rows_backward_cuda);
 }

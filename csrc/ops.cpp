@@ -1,11 +1,14 @@
 // The CUDA C++ backend's operators: one schema per op, mirroring the Triton backend's `fastkd::<op>` one for
 // one (same arguments, outputs and semantics), under the prefix `cuda_`. The CUDA implementations are
 // registered beside each kernel (TORCH_LIBRARY_IMPL(fastkd, CUDA, ...)); the fake (shape) implementations
-// and autograd are registered from Python (fastkd/cuda/ops.py), as for the Triton ops.
+// and autograd are registered from Python (fastkd/cuda/ops.py), as for the Triton ops. The CPU stand-in
+// build defines the same schemas under its own library (library.h).
 #include <Python.h>
 #include <torch/library.h>
 
 #include <string>
+
+#include "library.h"
 
 #ifndef FASTKD_ARCHS
 #define FASTKD_ARCHS unknown
@@ -16,7 +19,10 @@
 // What this build holds, for `fastkd info`: the GPU architectures it was compiled for (set by the build).
 static std::string cuda_build_info() { return std::string("architectures ") + FASTKD_EXPAND_STRING(FASTKD_ARCHS); }
 
-TORCH_LIBRARY(fastkd, m) {
+// TORCH_LIBRARY pastes its argument unexpanded; one more macro level expands FASTKD_LIBRARY first.
+#define FASTKD_TORCH_LIBRARY(ns, m) TORCH_LIBRARY(ns, m)
+
+FASTKD_TORCH_LIBRARY(FASTKD_LIBRARY, m) {
   m.def("cuda_build_info() -> str", &cuda_build_info);
   // Per-row KL(p_t || p_s) (reverse: KL(p_s || p_t)), CE(student, target) (empty without target), and
   // float32 stats (rows, 4): lse(x/T), lse(y/T), KL, lse(student) -- see fastkd/triton/kl.py.

@@ -9,13 +9,12 @@
 // threads, 2 x 2 pairs each) and loops over the third, staging rows of G and of r = inv_norm(Q) through shared
 // memory. Matrices are float32, B x B, read as contiguous (the launchers call .contiguous(), as Triton's do).
 #include <ATen/ATen.h>
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cstdint>
+
+#include "device.cuh"
 
 namespace fastkd_rkd {
 
@@ -372,7 +371,7 @@ static void check_matrices(const at::Tensor& gram_s, const at::Tensor& d2_s, con
               gram_s.sizes());
   for (int n = 0; n < 4; ++n) {
     const at::Tensor& m = *all[n];
-    TORCH_CHECK(m.is_cuda(), op, ": ", names[n], " must be a CUDA tensor");
+    TORCH_CHECK(fastkd::on_device(m), op, ": ", names[n], " must be a CUDA tensor");
     TORCH_CHECK(m.device() == gram_s.device(), op, ": ", names[n], " is on ", m.device(), ", gram_s on ",
                 gram_s.device());
     TORCH_CHECK(m.scalar_type() == at::kFloat, op, ": ", names[n], " must be float32, got ", m.scalar_type());
@@ -383,7 +382,7 @@ static void check_matrices(const at::Tensor& gram_s, const at::Tensor& d2_s, con
 
 // |x_i - x_j|^2, B x B float32, from float32 rows (B, D), computed directly (Triton's sq_distances).
 at::Tensor sq_distances(const at::Tensor& x) {
-  TORCH_CHECK(x.is_cuda(), "cuda_rkd_sq_distances: x must be a CUDA tensor");
+  TORCH_CHECK(fastkd::on_device(x), "cuda_rkd_sq_distances: x must be a CUDA tensor");
   TORCH_CHECK(x.dim() == 2, "cuda_rkd_sq_distances: x must be (B, D), got ", x.sizes());
   TORCH_CHECK(x.scalar_type() == at::kFloat, "cuda_rkd_sq_distances: x must be float32, got ", x.scalar_type());
   const c10::cuda::CUDAGuard guard(x.device());
@@ -394,8 +393,8 @@ at::Tensor sq_distances(const at::Tensor& x) {
   const int64_t n = cdiv(B, kDistTile);
   check_grid(n, "cuda_rkd_sq_distances");
   const dim3 grid(static_cast<unsigned>(n), static_cast<unsigned>(n));
-  sq_dist_kernel<<<grid, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(xt.data_ptr<float>(), out.data_ptr<float>(),
-                                                                          B, D);
+  FASTKD_LAUNCH(grid, kThreads, 0, at::cuda::getCurrentCUDAStream(), sq_dist_kernel)(
+      xt.data_ptr<float>(), out.data_ptr<float>(), B, D);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
 }
@@ -419,7 +418,7 @@ at::Tensor angle_sum(const at::Tensor& gram_s_in, const at::Tensor& d2_s_in, con
   const int64_t slices = cdiv(B, k_per);
   at::Tensor partial = at::empty({slices * n * n}, gram_s.options());
   const dim3 grid(static_cast<unsigned>(n), static_cast<unsigned>(n), static_cast<unsigned>(slices));
-  angle_forward_kernel<<<grid, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+  FASTKD_LAUNCH(grid, kThreads, 0, at::cuda::getCurrentCUDAStream(), angle_forward_kernel)(
       gram_s.data_ptr<float>(), d2_s.data_ptr<float>(), gram_t.data_ptr<float>(), d2_t.data_ptr<float>(),
       partial.data_ptr<float>(), B, k_per);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -445,13 +444,13 @@ std::tuple<at::Tensor, at::Tensor> angle_sum_backward(const at::Tensor& grad, co
     check_grid(n, "cuda_rkd_angle_sum_backward");
     const dim3 grid(static_cast<unsigned>(n), static_cast<unsigned>(n));
     const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-    angle_rows_kernel<<<grid, kThreads, 0, stream>>>(gram_s.data_ptr<float>(), d2_s.data_ptr<float>(),
-                                                     gram_t.data_ptr<float>(), d2_t.data_ptr<float>(),
-                                                     s.data_ptr<float>(), e.data_ptr<float>(), B);
+    FASTKD_LAUNCH(grid, kThreads, 0, stream, angle_rows_kernel)(gram_s.data_ptr<float>(), d2_s.data_ptr<float>(),
+                                                              gram_t.data_ptr<float>(), d2_t.data_ptr<float>(),
+                                                              s.data_ptr<float>(), e.data_ptr<float>(), B);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    angle_cols_kernel<<<grid, kThreads, 0, stream>>>(gram_s.data_ptr<float>(), d2_s.data_ptr<float>(),
-                                                     gram_t.data_ptr<float>(), d2_t.data_ptr<float>(),
-                                                     u.data_ptr<float>(), B);
+    FASTKD_LAUNCH(grid, kThreads, 0, stream, angle_cols_kernel)(gram_s.data_ptr<float>(), d2_s.data_ptr<float>(),
+                                                              gram_t.data_ptr<float>(), d2_t.data_ptr<float>(),
+                                                              u.data_ptr<float>(), B);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   at::Tensor d_gram = u - 2.0 * s;
@@ -461,7 +460,7 @@ std::tuple<at::Tensor, at::Tensor> angle_sum_backward(const at::Tensor& grad, co
 
 }  // namespace fastkd_rkd
 
-TORCH_LIBRARY_IMPL(fastkd, CUDA, m) {
+TORCH_LIBRARY_IMPL(FASTKD_LIBRARY, FASTKD_DISPATCH_KEY, m) {
   m.impl("cuda_rkd_sq_distances", &fastkd_rkd::sq_distances);
   m.impl("cuda_rkd_angle_sum", &fastkd_rkd::angle_sum);
   m.impl("cuda_rkd_angle_sum_backward", &fastkd_rkd::angle_sum_backward);

@@ -22,11 +22,11 @@ NVCC_FLAGS = ["-O3", "--use_fast_math", "--expt-relaxed-constexpr"]  # torch add
 CXX_FLAGS = ["-O3"]
 
 
-def sources() -> list[Path]:
-    if not (CSRC / "sources.txt").is_file():
-        raise FileNotFoundError(f"the CUDA sources are not at {CSRC}: build from a source checkout of fastkd")
-    lines = (CSRC / "sources.txt").read_text().splitlines()
-    return [CSRC / line.strip() for line in lines if line.strip() and not line.startswith("#")]
+def sources(csrc: Path = CSRC) -> list[Path]:
+    if not (csrc / "sources.txt").is_file():
+        raise FileNotFoundError(f"the CUDA sources are not at {csrc}: build from a source checkout of fastkd")
+    lines = (csrc / "sources.txt").read_text().splitlines()
+    return [csrc / line.strip() for line in lines if line.strip() and not line.startswith("#")]
 
 
 def architectures() -> list[str]:

@@ -1,0 +1,243 @@
+// A CPU stand-in for the CUDA runtime: with it, csrc/*.cu compile as plain C++ (g++, -DFASTKD_STANDIN; see
+// csrc/device.cuh) and their kernels run on CPU tensors, so that the device code is tested against the
+// reference on machines without a GPU (fastkd/cuda/standin.py builds it, tests/test_cuda_standin.py runs it).
+//
+// Execution model. A launch runs the blocks of its grid one after another (x fastest, then y, then z); a block
+// runs one std::thread per CUDA thread, all at once. __syncthreads() is a barrier of the block; a thread that
+// returns from the kernel drops out of it (and out of its warp's), as an exited CUDA thread no longer counts at
+// a barrier. Warps are lanes 32w..32w+31 of the linear thread index, as on the GPU; a warp shuffle is exact:
+// every lane writes its value to the warp's exchange buffer, a warp barrier, every lane reads its source lane
+// (same source-lane and out-of-segment rules as CUDA); consecutive shuffles alternate two buffers. Only
+// whole-warp shuffles are emulated, as csrc/ uses: a mask other than the warp's live lanes (a lane named
+// that does not exist or has returned, or a partial-warp shuffle) aborts. __shared__ is
+// `static`: one copy per kernel (or device function), which the block's threads share; launches are serialised
+// by a mutex, so only one block uses it at a time. Kernel arguments are copied once per launch, as CUDA copies
+// them. Launch configurations beyond CUDA's limits (block > 1024 threads, grid.y or grid.z > 65535) throw, as
+// the launch check would on the GPU. The intrinsics are correctly rounded CPU functions (exp and log computed
+// in double, then rounded); half and bfloat16 convert through c10's types, round to nearest even, as the CUDA
+// build does.
+//
+// What it cannot see:
+// - timing, occupancy, coalescing, shared-memory bank conflicts, register limits and spills, __launch_bounds__
+//   (ignored here: a block larger than the bound would fail to launch on the GPU) and the 48 KiB limit on
+//   static shared memory;
+// - races that need the GPU's concurrency or its weak memory ordering: the threads here do run concurrently
+//   (a missing __syncthreads in a block reduction was caught in most runs, not all), but the barriers order
+//   memory sequentially and x86 orders stores strongly, so a missing fence or a rarely lost race may pass;
+// - the exact ulp errors of the fast-math intrinsics and of nvcc's --use_fast_math division, square root and
+//   FMA contraction: results here are correctly rounded, so agreement within a tolerance says the algorithm
+//   is right, not that the GPU's rounding is;
+// - reads of uninitialised shared memory (they see the previous block's values here, garbage on the GPU) and
+//   out-of-bounds accesses to global memory (use compute-sanitizer on a GPU). The build (fastkd/cuda/standin.py)
+//   does stop on misaligned vector loads and stores and on indices outside fixed-size arrays (UBSan);
+// - dynamic shared memory (extern __shared__) and the other intrinsics: only what csrc/ uses is here.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <atomic>
+#include <barrier>
+#include <bit>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <thread>
+#include <tuple>
+#include <type_traits>
+#include <vector>
+
+struct dim3 {
+  unsigned x, y, z;
+  constexpr dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
+};
+// The vector types of 16- and 8-byte loads and stores, with CUDA's alignment.
+struct alignas(8) uint2 {
+  unsigned x, y;
+};
+struct alignas(16) uint4 {
+  unsigned x, y, z, w;
+};
+using cudaStream_t = struct CUstream_st*;
+
+// CUDA's isnan is a global function.
+using std::isnan;
+
+// The built-in variables, per thread.
+inline thread_local dim3 threadIdx, blockIdx, blockDim, gridDim;
+
+namespace fastkd_standin {
+
+[[noreturn]] inline void fail(const char* what, unsigned a, unsigned b) {
+  std::fprintf(stderr, "fastkd CUDA stand-in: %s (%#x, %#x) at block (%u, %u, %u), thread (%u, %u, %u)\n", what,
+               a, b, blockIdx.x, blockIdx.y, blockIdx.z, threadIdx.x, threadIdx.y, threadIdx.z);
+  std::abort();  // as a device-side assert: the kernel cannot go on, and its barriers would hang
+}
+
+struct Warp {
+  explicit Warp(int lanes) : sync(lanes), alive(lanes == 32 ? ~0u : (1u << lanes) - 1) {}
+  std::barrier<> sync;
+  std::atomic<unsigned> alive;  // lanes that exist and have not returned
+  uint64_t slot[2][32];         // shuffles alternate between the two (see shuffle)
+};
+
+struct Block {
+  explicit Block(unsigned threads) : sync(threads) {
+    for (unsigned first = 0; first < threads; first += 32) {
+      warps.push_back(std::make_unique<Warp>(static_cast<int>(std::min(32u, threads - first))));
+    }
+  }
+  std::barrier<> sync;
+  std::vector<std::unique_ptr<Warp>> warps;
+};
+
+inline thread_local Block* this_block = nullptr;
+inline thread_local unsigned this_thread = 0;  // the linear thread index in the block
+inline thread_local unsigned shuffles = 0;     // how many this thread has done
+
+inline void syncthreads() { this_block->sync.arrive_and_wait(); }
+
+// Every lane of the warp gives `value` and gets the value of lane `src`. Consecutive shuffles use the two
+// halves of the buffer in turn: a lane writes a half again two shuffles later, after a barrier that every
+// lane reaches only once it has read, so one barrier per shuffle suffices.
+template <typename T>
+T shuffle(unsigned mask, T value, unsigned src) {
+  static_assert(std::is_trivially_copyable_v<T> && sizeof(T) <= sizeof(uint64_t), "a 4- or 8-byte shuffle");
+  Warp& warp = *this_block->warps[this_thread / 32];
+  const unsigned alive = warp.alive.load();
+  if (mask != alive) fail("shuffle mask is not the warp's live lanes", mask, alive);
+  uint64_t* slot = warp.slot[shuffles++ % 2];
+  std::memcpy(&slot[this_thread % 32], &value, sizeof(T));
+  warp.sync.arrive_and_wait();
+  T out;
+  std::memcpy(&out, &slot[src], sizeof(T));
+  return out;
+}
+
+// A lane may read within its own segment of `width` lanes or an earlier one; a later one gives its own value.
+template <typename T>
+T shfl_xor_sync(unsigned mask, T value, int lane_mask, int width = 32) {
+  const unsigned lane = this_thread % 32;
+  unsigned src = lane ^ static_cast<unsigned>(lane_mask);
+  if (src >= (lane / width + 1) * width) src = lane;
+  return shuffle(mask, value, src);
+}
+
+// Lane l reads lane l + delta of its segment; the top `delta` lanes of a segment keep their own value.
+template <typename T>
+T shfl_down_sync(unsigned mask, T value, unsigned delta, int width = 32) {
+  const unsigned lane = this_thread % 32;
+  const unsigned src = lane % width + delta < static_cast<unsigned>(width) ? lane + delta : lane;
+  return shuffle(mask, value, src);
+}
+
+inline float expf_rn(float x) { return static_cast<float>(std::exp(static_cast<double>(x))); }
+inline float logf_rn(float x) { return static_cast<float>(std::log(static_cast<double>(x))); }
+inline float sqrtf_rn(float x) { return std::sqrt(x); }
+inline float rcpf_rn(float x) { return 1.0f / x; }
+inline float fmaf_rn(float a, float b, float c) { return std::fma(a, b, c); }
+inline float int_as_float(int v) { return std::bit_cast<float>(v); }
+inline float int_as_float(unsigned v) { return std::bit_cast<float>(v); }
+inline int float_as_int(float v) { return std::bit_cast<int>(v); }
+template <typename T>
+inline void stwb(T* p, T v) { *p = v; }
+
+inline std::mutex launch_mutex;
+
+template <typename... P>
+struct Launch {
+  void (*kernel)(P...);
+  dim3 grid, block;
+
+  template <typename... A>
+  void operator()(A&&... args) const {
+    const std::tuple<std::decay_t<P>...> params(std::forward<A>(args)...);
+    const std::lock_guard<std::mutex> lock(launch_mutex);
+    const unsigned threads = block.x * block.y * block.z;
+    for (unsigned bz = 0; bz < grid.z; ++bz)
+      for (unsigned by = 0; by < grid.y; ++by)
+        for (unsigned bx = 0; bx < grid.x; ++bx) {
+          Block b(threads);
+          std::vector<std::thread> pool;
+          pool.reserve(threads);
+          for (unsigned t = 0; t < threads; ++t) {
+            pool.emplace_back([&, t] {
+              threadIdx = dim3(t % block.x, t / block.x % block.y, t / (block.x * block.y));
+              blockIdx = dim3(bx, by, bz);
+              blockDim = block;
+              gridDim = grid;
+              this_block = &b;
+              this_thread = t;
+              std::apply(kernel, params);
+              // Returned: no longer awaited at the block's or the warp's barriers, nor a shuffle source.
+              Warp& warp = *b.warps[t / 32];
+              warp.alive.fetch_and(~(1u << (t % 32)));
+              warp.sync.arrive_and_drop();
+              b.sync.arrive_and_drop();
+            });
+          }
+          for (std::thread& th : pool) th.join();
+        }
+  }
+};
+
+// `FASTKD_LAUNCH(grid, block, smem, stream, kernel)(args...)`: checks the configuration as the GPU would.
+template <typename... P>
+Launch<P...> bind(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem) {
+  const uint64_t threads = uint64_t{block.x} * block.y * block.z;
+  TORCH_CHECK(threads >= 1 && threads <= 1024 && block.x <= 1024 && block.y <= 1024 && block.z <= 64,
+              "CUDA stand-in: invalid block (", block.x, ", ", block.y, ", ", block.z, ")");
+  TORCH_CHECK(grid.x >= 1 && grid.x <= 2147483647u && grid.y >= 1 && grid.y <= 65535 && grid.z >= 1 &&
+                  grid.z <= 65535,
+              "CUDA stand-in: invalid grid (", grid.x, ", ", grid.y, ", ", grid.z, ")");
+  TORCH_CHECK(smem == 0, "CUDA stand-in: dynamic shared memory is not supported");
+  return Launch<P...>{kernel, grid, block};
+}
+
+}  // namespace fastkd_standin
+
+// The host side of the CUDA ATen and c10 headers that csrc/ uses: one device, one stream, no errors to check
+// after a launch (a bad configuration has thrown already).
+namespace c10::cuda {
+struct CUDAGuard {
+  explicit CUDAGuard(c10::Device) {}
+};
+}  // namespace c10::cuda
+namespace at::cuda {
+using c10::cuda::CUDAGuard;
+inline cudaStream_t getCurrentCUDAStream() { return nullptr; }
+struct DeviceProperties {
+  int multiProcessorCount;
+};
+// An H100's 132 SMs, so that launchers that size their grids by the SM count take the paths they take there.
+inline const DeviceProperties* getCurrentDeviceProperties() {
+  static const DeviceProperties properties{132};
+  return &properties;
+}
+}  // namespace at::cuda
+#define C10_CUDA_KERNEL_LAUNCH_CHECK() \
+  do {                                 \
+  } while (0)
+
+// Qualifiers and intrinsics, after every system header (glibc declares some of these names itself).
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+#define __shared__ static
+#define __syncthreads ::fastkd_standin::syncthreads
+#define __shfl_xor_sync ::fastkd_standin::shfl_xor_sync
+#define __shfl_down_sync ::fastkd_standin::shfl_down_sync
+#define __expf ::fastkd_standin::expf_rn
+#define __logf ::fastkd_standin::logf_rn
+#define __fsqrt_rn ::fastkd_standin::sqrtf_rn
+#define __frcp_rn ::fastkd_standin::rcpf_rn
+#define __fmaf_rn ::fastkd_standin::fmaf_rn
+#define __int_as_float ::fastkd_standin::int_as_float
+#define __float_as_int ::fastkd_standin::float_as_int
+#define __stwb ::fastkd_standin::stwb

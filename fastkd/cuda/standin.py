@@ -1,0 +1,71 @@
+"""The CPU stand-in of the CUDA extension, for testing the kernels of csrc/ without a GPU.
+
+`build()` compiles the same sources (csrc/sources.txt) with the host C++ compiler and -DFASTKD_STANDIN: the
+kernels run on CPU threads, one per CUDA thread of a block (csrc/standin/cuda_standin.h says how, and what
+it cannot see), on CPU tensors. The operators are `torch.ops.<library>.cuda_*` with the real extension's
+schemas, under a library other than `fastkd` (default `fastkd_standin`), so that the stand-in never
+collides with the real extension. It is thousands of times slower than a GPU: small shapes only.
+"""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from . import build as cuda_build
+
+LIBRARY = "fastkd_standin"
+# -O1 keeps the compile short; -fno-strict-aliasing because the vector loads read tensors through uint4, as
+# CUDA code does. The sanitizer stops the process, as a GPU faults, on a misaligned vector load or store
+# (which x86 would forgive) and on an index outside a fixed-size array (__shared__ and per-thread arrays).
+SANITIZE = ["-fsanitize=alignment,bounds", "-fno-sanitize-recover=all"]
+FLAGS = ["-O1", "-DFASTKD_STANDIN", "-DFASTKD_ARCHS=cpu_standin", "-fno-strict-aliasing", "-Wno-unknown-pragmas",
+         *SANITIZE]
+
+
+def unavailable_reason() -> str | None:
+    """None if the stand-in can be compiled here, else why not."""
+    if shutil.which("c++") is None and shutil.which("g++") is None:
+        return "no C++ compiler (c++ or g++) on PATH"
+    if shutil.which("ninja") is None:
+        try:
+            import ninja  # noqa: F401  (the wheel puts the binary on PATH only inside its environment)
+        except ImportError:
+            return "torch.utils.cpp_extension needs ninja"
+    from torch.utils import cpp_extension
+    if not any((Path(p) / "torch" / "library.h").is_file() for p in cpp_extension.include_paths()):
+        return "this PyTorch has no C++ headers (torch/library.h)"
+    return None
+
+
+def _write_if_changed(path: Path, text: str) -> None:
+    # An unchanged file keeps its timestamp, so ninja does not recompile it.
+    if not path.is_file() or path.read_text() != text:
+        path.write_text(text)
+
+
+def build(library: str = LIBRARY, csrc: Path | None = None, only: list[str] | None = None,
+          verbose: bool = False):
+    """Compile (or reuse from the extension cache) and load the stand-in; returns `torch.ops.<library>`.
+
+    `csrc`: the source folder (default the checkout's csrc/; a test passes a patched copy); `only`: the
+    kernel files to compile (ops.cpp is always in). Each library name is one cached build.
+    """
+    import torch
+    from torch.utils import cpp_extension
+
+    if library == "fastkd":
+        raise ValueError("the stand-in must not register under `fastkd`, the real extension's library")
+    directory = Path(cpp_extension._get_build_directory(library, verbose))
+    wrappers = []
+    for source in cuda_build.sources(Path(csrc) if csrc is not None else cuda_build.CSRC):
+        if only is not None and source.name not in set(only) | {"ops.cpp"}:
+            continue
+        # g++ compiles a .cpp that includes the .cu (torch would hand a .cu to nvcc); its own includes are
+        # found beside it.
+        wrapper = directory / f"{source.name}.cpp"
+        _write_if_changed(wrapper, f'#include "{source.resolve()}"\n')
+        wrappers.append(str(wrapper))
+    cpp_extension.load(name=library, sources=wrappers, extra_cflags=FLAGS + [f"-DFASTKD_LIBRARY={library}"],
+                       extra_ldflags=SANITIZE[:1], build_directory=str(directory), is_python_module=False,
+                       verbose=verbose)
+    return getattr(torch.ops, library)

@@ -1,0 +1,359 @@
+"""The CUDA kernels of csrc/ run on the CPU through the stand-in, against the reference: forward and gradients.
+
+`fastkd.cuda.standin` compiles csrc/ with g++ and -DFASTKD_STANDIN (csrc/standin/cuda_standin.h: one thread per
+CUDA thread of a block, real barriers and warp shuffles), so the device code itself runs here, without a GPU.
+Each op is called directly, as `torch.ops.fastkd_standin.cuda_*`, and compared with the reference's per-row
+terms (fastkd/reference) and their autograd gradients, for random incoming gradients. A block of 128-512
+threads costs milliseconds here: few rows, small shapes. The stand-in cannot see timing or the GPU's rounding
+of the fast-math intrinsics (see the header); the tolerances are those of the GPU tests.
+Two tests compile a copy of the sources with planted bugs and check that these comparisons catch them.
+"""
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastkd.cuda import standin
+from fastkd.reference import logits as R
+from fastkd.reference import relational
+
+if standin.unavailable_reason() is not None:
+    pytest.skip(f"cannot build the CUDA stand-in: {standin.unavailable_reason()}", allow_module_level=True)
+
+@pytest.fixture(scope="module")
+def ops():
+    """One compile (cached in torch's extension folder across sessions) for the whole module."""
+    return standin.build()
+
+
+def logits(*shape, seed, dtype=torch.float32, scale=3.0):
+    g = torch.Generator().manual_seed(seed)
+    return (scale * torch.randn(*shape, generator=g)).to(dtype)
+
+
+def row_weights(n, seed):
+    """A random incoming gradient per row, so that a gradient off by a per-row factor shows."""
+    return torch.rand(n, generator=torch.Generator().manual_seed(seed)) + 0.5
+
+
+# (rtol, atol) by the dtype of a result: float32 as the GPU tests; bfloat16 and float16 gradients, rounded in
+# both the kernel and the reference from float32 values that differ by rounding, a few of their ulps.
+TOLERANCES = {torch.bfloat16: (2e-2, 2e-3), torch.float16: (4e-3, 1e-3)}
+
+
+def check(got, want, what, dtype=torch.float32):
+    assert got.shape == want.shape and got.dtype == want.dtype, (what, got.shape, want.shape, got.dtype, want.dtype)
+    rtol, atol = TOLERANCES.get(dtype, (1e-4, 1e-5))
+    torch.testing.assert_close(got, want, rtol=rtol, atol=atol, msg=lambda m: f"{what}: {m}")
+
+
+def reference_grads(per_row, inputs, weights):
+    """Gradients of sum_i (weights[i] * per_row(*inputs)[i]).sum() to each input."""
+    leaves = [x.detach().clone().requires_grad_() for x in inputs]
+    total = sum((w * term).sum() for term, w in zip(per_row(*leaves), weights))
+    return torch.autograd.grad(total, leaves)
+
+
+# --- KL (kd_loss, kl_div_loss) --------------------------------------------------------------------------------
+
+def kl_reference(s, t, T, reverse, target, labels, ignore_index=-100):
+    V = s.shape[-1]
+    log_ps, log_pt = R.log_probs(s, T), R.log_probs(t, T)
+    kl = (R.kl_rows(log_ps, log_pt) if reverse else R.kl_rows(log_pt, log_ps)).reshape(-1)
+    if labels is not None:
+        kl = torch.where(labels.reshape(-1) != ignore_index, kl, 0.0)
+    terms = [kl]
+    if target is not None:
+        terms.append(F.cross_entropy(s.float().reshape(-1, V), target.reshape(-1), reduction="none"))
+    return terms
+
+
+def check_kl(ops, s, t, T=2.0, reverse=False, target=None, labels=None):
+    kl, ce, stats = ops.cuda_kl_rows(s, t, T, reverse, target, labels, -100)
+    want = kl_reference(s, t, T, reverse, target, labels)
+    check(kl, want[0], "KL")
+    if target is not None:
+        check(ce, want[1], "CE")
+    rows = kl.numel()
+    weights = [row_weights(rows, 1)] + ([row_weights(rows, 2)] if target is not None else [])
+    d_s, d_t = ops.cuda_kl_rows_backward(weights[0], weights[1] if target is not None else None, s, t, stats, T,
+                                         reverse, target, labels, -100, True, True)
+    want_s, want_t = reference_grads(lambda s, t: kl_reference(s, t, T, reverse, target, labels), [s, t], weights)
+    check(d_s, want_s, "student grad", s.dtype)
+    check(d_t, want_t, "teacher grad", t.dtype)
+    # One gradient at a time takes the kernels' other template instances.
+    check(ops.cuda_kl_rows_backward(weights[0], None, s, t, stats, T, reverse, None, labels, -100, False, True)[1],
+          reference_grads(lambda s, t: kl_reference(s, t, T, reverse, None, labels), [s, t], weights[:1])[1],
+          "teacher grad alone", t.dtype)
+    return stats
+
+
+@pytest.mark.parametrize("V", [1, 7, 300, 1037])
+@pytest.mark.parametrize("T", [1.0, 2.5])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_kl(ops, V, T, reverse):
+    s, t = logits(4, V, seed=V), logits(4, V, seed=V + 1)
+    stats = check_kl(ops, s, t, T, reverse)
+    x, y = (s, t) if reverse else (t, s)
+    check(stats[:, 0], torch.logsumexp(x / T, -1), "stats lse(x)")
+    check(stats[:, 1], torch.logsumexp(y / T, -1), "stats lse(y)")
+
+
+def test_kl_with_cross_entropy(ops):
+    s, t = logits(5, 301, seed=3), logits(5, 301, seed=4)
+    check_kl(ops, s, t, 4.0, target=torch.tensor([0, 300, 7, 150, 299]))
+
+
+@pytest.mark.parametrize("dtypes", [(torch.bfloat16, torch.bfloat16), (torch.float16, torch.float32),
+                                    (torch.float32, torch.bfloat16)])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_kl_low_precision(ops, dtypes, reverse):
+    # 301 columns: vector body plus scalar tail; student and teacher of different widths change the chunk.
+    s, t = logits(3, 301, seed=5, dtype=dtypes[0]), logits(3, 301, seed=6, dtype=dtypes[1])
+    check_kl(ops, s, t, 2.0, reverse)
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_kl_masked_tokens_strided_rows_and_masked_vocabulary(ops, reverse):
+    """Rows of a (B, L, V) view that drops the last token (not copied); -inf columns in both; ignored tokens."""
+    s, t = logits(2, 5, 131, seed=7)[:, :-1], logits(2, 5, 131, seed=8)[:, :-1]
+    s[..., 120:] = float("-inf")
+    t[..., 120:] = float("-inf")
+    labels = torch.tensor([[1, -100, 2, 3], [-100, -100, 0, 5]])
+    check_kl(ops, s, t, 1.5, reverse, labels=labels)
+
+
+def test_kl_misaligned_and_column_strided_rows(ops):
+    """A start one element past 16-byte alignment (scalar head, vector body) for both, in bfloat16; and
+    rows with column stride 2 (scalar path)."""
+    base_s, base_t = logits(3 * 200 + 1, seed=9, dtype=torch.bfloat16), logits(3 * 200 + 1, seed=10,
+                                                                              dtype=torch.bfloat16)
+    check_kl(ops, base_s[1:].view(3, 200), base_t[1:].view(3, 200))
+    check_kl(ops, logits(3, 2 * 97, seed=11)[:, ::2], logits(3, 2 * 97, seed=12)[:, ::2], 3.0, True)
+
+
+def test_kl_teacher_mass_on_a_masked_student_class_is_infinite(ops):
+    s, t = logits(2, 40, seed=13), logits(2, 40, seed=14)
+    s[0, 3] = float("-inf")  # the teacher has mass there: KL(p_t || p_s) = +inf
+    t[1, 5] = float("-inf")  # the teacher has none: finite
+    kl = ops.cuda_kl_rows(s, t, 1.0, False, None, None, -100)[0]
+    check(kl, kl_reference(s, t, 1.0, False, None, None)[0], "KL")
+    assert kl[0] == float("inf") and torch.isfinite(kl[1])
+
+
+# --- JSD ------------------------------------------------------------------------------------------------------
+
+def jsd_reference(s, t, beta, T, labels, ignore_index=-100):
+    log_ps, log_pt = R.log_probs(s, T), R.log_probs(t, T)
+    log_m = R.log_mixture(log_ps, log_pt, beta)
+    jsd = (beta * R.kl_rows(log_pt, log_m) + (1.0 - beta) * R.kl_rows(log_ps, log_m)).reshape(-1)
+    if labels is not None:
+        jsd = torch.where(labels.reshape(-1) != ignore_index, jsd, 0.0)
+    return [jsd]
+
+
+def check_jsd(ops, s, t, beta, T, labels=None):
+    loss, stats = ops.cuda_jsd_rows(s, t, beta, T, labels, -100)
+    check(loss, jsd_reference(s, t, beta, T, labels)[0], "JSD")
+    weights = [row_weights(loss.numel(), 3)]
+    d_s, d_t = ops.cuda_jsd_rows_backward(weights[0], s, t, stats, beta, T, labels, -100, True, True)
+    want_s, want_t = reference_grads(lambda s, t: jsd_reference(s, t, beta, T, labels), [s, t], weights)
+    check(d_s, want_s, "student grad", s.dtype)
+    check(d_t, want_t, "teacher grad", t.dtype)
+    check(ops.cuda_jsd_rows_backward(weights[0], s, t, stats, beta, T, labels, -100, True, False)[0], want_s,
+          "student grad alone", s.dtype)
+
+
+@pytest.mark.parametrize("V", [1, 7, 1037])
+@pytest.mark.parametrize("beta", [0.3, 0.5])
+@pytest.mark.parametrize("T", [1.0, 2.0])
+def test_jsd(ops, V, beta, T):
+    check_jsd(ops, logits(3, V, seed=V + 20), logits(3, V, seed=V + 21), beta, T)
+
+
+@pytest.mark.parametrize("dtypes", [(torch.bfloat16, torch.bfloat16), (torch.float32, torch.float16)])
+def test_jsd_low_precision(ops, dtypes):
+    check_jsd(ops, logits(3, 257, seed=22, dtype=dtypes[0]), logits(3, 257, seed=23, dtype=dtypes[1]), 0.7, 1.0)
+
+
+def test_jsd_masked_tokens_and_vocabulary(ops):
+    s, t = logits(2, 4, 99, seed=24)[:, :-1], logits(2, 4, 99, seed=25)[:, :-1]
+    s[..., 90:] = float("-inf")
+    t[..., 85:] = float("-inf")  # columns 85..89: the teacher has no mass, the student has
+    check_jsd(ops, s, t, 0.7, 1.0, labels=torch.tensor([[0, -100, 2], [-100, -100, 1]]))
+
+
+# --- DKD ------------------------------------------------------------------------------------------------------
+
+def dkd_reference(s, t, target, T):
+    """Per-row TCKD and NCKD (no T^2 / rows), as fastkd.reference.logits.dkd_loss forms them."""
+    classes = s.shape[-1]
+    is_target = F.one_hot(target, classes).bool()
+    log_ps, log_pt = R.log_probs(s, T), R.log_probs(t, T)
+    tckd = R.kl_rows(R.target_vs_rest_log_probs(log_pt, target, is_target),
+                     R.target_vs_rest_log_probs(log_ps, target, is_target))
+    if classes == 1:
+        return [tckd, torch.zeros_like(tckd)]
+    rest_s = R.log_probs(s.float().masked_fill(is_target, float("-inf")), T)
+    rest_t = R.log_probs(t.float().masked_fill(is_target, float("-inf")), T)
+    return [tckd, R.kl_rows(rest_t, rest_s)]
+
+
+def check_dkd(ops, s, t, target, T):
+    tckd, nckd, stats = ops.cuda_dkd_rows(s, t, target, T)
+    want = dkd_reference(s, t, target, T)
+    check(tckd, want[0], "TCKD")
+    check(nckd, want[1], "NCKD")
+    weights = [row_weights(tckd.numel(), 4), row_weights(tckd.numel(), 5)]
+    d_s, d_t = ops.cuda_dkd_rows_backward(weights[0], weights[1], s, t, stats, target, T, True, True)
+    want_s, want_t = reference_grads(lambda s, t: dkd_reference(s, t, target, T), [s, t], weights)
+    check(d_s, want_s, "student grad", s.dtype)
+    check(d_t, want_t, "teacher grad", t.dtype)
+    check(ops.cuda_dkd_rows_backward(weights[0], weights[1], s, t, stats, target, T, True, False)[0], want_s,
+          "student grad alone", s.dtype)
+
+
+@pytest.mark.parametrize("V", [1, 2, 7, 300, 1037])
+@pytest.mark.parametrize("T", [1.0, 4.0])
+def test_dkd(ops, V, T):
+    target = torch.tensor([0, V - 1, V // 2, (V * 2) // 3])
+    check_dkd(ops, logits(4, V, seed=V + 30), logits(4, V, seed=V + 31), target, T)
+
+
+@pytest.mark.parametrize("dtypes", [(torch.bfloat16, torch.bfloat16), (torch.float16, torch.float32)])
+def test_dkd_low_precision(ops, dtypes):
+    s, t = logits(3, 203, seed=32, dtype=dtypes[0]), logits(3, 203, seed=33, dtype=dtypes[1])
+    check_dkd(ops, s, t, torch.tensor([5, 0, 202]), 4.0)
+
+
+def test_dkd_masked_vocabulary(ops):
+    s, t = logits(3, 77, seed=34), logits(3, 77, seed=35)
+    s[:, 70:] = float("-inf")
+    t[:, 70:] = float("-inf")
+    check_dkd(ops, s, t, torch.tensor([1, 69, 30]), 2.0)
+
+
+# --- Attention transfer ---------------------------------------------------------------------------------------
+
+def at_map_reference(f, p):
+    return [f.to(torch.promote_types(f.dtype, torch.float32)).pow(p).mean(1).reshape(f.shape[0], -1)]
+
+
+@pytest.mark.parametrize("p", [1, 2, 3, 2.5, 4, 5])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_attention_map(ops, p, channels_last, dtype):
+    f = logits(2, 5, 7, 9, seed=40, dtype=dtype, scale=1.0)
+    if p == 2.5:
+        f = f.abs()  # a non-integer power of a negative entry is NaN
+    if channels_last:
+        f = f.to(memory_format=torch.channels_last)
+    a = ops.cuda_at_channel_mean_pow(f, float(p))
+    want = at_map_reference(f, p)[0].float()
+    check(a, want, "map")
+    grad = row_weights(a.numel(), 6).reshape(a.shape)
+    df = ops.cuda_at_channel_mean_pow_backward(grad, f, float(p))
+    assert df.stride() == f.stride()
+    (want_df,) = reference_grads(lambda f: at_map_reference(f, p), [f], [grad.to(want.dtype)])
+    check(df, want_df, "map grad", dtype)
+
+
+# --- Planted faults are caught ---------------------------------------------------------------------------------
+
+# (file, line, replacement): the first occurrence is replaced in a copy of csrc/.
+PLANTED = [
+    # kl.cu's forward kernel without the 1/T on the teacher: invisible at T = 1.
+    ("kl.cu", "const float x = x_raw * inv_temperature;", "const float x = x_raw;"),
+    # attention.cu's channels-last lane reduction skips its first shuffle (the upper half of the lanes): only
+    # the warp emulation computes this sum.
+    ("attention.cu", "offset = static_cast<int>(blockDim.x) / 2;", "offset = static_cast<int>(blockDim.x) / 4;"),
+]
+
+
+@pytest.fixture(scope="module")
+def planted_ops():
+    """The stand-in built from a copy of csrc/ with the PLANTED faults, under its own library. The copy sits in
+    a fixed folder of the extension cache and is rewritten only where it changed, so the build is reused."""
+    from torch.utils import cpp_extension
+
+    library = "fastkd_standin_planted"
+    source = standin.cuda_build.CSRC
+    copy = Path(cpp_extension._get_build_directory(library, False)) / "csrc"
+    for path in sorted(p for p in source.rglob("*") if p.is_file()):
+        text = path.read_text()
+        for name, line, replacement in PLANTED:
+            if path.name == name:
+                assert line in text, f"{name} changed: update the planted fault"
+                text = text.replace(line, replacement, 1)
+        target = copy / path.relative_to(source)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if not target.is_file() or target.read_text() != text:
+            target.write_text(text)
+    return standin.build(library, csrc=copy, only=[name for name, _, _ in PLANTED])
+
+
+def test_a_planted_temperature_fault_is_caught(planted_ops):
+    s, t = logits(3, 50, seed=50), logits(3, 50, seed=51)
+    check(planted_ops.cuda_kl_rows(s, t, 1.0, False, None, None, -100)[0],
+          kl_reference(s, t, 1.0, False, None, None)[0], "KL at T = 1")
+    with pytest.raises(AssertionError, match="KL at T = 2"):
+        check(planted_ops.cuda_kl_rows(s, t, 2.0, False, None, None, -100)[0],
+              kl_reference(s, t, 2.0, False, None, None)[0], "KL at T = 2")
+
+
+def test_a_planted_shuffle_fault_is_caught(planted_ops):
+    f = logits(2, 6, 5, 5, seed=52, scale=1.0)
+    check(planted_ops.cuda_at_channel_mean_pow(f, 2.0), at_map_reference(f, 2)[0], "map, channels first")
+    f = f.to(memory_format=torch.channels_last)
+    with pytest.raises(AssertionError, match="map, channels last"):
+        check(planted_ops.cuda_at_channel_mean_pow(f, 2.0), at_map_reference(f, 2)[0], "map, channels last")
+
+
+# --- RKD ------------------------------------------------------------------------------------------------------
+# For the engineer rewriting the RKD kernels: these test the current op signatures, cuda_rkd_sq_distances(x),
+# cuda_rkd_angle_sum(gram_s, d2_s, gram_t, d2_t) and cuda_rkd_angle_sum_backward(grad, gram_s, d2_s, gram_t,
+# d2_t), against float64 references; adapt them with the kernels.
+
+def sq_distances64(x):
+    x = x.double()
+    return ((x[:, None, :] - x[None, :, :]) ** 2).sum(-1)
+
+
+def angle_sum64(gram, d2, gram_t, d2_t):
+    """sum_ijk Huber(A^s_ijk - A^t_ijk), A_ijk = (G_jk - G_ij - G_ik + G_ii) r_ij r_ik, r = 1 / max(sqrt(Q),
+    1e-12) and 0 where Q <= 0 (the kernels' inputs, in float64): differentiable in the student's G and Q."""
+    def angles(g, q):
+        safe = torch.where(q > 0, q, 1.0)
+        r = torch.where(q > 0, 1.0 / safe.sqrt().clamp(min=1e-12), 0.0)
+        n = g[None, :, :] - g[:, :, None] - g[:, None, :] + g.diagonal()[:, None, None]
+        return n * r[:, :, None] * r[:, None, :]
+    return F.smooth_l1_loss(angles(gram, d2), angles(gram_t.double(), d2_t.double()), reduction="sum")
+
+
+@pytest.mark.parametrize("B,D", [(1, 3), (2, 3), (7, 17), (33, 5), (70, 9)])
+def test_rkd_sq_distances(ops, B, D):
+    x = logits(B, D, seed=B + D, scale=1.0)
+    d2 = ops.cuda_rkd_sq_distances(x)
+    torch.testing.assert_close(d2.double(), sq_distances64(x), rtol=1e-5, atol=1e-5)
+    assert torch.equal(d2, d2.T) and torch.all(d2.diagonal() == 0)
+
+
+@pytest.mark.parametrize("B", [2, 7, 33])
+def test_rkd_angle_sum(ops, B):
+    xs, xt = logits(B, 6, seed=B + 60, scale=1.0), logits(B, 9, seed=B + 61, scale=1.0)
+    inputs = [xs @ xs.T, ops.cuda_rkd_sq_distances(xs), xt @ xt.T, ops.cuda_rkd_sq_distances(xt)]
+    total = ops.cuda_rkd_angle_sum(*inputs)
+    want = angle_sum64(*[m.double() for m in inputs])
+    # The Gram form is the reference's angle definition (normalised differences), up to float32 rounding.
+    by_definition = F.smooth_l1_loss(relational.angles(xs.double()), relational.angles(xt.double()), reduction="sum")
+    torch.testing.assert_close(want, by_definition, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(total.double(), want, rtol=1e-4, atol=1e-5)
+    grad = torch.tensor(0.7)
+    d_gram, d_d2 = ops.cuda_rkd_angle_sum_backward(grad, *inputs)
+    leaves = [inputs[0].double().requires_grad_(), inputs[1].double().requires_grad_()]
+    want_gram, want_d2 = torch.autograd.grad(0.7 * angle_sum64(*leaves, inputs[2], inputs[3]), leaves)
+    # At B = 2 the exact gradient is 0 (every angle is 1) and float32 leaves noise: an absolute floor of 1e-6.
+    for got, want_g, what in ((d_gram, want_gram, "d gram"), (d_d2, want_d2, "d d2")):
+        atol = max(1e-4 * want_g.abs().max().item(), 1e-6)
+        torch.testing.assert_close(got.double(), want_g, rtol=1e-3, atol=atol, msg=lambda m: f"{what}: {m}")
