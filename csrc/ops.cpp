@@ -42,12 +42,14 @@ FASTKD_TORCH_LIBRARY(FASTKD_LIBRARY, m) {
         "-> (Tensor, Tensor, Tensor)");
   m.def("cuda_dkd_rows_backward(Tensor grad_tckd, Tensor grad_nckd, Tensor student, Tensor teacher, Tensor stats, "
         "Tensor target, float temperature, bool student_grad, bool teacher_grad) -> (Tensor, Tensor)");
-  // RKD: direct squared distances (B, B) of float32 rows (B, D); the Huber sum over angle triples from the
-  // Gram and squared-distance matrices, and its gradient to the student's two -- see fastkd/triton/rkd.py.
+  // RKD: direct squared distances (B, B) of float32 rows (B, D); out_m = sum_k w_mk (x_m - x_k) for a symmetric
+  // w (the gradient of anything of the pairwise differences); the Huber sum over the angle triples (i, j != k)
+  // from each side's float32 pairs qh + ql of the squared distances computed in float64, and the weights W of
+  // its gradient (d/dx_s = weighted_diff(W, x_s)) -- see fastkd/triton/rkd.py.
   m.def("cuda_rkd_sq_distances(Tensor x) -> Tensor");
-  m.def("cuda_rkd_angle_sum(Tensor gram_s, Tensor d2_s, Tensor gram_t, Tensor d2_t) -> Tensor");
-  m.def("cuda_rkd_angle_sum_backward(Tensor grad, Tensor gram_s, Tensor d2_s, Tensor gram_t, Tensor d2_t) "
-        "-> (Tensor, Tensor)");
+  m.def("cuda_rkd_weighted_diff(Tensor w, Tensor x) -> Tensor");
+  m.def("cuda_rkd_angle_sum(Tensor qh_s, Tensor ql_s, Tensor qh_t, Tensor ql_t, bool unit_s, bool unit_t) -> Tensor");
+  m.def("cuda_rkd_angle_weights(Tensor qh_s, Tensor ql_s, Tensor qh_t, Tensor ql_t, bool unit_t) -> Tensor");
   // Attention transfer: mean over channels of f^p, (B, H*W) float32, and its gradient -- see
   // fastkd/triton/attention.py.
   m.def("cuda_at_channel_mean_pow(Tensor f, float p) -> Tensor");

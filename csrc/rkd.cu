@@ -1,13 +1,17 @@
-// RKD (relational KD) kernels: direct squared distances, and the angle term's Huber sum over all B^3 triples
-// with its gradient to the student's Gram and squared-distance matrices. CUDA twins of fastkd/triton/rkd.py
-// (same formulas, same operand order, same zeros); see that module's docstring for the maths:
-//   N_ijk = G_jk - G_ij - G_ik + G_ii,  r_ij = 1 / max(sqrt(Q_ij), 1e-12) (0 where Q_ij <= 0),
-//   A_ijk = N_ijk r_ij r_ik,  L = sum_ijk Huber(A^s_ijk - A^t_ijk) (beta 1),
-//   c_ijk = clamp(A^s - A^t, -1, 1),  S_ij = r_ij sum_k c_ijk r_ik,  E_ij = -r_ij^2 sum_k c_ijk A^s_ijk
-//   (0 where sqrt(Q_ij) <= 1e-12),  U_jk = sum_i c_ijk r_ij r_ik,  dG = U - 2 S + diag(rowsum S).
+// RKD (relational KD) kernels: direct squared distances and their gradient by direct differences, and the
+// angle term's Huber sum over the B^3 triples with the weights of its gradient. CUDA twins of
+// fastkd/triton/rkd.py (same formulas, same operand order, same zeros); that module's docstring has the
+// maths, the accuracy argument and the error bound. In short, per side, from the float32 pairs Qh + Ql of
+// the squared distances computed directly in float64:
+//   2 N_ijk = (max(Qh_ij, Qh_ik) - Qh_jk) + min(Qh_ij, Qh_ik) + ((Ql_ij + Ql_ik) - Ql_jk)   (law of cosines),
+//   r_ij = 1 / max(sqrt(Qh_ij), 1e-12) (0 where Qh_ij <= 0),  A_ijk = N_ijk r_ij r_ik (UNIT, D = 1: the sign),
+//   L = sum_{i, j != k} Huber(A^s - A^t) (beta 1),  c_ijk = clamp(A^s - A^t, -1, 1) (0 at j = k),
+//   S_ij = r_ij sum_k c_ijk r_ik,  E_ij = -r_ij^2 sum_k c A^s (0 where sqrt(Q_ij) <= 1e-12),
+//   U_jk = sum_i c_ijk r_ij r_ik,  W = 2 ((E + E^T) + (S + S^T) - U),  dL/dx_m = sum_k W_mk (x_m - x_k).
 // The B^3 triples are produced and consumed on chip: a block holds a 32 x 32 tile of two indices (16 x 16
-// threads, 2 x 2 pairs each) and loops over the third, staging rows of G and of r = inv_norm(Q) through shared
-// memory. Matrices are float32, B x B, read as contiguous (the launchers call .contiguous(), as Triton's do).
+// threads, 2 x 2 pairs each) and loops over the third, staging rows of Qh, Ql and r through shared memory.
+// The forward visits k > j only (the sum is symmetric in j, k; the launcher doubles it), the column pass only
+// tiles with k's block >= j's (U is symmetric). Matrices are float32, B x B, symmetric and contiguous.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -19,9 +23,10 @@
 namespace fastkd_rkd {
 
 constexpr int kTile = 32;     // pairs per tile side
-constexpr int kChunk = 32;    // third indices staged in shared memory per step
+constexpr int kChunk = 16;    // third indices staged in shared memory per step (2 x 6 rows: 24 KB)
 constexpr int kThreads = 256; // 16 x 16 threads, each 2 x 2 pairs of the 32 x 32 tile
 constexpr int kSide = 16;
+constexpr int kMinBlocks = 3; // angle kernels: up to 85 registers (ptxas otherwise caps some at 64 and spills)
 constexpr int kMinSlice = 8;  // forward: the fewest k per block when the k range is split over blocks
 
 // 1 / max(sqrt(d2), 1e-12); 0 where d2 <= 0 (a zero difference vector, as for i = j) -- Triton's _inv_norm.
@@ -37,6 +42,20 @@ __device__ __forceinline__ float huber(float d) {
 }
 
 __device__ __forceinline__ float clamp1(float d) { return fminf(fmaxf(d, -1.0f), 1.0f); }
+
+// A_ijk from the hi/lo distance pairs, the larger of Q_ij, Q_ik differenced first (Triton's _angle). Plain
+// additions: nvcc neither reassociates them nor contracts them into an fma, even under --use_fast_math.
+template <bool UNIT>
+__device__ __forceinline__ float angle(float qh_jk, float ql_jk, float qh_ij, float ql_ij, float qh_ik, float ql_ik,
+                                       float half_r_ij, float r_ik) {
+  const float hi = (fmaxf(qh_ij, qh_ik) - qh_jk) + fminf(qh_ij, qh_ik);
+  const float n2 = hi + ((ql_ij + ql_ik) - ql_jk);
+  if (UNIT) {
+    const bool live = half_r_ij > 0.0f && r_ik > 0.0f && n2 != 0.0f;
+    return live ? copysignf(1.0f, n2) : 0.0f;
+  }
+  return n2 * half_r_ij * r_ik;
+}
 
 // Sum over the block (kThreads threads); the result is valid in thread 0.
 __device__ __forceinline__ float block_sum(float v, float* warp_sums) {
@@ -106,97 +125,157 @@ __global__ void __launch_bounds__(kThreads) sq_dist_kernel(const float* __restri
   }
 }
 
-// The per-tile state of a kernel over tiles (i, j) looping over k: G_ij, r_ij, G_ii of both sides (0 past B,
-// as Triton's masked loads, which makes every A of those lanes 0).
-struct PairTile {
-  float gs_ij[2][2], gt_ij[2][2], rs_ij[2][2], rt_ij[2][2], qs_ij[2][2];
-  float gs_ii[2], gt_ii[2];
-};
-
-__device__ __forceinline__ void load_pair_tile(PairTile& t, const float* __restrict__ gs, const float* __restrict__ qs,
-                                               const float* __restrict__ gt, const float* __restrict__ qt, int64_t B,
-                                               int64_t i0, int64_t j0, int tx, int ty) {
+// out_md = sum_k W_mk (x_md - x_kd), the differences formed first (the matmul form rowsum(W) x - W x cancels
+// where a large weight joins two close rows). x row-major (B, D); W symmetric (B, B), so its row k is read
+// for the column. A 32 (m) x 32 (d) tile per block, 2 x 2 per thread; k staged kChunk at a time.
+__global__ void __launch_bounds__(kThreads) weighted_diff_kernel(const float* __restrict__ w,
+                                                                 const float* __restrict__ x,
+                                                                 float* __restrict__ out, int64_t B, int64_t D) {
+  __shared__ float sw[kChunk][kTile];  // W[k, m] = W[m, k]
+  __shared__ float sx[kChunk][kTile];  // x[k, d]
+  const int tid = threadIdx.x, tx = tid % kSide, ty = tid / kSide;
+  const int64_t m0 = static_cast<int64_t>(blockIdx.y) * kTile;
+  const int64_t d0 = static_cast<int64_t>(blockIdx.x) * kTile;
+  float xm[2][2], acc[2][2];
 #pragma unroll
   for (int a = 0; a < 2; ++a) {
-    const int64_t i = i0 + ty + kSide * a;
-    const bool iv = i < B;
-    t.gs_ii[a] = iv ? gs[i * (B + 1)] : 0.0f;
-    t.gt_ii[a] = iv ? gt[i * (B + 1)] : 0.0f;
+    const int64_t m = m0 + ty + kSide * a;
 #pragma unroll
     for (int b = 0; b < 2; ++b) {
-      const int64_t j = j0 + tx + kSide * b;
-      const bool v = iv && j < B;
-      const int64_t o = i * B + j;
-      t.gs_ij[a][b] = v ? gs[o] : 0.0f;
-      t.gt_ij[a][b] = v ? gt[o] : 0.0f;
-      t.qs_ij[a][b] = v ? qs[o] : 0.0f;
-      t.rs_ij[a][b] = inv_norm(t.qs_ij[a][b]);
-      t.rt_ij[a][b] = inv_norm(v ? qt[o] : 0.0f);
+      const int64_t d = d0 + tx + kSide * b;
+      xm[a][b] = (m < B && d < D) ? x[m * D + d] : 0.0f;
+      acc[a][b] = 0.0f;
+    }
+  }
+  for (int64_t k0 = 0; k0 < B; k0 += kChunk) {
+    for (int e = tid; e < kChunk * kTile; e += kThreads) {
+      const int kk = e / kTile, c = e % kTile;
+      const int64_t k = k0 + kk, m = m0 + c, d = d0 + c;
+      sw[kk][c] = (k < B && m < B) ? w[k * B + m] : 0.0f;
+      sx[kk][c] = (k < B && d < D) ? x[k * D + d] : 0.0f;
+    }
+    __syncthreads();
+    const int steps = static_cast<int>(std::min<int64_t>(kChunk, B - k0));
+    for (int kk = 0; kk < steps; ++kk) {
+#pragma unroll
+      for (int a = 0; a < 2; ++a) {
+        const float wk = sw[kk][ty + kSide * a];
+#pragma unroll
+        for (int b = 0; b < 2; ++b) acc[a][b] = __fmaf_rn(wk, xm[a][b] - sx[kk][tx + kSide * b], acc[a][b]);
+      }
+    }
+    __syncthreads();
+  }
+#pragma unroll
+  for (int a = 0; a < 2; ++a) {
+    const int64_t m = m0 + ty + kSide * a;
+    if (m >= B) continue;
+#pragma unroll
+    for (int b = 0; b < 2; ++b) {
+      const int64_t d = d0 + tx + kSide * b;
+      if (d < D) out[m * D + d] = acc[a][b];
     }
   }
 }
 
-// Shared rows for k in [k0, k0 + kChunk): G[k, i], G[k, j], r[k, i] per side (Triton's _angle_tile loads).
-struct RowStage {
-  float gs_i[kChunk][kTile], gs_j[kChunk][kTile], rs_i[kChunk][kTile];
-  float gt_i[kChunk][kTile], gt_j[kChunk][kTile], rt_i[kChunk][kTile];
+// One side's matrices.
+struct Side {
+  const float* __restrict__ qh;
+  const float* __restrict__ ql;
 };
 
-__device__ __forceinline__ void stage_rows(RowStage& st, const float* __restrict__ gs, const float* __restrict__ qs,
-                                           const float* __restrict__ gt, const float* __restrict__ qt, int64_t B,
-                                           int64_t i0, int64_t j0, int64_t k0, int64_t k_end) {
+// The per-tile state of a kernel over tiles (i, j) looping over k, for one side: Qh_ij, Ql_ij, r_ij (0 past B,
+// as Triton's masked loads, which makes every A of those lanes 0).
+struct PairTile {
+  float qh_ij[2][2], ql_ij[2][2], r_ij[2][2];
+};
+
+__device__ __forceinline__ void load_pair_tile(PairTile& t, Side m, int64_t B, int64_t i0, int64_t j0, int tx,
+                                               int ty) {
+#pragma unroll
+  for (int a = 0; a < 2; ++a) {
+    const int64_t i = i0 + ty + kSide * a;
+#pragma unroll
+    for (int b = 0; b < 2; ++b) {
+      const int64_t j = j0 + tx + kSide * b;
+      const bool v = i < B && j < B;
+      const int64_t o = i * B + j;
+      t.qh_ij[a][b] = v ? m.qh[o] : 0.0f;
+      t.ql_ij[a][b] = v ? m.ql[o] : 0.0f;
+      t.r_ij[a][b] = inv_norm(t.qh_ij[a][b]);
+    }
+  }
+}
+
+// Shared rows k in [k0, k0 + kChunk) of one side: Qh[k, i], Ql[k, i], r[k, i], Qh[k, j], Ql[k, j] (row k of a
+// symmetric matrix stands for its column k).
+struct RowStage {
+  float qh_i[kChunk][kTile], ql_i[kChunk][kTile], r_i[kChunk][kTile];
+  float qh_j[kChunk][kTile], ql_j[kChunk][kTile];
+};
+
+__device__ __forceinline__ void stage_rows(RowStage& st, Side m, int64_t B, int64_t i0, int64_t j0, int64_t k0,
+                                           int64_t k_end) {
   for (int e = threadIdx.x; e < kChunk * kTile; e += kThreads) {
     const int kk = e / kTile, c = e % kTile;
     const int64_t k = k0 + kk, i = i0 + c, j = j0 + c;
     const bool kin = k < k_end;
     const bool vi = kin && i < B, vj = kin && j < B;
     const int64_t oi = k * B + i, oj = k * B + j;
-    st.gs_i[kk][c] = vi ? gs[oi] : 0.0f;
-    st.rs_i[kk][c] = inv_norm(vi ? qs[oi] : 0.0f);
-    st.gt_i[kk][c] = vi ? gt[oi] : 0.0f;
-    st.rt_i[kk][c] = inv_norm(vi ? qt[oi] : 0.0f);
-    st.gs_j[kk][c] = vj ? gs[oj] : 0.0f;
-    st.gt_j[kk][c] = vj ? gt[oj] : 0.0f;
+    st.qh_i[kk][c] = vi ? m.qh[oi] : 0.0f;
+    st.ql_i[kk][c] = vi ? m.ql[oi] : 0.0f;
+    st.r_i[kk][c] = inv_norm(st.qh_i[kk][c]);
+    st.qh_j[kk][c] = vj ? m.qh[oj] : 0.0f;
+    st.ql_j[kk][c] = vj ? m.ql[oj] : 0.0f;
   }
 }
 
-// Forward: tile (i, j) = (blockIdx.y, blockIdx.x), k in the block's slice [z k_per, (z + 1) k_per) of [0, B);
-// writes the block's sum of Huber terms to partial[(z * gridDim.y + blockIdx.y) * gridDim.x + blockIdx.x].
-__global__ void __launch_bounds__(kThreads) angle_forward_kernel(const float* __restrict__ gs, const float* __restrict__ qs,
-                                                                 const float* __restrict__ gt, const float* __restrict__ qt,
-                                                                 float* __restrict__ partial, int64_t B, int64_t k_per) {
-  __shared__ RowStage st;
+// j0 - k0 as an int that compares with the staged steps kk in [0, kChunk) exactly as the 64-bit j - k would,
+// for every column j0 + c, c in [0, kTile): clamped to [-kTile, kChunk].
+__device__ __forceinline__ int relative_step(int64_t j0, int64_t k0) {
+  return static_cast<int>(std::min<int64_t>(std::max<int64_t>(j0 - k0, -kTile), kChunk));
+}
+
+// A of the pair (a, b) of this thread's 2 x 2 at staged step kk.
+template <bool UNIT>
+__device__ __forceinline__ float staged_angle(const RowStage& st, const PairTile& t, int kk, int a, int b, int tx,
+                                              int ty) {
+  const int ci = ty + kSide * a, cj = tx + kSide * b;
+  return angle<UNIT>(st.qh_j[kk][cj], st.ql_j[kk][cj], t.qh_ij[a][b], t.ql_ij[a][b], st.qh_i[kk][ci], st.ql_i[kk][ci],
+                     0.5f * t.r_ij[a][b], st.r_i[kk][ci]);
+}
+
+// Forward: tile (i, j) = (blockIdx.y, blockIdx.x), k in the block's slice [z k_per, (z + 1) k_per) of [0, B),
+// only k > j; writes the block's sum of Huber terms to partial[(z * gridDim.y + blockIdx.y) * gridDim.x + blockIdx.x].
+template <bool UNIT_S, bool UNIT_T>
+__global__ void __launch_bounds__(kThreads, kMinBlocks) angle_forward_kernel(Side ms, Side mt, float* __restrict__ partial,
+                                                                 int64_t B, int64_t k_per) {
+  __shared__ RowStage st_s, st_t;
   __shared__ float warp_sums[kThreads / 32];
   const int tid = threadIdx.x, tx = tid % kSide, ty = tid / kSide;
   const int64_t i0 = static_cast<int64_t>(blockIdx.y) * kTile;
   const int64_t j0 = static_cast<int64_t>(blockIdx.x) * kTile;
-  const int64_t k_begin = static_cast<int64_t>(blockIdx.z) * k_per;
-  const int64_t k_end = std::min<int64_t>(B, k_begin + k_per);
-  PairTile t;
-  load_pair_tile(t, gs, qs, gt, qt, B, i0, j0, tx, ty);
+  const int64_t k_begin = std::max<int64_t>(static_cast<int64_t>(blockIdx.z) * k_per, j0 + 1);
+  const int64_t k_end = std::min<int64_t>(B, static_cast<int64_t>(blockIdx.z + 1) * k_per);
+  PairTile ts, tt;
+  load_pair_tile(ts, ms, B, i0, j0, tx, ty);
+  load_pair_tile(tt, mt, B, i0, j0, tx, ty);
   float acc = 0.0f;
-  for (int64_t k0 = k_begin; k0 < k_end; k0 += kChunk) {
-    stage_rows(st, gs, qs, gt, qt, B, i0, j0, k0, k_end);
+  for (int64_t k0 = k_begin; k0 < k_end; k0 += kChunk) {  // block-uniform bounds: the barriers are safe
+    stage_rows(st_s, ms, B, i0, j0, k0, k_end);
+    stage_rows(st_t, mt, B, i0, j0, k0, k_end);
     __syncthreads();
     const int steps = static_cast<int>(std::min<int64_t>(kChunk, k_end - k0));
+    const int rel = relative_step(j0, k0);
     for (int kk = 0; kk < steps; ++kk) {
-      float gs_jk[2], gt_jk[2];
 #pragma unroll
-      for (int b = 0; b < 2; ++b) {
-        gs_jk[b] = st.gs_j[kk][tx + kSide * b];
-        gt_jk[b] = st.gt_j[kk][tx + kSide * b];
-      }
-#pragma unroll
-      for (int a = 0; a < 2; ++a) {
-        const float gs_ik = st.gs_i[kk][ty + kSide * a], rs_ik = st.rs_i[kk][ty + kSide * a];
-        const float gt_ik = st.gt_i[kk][ty + kSide * a], rt_ik = st.rt_i[kk][ty + kSide * a];
+      for (int a = 0; a < 2; ++a)
 #pragma unroll
         for (int b = 0; b < 2; ++b) {
-          const float a_s = (((gs_jk[b] - t.gs_ij[a][b]) - gs_ik) + t.gs_ii[a]) * t.rs_ij[a][b] * rs_ik;
-          const float a_t = (((gt_jk[b] - t.gt_ij[a][b]) - gt_ik) + t.gt_ii[a]) * t.rt_ij[a][b] * rt_ik;
-          acc += huber(a_s - a_t);
+          const float h = huber(staged_angle<UNIT_S>(st_s, ts, kk, a, b, tx, ty) -
+                                staged_angle<UNIT_T>(st_t, tt, kk, a, b, tx, ty));
+          acc += kk > rel + tx + kSide * b ? h : 0.0f;  // k > j only
         }
-      }
     }
     __syncthreads();
   }
@@ -207,47 +286,40 @@ __global__ void __launch_bounds__(kThreads) angle_forward_kernel(const float* __
   }
 }
 
-// Backward pass 1, tile (i, j), loop over k: S_ij = r_ij sum_k c r_ik, E_ij = -r_ij^2 sum_k c A^s (0 where
+// Backward pass 1, tile (i, j), loop over k != j: S_ij = r_ij sum_k c r_ik, E_ij = -r_ij^2 sum_k c A^s (0 where
 // sqrt(Q_ij) <= 1e-12: F.normalize's clamp, beyond which the norm carries no gradient).
-__global__ void __launch_bounds__(kThreads) angle_rows_kernel(const float* __restrict__ gs, const float* __restrict__ qs,
-                                                              const float* __restrict__ gt, const float* __restrict__ qt,
-                                                              float* __restrict__ s_out, float* __restrict__ e_out,
-                                                              int64_t B) {
-  __shared__ RowStage st;
+template <bool UNIT_T>
+__global__ void __launch_bounds__(kThreads, kMinBlocks) angle_rows_kernel(Side ms, Side mt, float* __restrict__ s_out,
+                                                              float* __restrict__ e_out, int64_t B) {
+  __shared__ RowStage st_s, st_t;
   const int tid = threadIdx.x, tx = tid % kSide, ty = tid / kSide;
   const int64_t i0 = static_cast<int64_t>(blockIdx.y) * kTile;
   const int64_t j0 = static_cast<int64_t>(blockIdx.x) * kTile;
-  PairTile t;
-  load_pair_tile(t, gs, qs, gt, qt, B, i0, j0, tx, ty);
+  PairTile ts, tt;
+  load_pair_tile(ts, ms, B, i0, j0, tx, ty);
+  load_pair_tile(tt, mt, B, i0, j0, tx, ty);
   float acc_s[2][2], acc_t[2][2];
 #pragma unroll
   for (int a = 0; a < 2; ++a)
 #pragma unroll
     for (int b = 0; b < 2; ++b) acc_s[a][b] = acc_t[a][b] = 0.0f;
   for (int64_t k0 = 0; k0 < B; k0 += kChunk) {
-    stage_rows(st, gs, qs, gt, qt, B, i0, j0, k0, B);
+    stage_rows(st_s, ms, B, i0, j0, k0, B);
+    stage_rows(st_t, mt, B, i0, j0, k0, B);
     __syncthreads();
     const int steps = static_cast<int>(std::min<int64_t>(kChunk, B - k0));
+    const int rel = relative_step(j0, k0);
     for (int kk = 0; kk < steps; ++kk) {
-      float gs_jk[2], gt_jk[2];
 #pragma unroll
-      for (int b = 0; b < 2; ++b) {
-        gs_jk[b] = st.gs_j[kk][tx + kSide * b];
-        gt_jk[b] = st.gt_j[kk][tx + kSide * b];
-      }
-#pragma unroll
-      for (int a = 0; a < 2; ++a) {
-        const float gs_ik = st.gs_i[kk][ty + kSide * a], rs_ik = st.rs_i[kk][ty + kSide * a];
-        const float gt_ik = st.gt_i[kk][ty + kSide * a], rt_ik = st.rt_i[kk][ty + kSide * a];
+      for (int a = 0; a < 2; ++a)
 #pragma unroll
         for (int b = 0; b < 2; ++b) {
-          const float a_s = (((gs_jk[b] - t.gs_ij[a][b]) - gs_ik) + t.gs_ii[a]) * t.rs_ij[a][b] * rs_ik;
-          const float a_t = (((gt_jk[b] - t.gt_ij[a][b]) - gt_ik) + t.gt_ii[a]) * t.rt_ij[a][b] * rt_ik;
-          const float c = clamp1(a_s - a_t);
-          acc_s[a][b] += c * rs_ik;
+          const float a_s = staged_angle<false>(st_s, ts, kk, a, b, tx, ty);
+          const float a_t = staged_angle<UNIT_T>(st_t, tt, kk, a, b, tx, ty);
+          const float c = kk == rel + tx + kSide * b ? 0.0f : clamp1(a_s - a_t);  // k = j: left out
+          acc_s[a][b] += c * st_s.r_i[kk][ty + kSide * a];
           acc_t[a][b] += c * a_s;
         }
-      }
     }
     __syncthreads();
   }
@@ -259,30 +331,52 @@ __global__ void __launch_bounds__(kThreads) angle_rows_kernel(const float* __res
     for (int b = 0; b < 2; ++b) {
       const int64_t j = j0 + tx + kSide * b;
       if (j >= B) continue;
-      const float r = t.rs_ij[a][b];
-      const bool live = __fsqrt_rn(fmaxf(t.qs_ij[a][b], 0.0f)) > 1e-12f;
+      const float r = ts.r_ij[a][b];
+      const bool live = __fsqrt_rn(fmaxf(ts.qh_ij[a][b], 0.0f)) > 1e-12f;
       s_out[i * B + j] = acc_s[a][b] * r;
       e_out[i * B + j] = live ? -(r * r) * acc_t[a][b] : 0.0f;
     }
   }
 }
 
-// Backward pass 2, tile (j, k) = (blockIdx.y, blockIdx.x), loop over the apex i: U_jk = sum_i c_ijk r_ij r_ik.
-// Rows i of G and r are staged: G[i, j], r[i, j], G[i, k], r[i, k] per side, and the diagonals G_ii.
+// Backward pass 2, tile (j, k) = (blockIdx.y, blockIdx.x) with k's block >= j's, loop over the apex i:
+// U_jk = sum_i c_ijk r_ij r_ik, stored at (j, k) and (k, j), 0 at j = k. Rows i of each side are staged:
+// Qh, Ql and r at columns j and k.
 struct ApexStage {
-  float gs_j[kChunk][kTile], rs_j[kChunk][kTile], gt_j[kChunk][kTile], rt_j[kChunk][kTile];
-  float gs_k[kChunk][kTile], rs_k[kChunk][kTile], gt_k[kChunk][kTile], rt_k[kChunk][kTile];
-  float gs_ii[kChunk], gt_ii[kChunk];
+  float qh_j[kChunk][kTile], ql_j[kChunk][kTile], r_j[kChunk][kTile];
+  float qh_k[kChunk][kTile], ql_k[kChunk][kTile], r_k[kChunk][kTile];
 };
 
-__global__ void __launch_bounds__(kThreads) angle_cols_kernel(const float* __restrict__ gs, const float* __restrict__ qs,
-                                                              const float* __restrict__ gt, const float* __restrict__ qt,
-                                                              float* __restrict__ u_out, int64_t B) {
-  __shared__ ApexStage st;
+__device__ __forceinline__ void stage_apexes(ApexStage& st, Side m, int64_t B, int64_t i0, int64_t j0,
+                                             int64_t k0) {
+  for (int e = threadIdx.x; e < kChunk * kTile; e += kThreads) {
+    const int ii = e / kTile, c = e % kTile;
+    const int64_t i = i0 + ii, j = j0 + c, k = k0 + c;
+    const bool vj = i < B && j < B, vk = i < B && k < B;
+    const int64_t oj = i * B + j, ok = i * B + k;
+    st.qh_j[ii][c] = vj ? m.qh[oj] : 0.0f;
+    st.ql_j[ii][c] = vj ? m.ql[oj] : 0.0f;
+    st.r_j[ii][c] = inv_norm(st.qh_j[ii][c]);
+    st.qh_k[ii][c] = vk ? m.qh[ok] : 0.0f;
+    st.ql_k[ii][c] = vk ? m.ql[ok] : 0.0f;
+    st.r_k[ii][c] = inv_norm(st.qh_k[ii][c]);
+  }
+}
+
+template <bool UNIT>
+__device__ __forceinline__ float apex_angle(const ApexStage& st, float qh_jk, float ql_jk, int ii, int cj, int ck) {
+  return angle<UNIT>(qh_jk, ql_jk, st.qh_j[ii][cj], st.ql_j[ii][cj], st.qh_k[ii][ck], st.ql_k[ii][ck],
+                     0.5f * st.r_j[ii][cj], st.r_k[ii][ck]);
+}
+
+template <bool UNIT_T>
+__global__ void __launch_bounds__(kThreads, kMinBlocks) angle_cols_kernel(Side ms, Side mt, float* __restrict__ u_out, int64_t B) {
+  if (blockIdx.x < blockIdx.y) return;  // the mirror tile writes this one
+  __shared__ ApexStage st_s, st_t;
   const int tid = threadIdx.x, tx = tid % kSide, ty = tid / kSide;
   const int64_t j0 = static_cast<int64_t>(blockIdx.y) * kTile;
   const int64_t k0 = static_cast<int64_t>(blockIdx.x) * kTile;
-  float s_jk[2][2], t_jk[2][2], acc[2][2];
+  float hs_jk[2][2], ls_jk[2][2], ht_jk[2][2], lt_jk[2][2], acc[2][2];
 #pragma unroll
   for (int a = 0; a < 2; ++a) {
     const int64_t j = j0 + ty + kSide * a;
@@ -290,56 +384,28 @@ __global__ void __launch_bounds__(kThreads) angle_cols_kernel(const float* __res
     for (int b = 0; b < 2; ++b) {
       const int64_t k = k0 + tx + kSide * b;
       const bool v = j < B && k < B;
-      s_jk[a][b] = v ? gs[j * B + k] : 0.0f;
-      t_jk[a][b] = v ? gt[j * B + k] : 0.0f;
+      hs_jk[a][b] = v ? ms.qh[j * B + k] : 0.0f;
+      ls_jk[a][b] = v ? ms.ql[j * B + k] : 0.0f;
+      ht_jk[a][b] = v ? mt.qh[j * B + k] : 0.0f;
+      lt_jk[a][b] = v ? mt.ql[j * B + k] : 0.0f;
       acc[a][b] = 0.0f;
     }
   }
   for (int64_t i0 = 0; i0 < B; i0 += kChunk) {
-    for (int e = tid; e < kChunk * kTile; e += kThreads) {
-      const int ii = e / kTile, c = e % kTile;
-      const int64_t i = i0 + ii, j = j0 + c, k = k0 + c;
-      const bool vj = i < B && j < B, vk = i < B && k < B;
-      const int64_t oj = i * B + j, ok = i * B + k;
-      st.gs_j[ii][c] = vj ? gs[oj] : 0.0f;
-      st.rs_j[ii][c] = inv_norm(vj ? qs[oj] : 0.0f);
-      st.gt_j[ii][c] = vj ? gt[oj] : 0.0f;
-      st.rt_j[ii][c] = inv_norm(vj ? qt[oj] : 0.0f);
-      st.gs_k[ii][c] = vk ? gs[ok] : 0.0f;
-      st.rs_k[ii][c] = inv_norm(vk ? qs[ok] : 0.0f);
-      st.gt_k[ii][c] = vk ? gt[ok] : 0.0f;
-      st.rt_k[ii][c] = inv_norm(vk ? qt[ok] : 0.0f);
-    }
-    if (tid < kChunk) {
-      const int64_t i = i0 + tid;
-      st.gs_ii[tid] = i < B ? gs[i * (B + 1)] : 0.0f;
-      st.gt_ii[tid] = i < B ? gt[i * (B + 1)] : 0.0f;
-    }
+    stage_apexes(st_s, ms, B, i0, j0, k0);
+    stage_apexes(st_t, mt, B, i0, j0, k0);
     __syncthreads();
     const int steps = static_cast<int>(std::min<int64_t>(kChunk, B - i0));
     for (int ii = 0; ii < steps; ++ii) {
-      const float s_ii = st.gs_ii[ii], t_ii = st.gt_ii[ii];
-      float gs_ik[2], rs_ik[2], gt_ik[2], rt_ik[2];
 #pragma unroll
-      for (int b = 0; b < 2; ++b) {
-        gs_ik[b] = st.gs_k[ii][tx + kSide * b];
-        rs_ik[b] = st.rs_k[ii][tx + kSide * b];
-        gt_ik[b] = st.gt_k[ii][tx + kSide * b];
-        rt_ik[b] = st.rt_k[ii][tx + kSide * b];
-      }
-#pragma unroll
-      for (int a = 0; a < 2; ++a) {
-        const float gs_ij = st.gs_j[ii][ty + kSide * a], rs_ij = st.rs_j[ii][ty + kSide * a];
-        const float gt_ij = st.gt_j[ii][ty + kSide * a], rt_ij = st.rt_j[ii][ty + kSide * a];
+      for (int a = 0; a < 2; ++a)
 #pragma unroll
         for (int b = 0; b < 2; ++b) {
-          const float p_s = rs_ij * rs_ik[b];
-          const float a_s = (((s_jk[a][b] - gs_ij) - gs_ik[b]) + s_ii) * p_s;
-          const float a_t = (((t_jk[a][b] - gt_ij) - gt_ik[b]) + t_ii) * (rt_ij * rt_ik[b]);
-          const float c = clamp1(a_s - a_t);
-          acc[a][b] += c * p_s;
+          const int cj = ty + kSide * a, ck = tx + kSide * b;
+          const float a_s = apex_angle<false>(st_s, hs_jk[a][b], ls_jk[a][b], ii, cj, ck);
+          const float a_t = apex_angle<UNIT_T>(st_t, ht_jk[a][b], lt_jk[a][b], ii, cj, ck);
+          acc[a][b] += clamp1(a_s - a_t) * (st_s.r_j[ii][cj] * st_s.r_k[ii][ck]);
         }
-      }
     }
     __syncthreads();
   }
@@ -350,7 +416,10 @@ __global__ void __launch_bounds__(kThreads) angle_cols_kernel(const float* __res
 #pragma unroll
     for (int b = 0; b < 2; ++b) {
       const int64_t k = k0 + tx + kSide * b;
-      if (k < B) u_out[j * B + k] = acc[a][b];
+      if (k >= B) continue;
+      const float u = j == k ? 0.0f : acc[a][b];
+      u_out[j * B + k] = u;
+      u_out[k * B + j] = u;
     }
   }
 }
@@ -363,28 +432,38 @@ static void check_grid(int64_t n, const char* what) {
   TORCH_CHECK(n <= 65535, what, ": the batch is too large for the CUDA kernels' grid (", n, " tiles per side)");
 }
 
-static void check_matrices(const at::Tensor& gram_s, const at::Tensor& d2_s, const at::Tensor& gram_t, const at::Tensor& d2_t,
-                    const char* op) {
-  const at::Tensor* all[] = {&gram_s, &d2_s, &gram_t, &d2_t};
-  const char* names[] = {"gram_s", "d2_s", "gram_t", "d2_t"};
-  TORCH_CHECK(gram_s.dim() == 2 && gram_s.size(0) == gram_s.size(1), op, ": gram_s must be a square matrix, got ",
-              gram_s.sizes());
+static void check_float_on_device(const at::Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK(fastkd::on_device(t), op, ": ", name, " must be a CUDA tensor");
+  TORCH_CHECK(t.scalar_type() == at::kFloat, op, ": ", name, " must be float32, got ", t.scalar_type());
+}
+
+// The four B x B matrices of the angle kernels (Qh, Ql of each side), checked and made contiguous.
+struct Matrices {
+  at::Tensor m[4];
+  Side side(int s) const { return Side{m[2 * s].data_ptr<float>(), m[2 * s + 1].data_ptr<float>()}; }
+};
+
+static Matrices matrices(const at::Tensor& qh_s, const at::Tensor& ql_s, const at::Tensor& qh_t, const at::Tensor& ql_t,
+                         const char* op) {
+  const at::Tensor* all[] = {&qh_s, &ql_s, &qh_t, &ql_t};
+  const char* names[] = {"qh_s", "ql_s", "qh_t", "ql_t"};
+  TORCH_CHECK(qh_s.dim() == 2 && qh_s.size(0) == qh_s.size(1), op, ": qh_s must be a square matrix, got ",
+              qh_s.sizes());
+  Matrices out;
   for (int n = 0; n < 4; ++n) {
     const at::Tensor& m = *all[n];
-    TORCH_CHECK(fastkd::on_device(m), op, ": ", names[n], " must be a CUDA tensor");
-    TORCH_CHECK(m.device() == gram_s.device(), op, ": ", names[n], " is on ", m.device(), ", gram_s on ",
-                gram_s.device());
-    TORCH_CHECK(m.scalar_type() == at::kFloat, op, ": ", names[n], " must be float32, got ", m.scalar_type());
-    TORCH_CHECK(m.sizes() == gram_s.sizes(), op, ": ", names[n], " has shape ", m.sizes(), ", gram_s ",
-                gram_s.sizes());
+    check_float_on_device(m, op, names[n]);
+    TORCH_CHECK(m.device() == qh_s.device(), op, ": ", names[n], " is on ", m.device(), ", qh_s on ", qh_s.device());
+    TORCH_CHECK(m.sizes() == qh_s.sizes(), op, ": ", names[n], " has shape ", m.sizes(), ", qh_s ", qh_s.sizes());
+    out.m[n] = m.contiguous();
   }
+  return out;
 }
 
 // |x_i - x_j|^2, B x B float32, from float32 rows (B, D), computed directly (Triton's sq_distances).
 at::Tensor sq_distances(const at::Tensor& x) {
-  TORCH_CHECK(fastkd::on_device(x), "cuda_rkd_sq_distances: x must be a CUDA tensor");
+  check_float_on_device(x, "cuda_rkd_sq_distances", "x");
   TORCH_CHECK(x.dim() == 2, "cuda_rkd_sq_distances: x must be (B, D), got ", x.sizes());
-  TORCH_CHECK(x.scalar_type() == at::kFloat, "cuda_rkd_sq_distances: x must be float32, got ", x.scalar_type());
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t B = x.size(0), D = x.size(1);
   at::Tensor out = at::empty({B, B}, x.options());
@@ -399,16 +478,40 @@ at::Tensor sq_distances(const at::Tensor& x) {
   return out;
 }
 
-// sum_ijk Huber(A^s_ijk - A^t_ijk), a 0-d float32 tensor (Triton's angle_forward): one partial per block, summed
-// by at::sum (deterministic). The k range is split over gridDim.z when the (i, j) tiles alone are too few.
-at::Tensor angle_sum(const at::Tensor& gram_s_in, const at::Tensor& d2_s_in, const at::Tensor& gram_t_in,
-                     const at::Tensor& d2_t_in) {
-  check_matrices(gram_s_in, d2_s_in, gram_t_in, d2_t_in, "cuda_rkd_angle_sum");
-  const c10::cuda::CUDAGuard guard(gram_s_in.device());
-  const at::Tensor gram_s = gram_s_in.contiguous(), d2_s = d2_s_in.contiguous();
-  const at::Tensor gram_t = gram_t_in.contiguous(), d2_t = d2_t_in.contiguous();
-  const int64_t B = gram_s.size(0);
-  if (B == 0) return at::zeros({}, gram_s.options());
+// out_m = sum_k w_mk (x_m - x_k), (B, D) float32, for a symmetric float32 w (Triton's weighted_diff).
+at::Tensor weighted_diff(const at::Tensor& w_in, const at::Tensor& x_in) {
+  check_float_on_device(w_in, "cuda_rkd_weighted_diff", "w");
+  check_float_on_device(x_in, "cuda_rkd_weighted_diff", "x");
+  TORCH_CHECK(x_in.dim() == 2, "cuda_rkd_weighted_diff: x must be (B, D), got ", x_in.sizes());
+  const int64_t B = x_in.size(0), D = x_in.size(1);
+  TORCH_CHECK(w_in.dim() == 2 && w_in.size(0) == B && w_in.size(1) == B, "cuda_rkd_weighted_diff: w must be (", B,
+              ", ", B, "), got ", w_in.sizes());
+  TORCH_CHECK(w_in.device() == x_in.device(), "cuda_rkd_weighted_diff: w is on ", w_in.device(), ", x on ",
+              x_in.device());
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const at::Tensor w = w_in.contiguous(), x = x_in.contiguous();
+  at::Tensor out = at::empty({B, D}, x.options());
+  if (B == 0 || D == 0) return out;
+  const int64_t rows = cdiv(B, kTile), cols = cdiv(D, kTile);
+  check_grid(rows, "cuda_rkd_weighted_diff");
+  TORCH_CHECK(cols <= 2147483647, "cuda_rkd_weighted_diff: the rows are too long (", D, ")");
+  const dim3 grid(static_cast<unsigned>(cols), static_cast<unsigned>(rows));
+  FASTKD_LAUNCH(grid, kThreads, 0, at::cuda::getCurrentCUDAStream(), weighted_diff_kernel)(
+      w.data_ptr<float>(), x.data_ptr<float>(), out.data_ptr<float>(), B, D);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+// sum_{i, j != k} Huber(A^s_ijk - A^t_ijk), a 0-d float32 tensor (Triton's angle_sum): one partial per block,
+// summed by at::sum (deterministic) and doubled. The k range is split over gridDim.z when the (i, j) tiles alone
+// are too few.
+at::Tensor angle_sum(const at::Tensor& qh_s, const at::Tensor& ql_s, const at::Tensor& qh_t, const at::Tensor& ql_t,
+                     bool unit_s, bool unit_t) {
+  const Matrices m = matrices(qh_s, ql_s, qh_t, ql_t, "cuda_rkd_angle_sum");
+  const at::Tensor& q_s = m.m[0];
+  const c10::cuda::CUDAGuard guard(q_s.device());
+  const int64_t B = q_s.size(0);
+  if (B == 0) return at::zeros({}, q_s.options());
   const int64_t n = cdiv(B, kTile);
   check_grid(n, "cuda_rkd_angle_sum");
   const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
@@ -416,52 +519,61 @@ at::Tensor angle_sum(const at::Tensor& gram_s_in, const at::Tensor& d2_s_in, con
   const int64_t split = std::max<int64_t>(1, std::min<int64_t>(max_split, cdiv(2 * sms, n * n)));
   const int64_t k_per = cdiv(B, split);  // the last staged chunk of a slice may be partial
   const int64_t slices = cdiv(B, k_per);
-  at::Tensor partial = at::empty({slices * n * n}, gram_s.options());
+  at::Tensor partial = at::empty({slices * n * n}, q_s.options());
   const dim3 grid(static_cast<unsigned>(n), static_cast<unsigned>(n), static_cast<unsigned>(slices));
-  FASTKD_LAUNCH(grid, kThreads, 0, at::cuda::getCurrentCUDAStream(), angle_forward_kernel)(
-      gram_s.data_ptr<float>(), d2_s.data_ptr<float>(), gram_t.data_ptr<float>(), d2_t.data_ptr<float>(),
-      partial.data_ptr<float>(), B, k_per);
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const Side ms = m.side(0), mt = m.side(1);
+  float* out = partial.data_ptr<float>();
+  if (unit_s && unit_t) {
+    FASTKD_LAUNCH(grid, kThreads, 0, stream, angle_forward_kernel<true, true>)(ms, mt, out, B, k_per);
+  } else if (unit_s) {
+    FASTKD_LAUNCH(grid, kThreads, 0, stream, angle_forward_kernel<true, false>)(ms, mt, out, B, k_per);
+  } else if (unit_t) {
+    FASTKD_LAUNCH(grid, kThreads, 0, stream, angle_forward_kernel<false, true>)(ms, mt, out, B, k_per);
+  } else {
+    FASTKD_LAUNCH(grid, kThreads, 0, stream, angle_forward_kernel<false, false>)(ms, mt, out, B, k_per);
+  }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return at::sum(partial);
+  return 2.0 * at::sum(partial);
 }
 
-// grad * d(sum Huber)/dG_s and grad * d(sum Huber)/dD2_s, each B x B float32 (Triton's angle_backward).
-std::tuple<at::Tensor, at::Tensor> angle_sum_backward(const at::Tensor& grad, const at::Tensor& gram_s_in,
-                                                      const at::Tensor& d2_s_in, const at::Tensor& gram_t_in,
-                                                      const at::Tensor& d2_t_in) {
-  check_matrices(gram_s_in, d2_s_in, gram_t_in, d2_t_in, "cuda_rkd_angle_sum_backward");
-  TORCH_CHECK(grad.dim() == 0, "cuda_rkd_angle_sum_backward: grad must be 0-d (the gradient of a sum), got ",
-              grad.sizes());
-  const c10::cuda::CUDAGuard guard(gram_s_in.device());
-  const at::Tensor gram_s = gram_s_in.contiguous(), d2_s = d2_s_in.contiguous();
-  const at::Tensor gram_t = gram_t_in.contiguous(), d2_t = d2_t_in.contiguous();
-  const int64_t B = gram_s.size(0);
-  at::Tensor s = at::empty({B, B}, gram_s.options());
-  at::Tensor e = at::empty({B, B}, gram_s.options());
-  at::Tensor u = at::empty({B, B}, gram_s.options());
+// W, (B, B) float32: the sum's gradient is weighted_diff(W, x_s) (Triton's angle_weights).
+at::Tensor angle_weights(const at::Tensor& qh_s, const at::Tensor& ql_s, const at::Tensor& qh_t, const at::Tensor& ql_t,
+                         bool unit_t) {
+  const Matrices m = matrices(qh_s, ql_s, qh_t, ql_t, "cuda_rkd_angle_weights");
+  const at::Tensor& q_s = m.m[0];
+  const c10::cuda::CUDAGuard guard(q_s.device());
+  const int64_t B = q_s.size(0);
+  at::Tensor s = at::empty({B, B}, q_s.options());
+  at::Tensor e = at::empty({B, B}, q_s.options());
+  at::Tensor u = at::empty({B, B}, q_s.options());
   if (B > 0) {
     const int64_t n = cdiv(B, kTile);
-    check_grid(n, "cuda_rkd_angle_sum_backward");
+    check_grid(n, "cuda_rkd_angle_weights");
     const dim3 grid(static_cast<unsigned>(n), static_cast<unsigned>(n));
     const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-    FASTKD_LAUNCH(grid, kThreads, 0, stream, angle_rows_kernel)(gram_s.data_ptr<float>(), d2_s.data_ptr<float>(),
-                                                              gram_t.data_ptr<float>(), d2_t.data_ptr<float>(),
-                                                              s.data_ptr<float>(), e.data_ptr<float>(), B);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    FASTKD_LAUNCH(grid, kThreads, 0, stream, angle_cols_kernel)(gram_s.data_ptr<float>(), d2_s.data_ptr<float>(),
-                                                              gram_t.data_ptr<float>(), d2_t.data_ptr<float>(),
-                                                              u.data_ptr<float>(), B);
+    const Side ms = m.side(0), mt = m.side(1);
+    if (unit_t) {
+      FASTKD_LAUNCH(grid, kThreads, 0, stream, angle_rows_kernel<true>)(ms, mt, s.data_ptr<float>(),
+                                                                       e.data_ptr<float>(), B);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      FASTKD_LAUNCH(grid, kThreads, 0, stream, angle_cols_kernel<true>)(ms, mt, u.data_ptr<float>(), B);
+    } else {
+      FASTKD_LAUNCH(grid, kThreads, 0, stream, angle_rows_kernel<false>)(ms, mt, s.data_ptr<float>(),
+                                                                        e.data_ptr<float>(), B);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      FASTKD_LAUNCH(grid, kThreads, 0, stream, angle_cols_kernel<false>)(ms, mt, u.data_ptr<float>(), B);
+    }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
-  at::Tensor d_gram = u - 2.0 * s;
-  d_gram.diagonal().add_(s.sum(1));
-  return std::make_tuple(d_gram * grad, e * grad);
+  return 2.0 * ((e + e.t()) + (s + s.t()) - u);
 }
 
 }  // namespace fastkd_rkd
 
 TORCH_LIBRARY_IMPL(FASTKD_LIBRARY, FASTKD_DISPATCH_KEY, m) {
   m.impl("cuda_rkd_sq_distances", &fastkd_rkd::sq_distances);
+  m.impl("cuda_rkd_weighted_diff", &fastkd_rkd::weighted_diff);
   m.impl("cuda_rkd_angle_sum", &fastkd_rkd::angle_sum);
-  m.impl("cuda_rkd_angle_sum_backward", &fastkd_rkd::angle_sum_backward);
+  m.impl("cuda_rkd_angle_weights", &fastkd_rkd::angle_weights);
 }

@@ -11,7 +11,7 @@ import pytest
 
 OPS = ["cuda_at_channel_mean_pow", "cuda_at_channel_mean_pow_backward", "cuda_dkd_rows", "cuda_dkd_rows_backward",
        "cuda_jsd_rows", "cuda_jsd_rows_backward", "cuda_kl_rows", "cuda_kl_rows_backward", "cuda_rkd_angle_sum",
-       "cuda_rkd_angle_sum_backward", "cuda_rkd_sq_distances"]
+       "cuda_rkd_angle_weights", "cuda_rkd_sq_distances", "cuda_rkd_weighted_diff"]
 
 
 @pytest.mark.skipif(os.environ.get("FASTKD_TEST_CUDA_BUILD") != "1", reason="set FASTKD_TEST_CUDA_BUILD=1 to compile")

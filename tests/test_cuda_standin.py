@@ -311,24 +311,20 @@ def test_a_planted_shuffle_fault_is_caught(planted_ops):
 
 
 # --- RKD ------------------------------------------------------------------------------------------------------
-# For the engineer rewriting the RKD kernels: these test the current op signatures, cuda_rkd_sq_distances(x),
-# cuda_rkd_angle_sum(gram_s, d2_s, gram_t, d2_t) and cuda_rkd_angle_sum_backward(grad, gram_s, d2_s, gram_t,
-# d2_t), against float64 references; adapt them with the kernels.
+# The RKD ops against float64 formulas and the Triton ops, and the losses composed from them (as
+# fastkd.kernel_losses composes the "cuda" backend) against float64 on near-duplicate rows, clusters and offsets,
+# by the tolerance rule of tests/test_adversarial.py: accurate, not excused.
 
 def sq_distances64(x):
     x = x.double()
     return ((x[:, None, :] - x[None, :, :]) ** 2).sum(-1)
 
 
-def angle_sum64(gram, d2, gram_t, d2_t):
-    """sum_ijk Huber(A^s_ijk - A^t_ijk), A_ijk = (G_jk - G_ij - G_ik + G_ii) r_ij r_ik, r = 1 / max(sqrt(Q),
-    1e-12) and 0 where Q <= 0 (the kernels' inputs, in float64): differentiable in the student's G and Q."""
-    def angles(g, q):
-        safe = torch.where(q > 0, q, 1.0)
-        r = torch.where(q > 0, 1.0 / safe.sqrt().clamp(min=1e-12), 0.0)
-        n = g[None, :, :] - g[:, :, None] - g[:, None, :] + g.diagonal()[:, None, None]
-        return n * r[:, :, None] * r[:, None, :]
-    return F.smooth_l1_loss(angles(gram, d2), angles(gram_t.double(), d2_t.double()), reduction="sum")
+def close_rows(B, D, gap, seed, offset=0.0):
+    x = logits(B, D, seed=seed, scale=1.0) + offset
+    x[B - 1] = x[0] + gap * logits(D, seed=seed + 1, scale=1.0)
+    x[B - 2] = x[0] - gap * logits(D, seed=seed + 2, scale=1.0)
+    return x
 
 
 @pytest.mark.parametrize("B,D", [(1, 3), (2, 3), (7, 17), (33, 5), (70, 9)])
@@ -339,21 +335,67 @@ def test_rkd_sq_distances(ops, B, D):
     assert torch.equal(d2, d2.T) and torch.all(d2.diagonal() == 0)
 
 
-@pytest.mark.parametrize("B", [2, 7, 33])
-def test_rkd_angle_sum(ops, B):
-    xs, xt = logits(B, 6, seed=B + 60, scale=1.0), logits(B, 9, seed=B + 61, scale=1.0)
-    inputs = [xs @ xs.T, ops.cuda_rkd_sq_distances(xs), xt @ xt.T, ops.cuda_rkd_sq_distances(xt)]
-    total = ops.cuda_rkd_angle_sum(*inputs)
-    want = angle_sum64(*[m.double() for m in inputs])
-    # The Gram form is the reference's angle definition (normalised differences), up to float32 rounding.
-    by_definition = F.smooth_l1_loss(relational.angles(xs.double()), relational.angles(xt.double()), reduction="sum")
-    torch.testing.assert_close(want, by_definition, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(total.double(), want, rtol=1e-4, atol=1e-5)
-    grad = torch.tensor(0.7)
-    d_gram, d_d2 = ops.cuda_rkd_angle_sum_backward(grad, *inputs)
-    leaves = [inputs[0].double().requires_grad_(), inputs[1].double().requires_grad_()]
-    want_gram, want_d2 = torch.autograd.grad(0.7 * angle_sum64(*leaves, inputs[2], inputs[3]), leaves)
-    # At B = 2 the exact gradient is 0 (every angle is 1) and float32 leaves noise: an absolute floor of 1e-6.
-    for got, want_g, what in ((d_gram, want_gram, "d gram"), (d_d2, want_d2, "d d2")):
-        atol = max(1e-4 * want_g.abs().max().item(), 1e-6)
-        torch.testing.assert_close(got.double(), want_g, rtol=1e-3, atol=atol, msg=lambda m: f"{what}: {m}")
+@pytest.mark.parametrize("B,D", [(2, 3), (7, 17), (40, 70)])
+def test_rkd_weighted_diff(ops, B, D):
+    """sum_k w_mk (x_m - x_k) within a few ulp of float64 relative to its terms, on rows 1e-5 apart near a large
+    offset (where the matmul form loses everything); tiles partial in both m and d."""
+    x = close_rows(B, D, 1e-5, seed=B, offset=30.0) if B > 2 else logits(B, D, seed=B, scale=1.0)
+    w = logits(B, B, seed=B + 1, scale=1.0)
+    w = w + w.T
+    diff = x.double()[:, None, :] - x.double()[None, :, :]
+    want = (w.double()[:, :, None] * diff).sum(1)
+    terms = (w.double().abs()[:, :, None] * diff.abs()).sum(1)
+    got = ops.cuda_rkd_weighted_diff(w, x).double()
+    assert ((got - want).abs() <= 8 * 2.0 ** -24 * terms).all()
+
+
+@pytest.mark.parametrize("B", [2, 7, 33, 40])
+@pytest.mark.parametrize("units", [(False, False), (True, False), (False, True)])
+def test_rkd_angle_ops_match_triton(ops, B, units):
+    """The angle sum and its gradient weights from the same float64 distance pairs as the Triton kernels (in the
+    interpreter): the same formulas, so equal up to the order of the sums (several tiles at B = 33, 40)."""
+    triton_rkd = pytest.importorskip("fastkd.triton.rkd")
+    from fastkd.kernel_autograd import sq_hi_lo
+    xs = close_rows(B, 1 if units[0] else 6, 1e-4, seed=B + 60) if B > 2 else logits(B, 6, seed=B, scale=1.0)
+    xt = logits(B, 1 if units[1] else 9, seed=B + 61, scale=1.0)
+    pairs = [*sq_hi_lo(xs), *sq_hi_lo(xt)]
+    got = ops.cuda_rkd_angle_sum(*pairs, *units)
+    want = triton_rkd.angle_sum(*pairs, *units)
+    torch.testing.assert_close(got, want, rtol=2e-6, atol=1e-7)
+    got_w = ops.cuda_rkd_angle_weights(*pairs, units[1])
+    want_w = triton_rkd.angle_weights(*pairs, units[1])
+    torch.testing.assert_close(got_w, want_w, rtol=2e-5, atol=2e-6 * want_w.abs().max().item())
+
+
+def standin_rkd_losses(ops):
+    from fastkd.kernel_autograd import rkd_functions
+    from fastkd.kernel_losses import KernelSet, make_losses
+    pairwise_sq, angle_sum = rkd_functions(ops.cuda_rkd_sq_distances, ops.cuda_rkd_weighted_diff,
+                                           ops.cuda_rkd_angle_sum, ops.cuda_rkd_angle_weights)
+    return make_losses(KernelSet(None, None, None, pairwise_sq, angle_sum, None))
+
+
+@pytest.mark.parametrize("gap", [1e-2, 1e-3, 1e-4, 1e-5])
+def test_rkd_losses_on_close_rows_within_the_tolerance_rule(ops, gap):
+    """The issue's table: near-duplicate rows (student and teacher side), a tight cluster, a large offset, with
+    the CUDA kernels' device code; error against float64 at most twice eager float32's (or 8 roundings)."""
+    losses = standin_rkd_losses(ops)
+    s = close_rows(16, 24, gap, seed=70, offset=50.0)
+    t = close_rows(16, 12, gap, seed=80, offset=-20.0)
+    cluster = 3.0 * logits(24, seed=90, scale=1.0) + gap * logits(16, 24, seed=91, scale=1.0)
+    for name in ("rkd_loss", "rkd_angle_loss", "rkd_distance_loss"):
+        for a, b, what in ((s, t, "near duplicates"), (t, s, "teacher near duplicates"), (cluster, t, "cluster")):
+            results = []
+            for fn, x, y in ((losses[name], a, b), (getattr(relational, name), a, b),
+                             (getattr(relational, name), a.double(), b.double())):
+                x = x.detach().clone().requires_grad_()
+                value = fn(x, y)
+                value.backward()
+                results.append((value.detach().double(), x.grad.double()))
+            (v, g), (v_eager, g_eager), (v64, g64) = results
+            floor = 8 * 2.0 ** -24
+            err, err_eager = abs(v - v64) / abs(v64), abs(v_eager - v64) / abs(v64)
+            assert err <= 2 * max(err_eager, floor), (name, what, "value", err, err_eager)
+            scale = g64.abs().max()
+            err, err_eager = (g - g64).abs().max() / scale, (g_eager - g64).abs().max() / scale
+            assert err <= 2 * max(err_eager, floor), (name, what, "grad", err, err_eager)

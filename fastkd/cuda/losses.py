@@ -68,14 +68,19 @@ def _(x):
     return x.new_empty((x.shape[0], x.shape[0]), dtype=torch.float32)
 
 
+@torch.library.register_fake("fastkd::cuda_rkd_weighted_diff")
+def _(w, x):
+    return torch.empty_like(x, dtype=torch.float32)
+
+
 @torch.library.register_fake("fastkd::cuda_rkd_angle_sum")
-def _(gram_s, d2_s, gram_t, d2_t):
-    return gram_s.new_empty((), dtype=torch.float32)
+def _(qh_s, ql_s, qh_t, ql_t, unit_s, unit_t):
+    return qh_s.new_empty(())
 
 
-@torch.library.register_fake("fastkd::cuda_rkd_angle_sum_backward")
-def _(grad, gram_s, d2_s, gram_t, d2_t):
-    return torch.empty_like(gram_s), torch.empty_like(gram_s)
+@torch.library.register_fake("fastkd::cuda_rkd_angle_weights")
+def _(qh_s, ql_s, qh_t, ql_t, unit_t):
+    return torch.empty_like(qh_s)
 
 
 @torch.library.register_fake("fastkd::cuda_at_channel_mean_pow")
@@ -92,15 +97,14 @@ for _op, _backward, _setup in [
     ("cuda_kl_rows", partial(AG.kl_backward, backward=ops.cuda_kl_rows_backward), AG.kl_setup),
     ("cuda_jsd_rows", partial(AG.jsd_backward, backward=ops.cuda_jsd_rows_backward), AG.jsd_setup),
     ("cuda_dkd_rows", partial(AG.dkd_backward, backward=ops.cuda_dkd_rows_backward), AG.dkd_setup),
-    ("cuda_rkd_sq_distances", AG.sq_backward, AG.sq_setup),
-    ("cuda_rkd_angle_sum", partial(AG.angle_backward, backward=ops.cuda_rkd_angle_sum_backward), AG.angle_setup),
     ("cuda_at_channel_mean_pow", partial(AG.map_backward, backward=ops.cuda_at_channel_mean_pow_backward),
      AG.map_setup),
 ]:
     torch.library.register_autograd(f"fastkd::{_op}", _backward, setup_context=_setup)
 
 
+pairwise_sq, angle_sum = AG.rkd_functions(ops.cuda_rkd_sq_distances, ops.cuda_rkd_weighted_diff,
+                                          ops.cuda_rkd_angle_sum, ops.cuda_rkd_angle_weights)
 KERNELS = KernelSet(kl_rows=ops.cuda_kl_rows, jsd_rows=ops.cuda_jsd_rows, dkd_rows=ops.cuda_dkd_rows,
-                    pairwise_sq=ops.cuda_rkd_sq_distances, angle_sum=ops.cuda_rkd_angle_sum,
-                    channel_mean_pow=ops.cuda_at_channel_mean_pow)
+                    pairwise_sq=pairwise_sq, angle_sum=angle_sum, channel_mean_pow=ops.cuda_at_channel_mean_pow)
 LOSSES = register_backend("cuda", KERNELS)
