@@ -17,8 +17,9 @@ LIBRARY = "fastkd_standin"
 # -O1 keeps the compile short; -fno-strict-aliasing because the vector loads read tensors through uint4, as
 # CUDA code does. The sanitizer stops the process, as a GPU faults, on a misaligned vector load or store
 # (which x86 would forgive) and on an index outside a fixed-size array (__shared__ and per-thread arrays).
+# C++20 for the stand-in's std::barrier whatever the torch (2.11's extension builder defaults to C++17).
 SANITIZE = ["-fsanitize=alignment,bounds", "-fno-sanitize-recover=all"]
-FLAGS = ["-O1", "-DFASTKD_STANDIN", "-DFASTKD_ARCHS=cpu_standin", "-fno-strict-aliasing", "-Wno-unknown-pragmas",
+FLAGS = ["-std=c++20", "-O1", "-DFASTKD_STANDIN", "-DFASTKD_ARCHS=cpu_standin", "-fno-strict-aliasing", "-Wno-unknown-pragmas",
          *SANITIZE]
 
 
