@@ -50,8 +50,8 @@ post-ReLU sparse features; all-zero rows and maps; D = 1; B = 2; for logits one-
 teachers, -inf entries, logits of +-1e4, temperatures 0.05 and 100, float16 values near overflow, a row
 whose entries are all equal, one class. Each runs in float32, bfloat16 and float16.
 
-Cases that fail today are not loosened: see the report that came with this module. The RKD kernels are being
-rewritten; their near-duplicate cases at gaps <= 1e-3 are expected to fail until that lands.
+No case is loosened to pass: a kernel that misses the rule is a kernel bug. A case whose truth no float32
+computation can resolve is listed in `ILL_POSED` with the numbers that show it, and skipped with that reason.
 `test_the_rule_has_teeth` shows the checking helper rejecting a deliberately inaccurate formulation on the
 cases it is built for.
 """
@@ -664,15 +664,27 @@ def student_rows_coincide(s: torch.Tensor) -> bool:
     return bool((x[:, None, :] == x[None, :, :]).all(-1).sum() > x.shape[0])
 
 
+# Cases whose truth no float32 computation resolves, so that the verdict would rest on noise (see the module
+# docstring); each says why, and shows as a skip.
+ILL_POSED = {
+    ("pkt_loss", "offset_1e3"): "PKT is not translation invariant: at a common offset of 1e3 every cosine "
+    "similarity is 1 - O(1e-7) and the loss is ~2e-15, 1e-13 of its terms; float32 (eager and fastkd alike) gives "
+    "1.9e-9, bfloat16 eager 0: relative errors of 1e6 and 1, both rounding noise",
+}
+
+
 def params():
     for loss in LOSSES:
         backends = ("torch", "triton", "cuda") if loss.op in KERNEL_LOSSES else ("torch",)
         for case in CASES:
             if case.family != loss.family:
                 continue
+            why = ILL_POSED.get((loss.name, case.name))
+            marks = [pytest.mark.skip(reason=f"ill-posed: {why}")] if why else []
             for backend in backends:
                 for dname in DTYPES:
-                    yield pytest.param(loss, case, backend, dname, id=f"{loss.name}-{case.name}-{backend}-{dname}")
+                    yield pytest.param(loss, case, backend, dname, marks=marks,
+                                       id=f"{loss.name}-{case.name}-{backend}-{dname}")
 
 
 @pytest.mark.parametrize("loss, case, backend, dtype", list(params()))
