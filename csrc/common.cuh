@@ -1,10 +1,18 @@
 // What the CUDA row kernels share (the CUDA counterpart of fastkd/triton/rows.py): addressing the rows of
-// `(..., V)` views by strides, the online log-sum-exp with the same -inf and NaN rules, warp-shuffle and
-// block reductions, a row visitor with 16-byte vector loads, and the host-side checks and dispatch.
+// `(..., V)` views by strides, row statistics kept apart (the max M and the sum Z = sum exp(x - M), never
+// lse = M + log Z), the accurate element-wise helpers of rows.py (`exp_diff`, `expm1_small`, `log_ratio`),
+// warp-shuffle and block reductions, a row visitor with 16-byte vector loads, and the host-side checks and
+// dispatch.
 //
-// One thread block per row. Each thread keeps its own online log-sum-exp state (m, z) over the columns it
-// visits; the states are then combined across the block: M = max m, Z = sum z exp(m - M), where a state that
-// has seen only -inf (m = -inf, z = 0) gets weight 0, so `-inf - -inf` never reaches a result.
+// One thread block per row. The logit kernels take the row maxima first (pass 1: a per-thread max, then a
+// block max), then re-read the row for the sums against the final maxima (no rescaling, so no rescaling
+// error): each thread sums over the columns it visits, and the per-thread sums are added across the block.
+//
+// Precision under nvcc's --use_fast_math (which maps expf/logf/x/y to __expf/__logf/__fdividef and flushes
+// subnormals to zero): every rounding that the accuracy analysis of rows.py relies on is made explicit here.
+// `exp_accurate` (~2.5 ulp on the whole range, vs __expf's 2 + 1.2|x| ulp), `log_rn` (double log, then
+// rounded: correctly rounded but for rare double roundings), log1pf and expm1f (libdevice, <= 1 ulp; not
+// affected by --use_fast_math), __fdiv_rn and __fmul_rn (correctly rounded, never contracted into an FMA).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -40,35 +48,67 @@ __device__ __forceinline__ T from_float(float v) {
   return static_cast<T>(v);  // round to nearest even for half and bfloat16, as Triton's .to()
 }
 
-// One step of the online log-sum-exp (rows.py `online_update`): m' = max(m, x) (a NaN x is carried, so the
-// sums become NaN), z' = z exp(m - m') + exp(x - m'); also the rescale of older sums and exp(x - m').
-__device__ __forceinline__ void online_update(float& m, float& z, float x, float& rescale, float& e) {
-  const float m_new = (x != x) ? x : fmaxf(m, x);
-  const bool seen = m_new != neg_inf();
-  rescale = seen ? __expf(m - m_new) : 0.0f;
-  e = seen ? __expf(x - m_new) : 0.0f;
-  z = z * rescale + e;
-  m = m_new;
+// exp(x) to ~2.5 ulp over float32's whole range: Cody-Waite reduction x = k ln2 + r (k an integer,
+// |r| <= ln2 / 2, r to u |r| through a two-part ln2 and FMAs), then 2^k __expf(r), where __expf's error is
+// 2 ulp plus the rounding of r log2(e) (<= 0.5 ulp for |r| <= 0.35). __expf(x) alone rounds x log2(e) first,
+// an error of |x| u relative (100 ulp at x = -87). 0 at -inf and below -104 (also the subnormals that
+// --use_fast_math flushes on the GPU: x < -87.3 gives 0 there, a subnormal in the stand-in); NaN stays NaN.
+__device__ __forceinline__ float exp_accurate(float x) {
+  if (!(x > -104.0f)) return x != x ? x : 0.0f;
+  if (x > 89.0f) return pos_inf();
+  const float k = rintf(__fmul_rn(x, 1.44269504f));
+  float r = __fmaf_rn(k, -6.93145752e-1f, x);  // ln2's leading 16 bits: k * hi is exact, and x - k hi too
+  r = __fmaf_rn(k, -1.42860677e-6f, r);        // ln2 - hi
+  const int ki = static_cast<int>(k);          // in [-150, 129]
+  const int k1 = ki / 2;
+  const int k2 = ki - k1;  // 2^k1 and 2^k2 are normal floats: one rounding, in the last multiply
+  return __expf(r) * __int_as_float((k1 + 127) << 23) * __int_as_float((k2 + 127) << 23);
 }
 
-__device__ __forceinline__ void online_update(float& m, float& z, float x) {
-  float rescale, e;
-  online_update(m, z, x, rescale, e);
+// log(x) of a per-row scalar, in double and rounded to float (correctly rounded but for rare double roundings;
+// --use_fast_math does not touch double precision). log(0) = -inf, log of a negative or NaN is NaN.
+__device__ __forceinline__ float log_rn(float x) { return static_cast<float>(log(static_cast<double>(x))); }
+
+// A row max to subtract: 0 where the row is all -inf, so that `x - m` stays -inf, never NaN (rows.py).
+__device__ __forceinline__ float finite_or_zero(float m) { return m == neg_inf() ? 0.0f : m; }
+
+// exp(t) - 1 for |t| <= 1/2: the Taylor series to t^9 in Horner form (rows.py `expm1_small`: truncation
+// < 6e-10 relative, a few u of rounding), multiplies and adds only (FMA contraction only helps here).
+__device__ __forceinline__ float expm1_small(float t) {
+  float r = 1.0f + t * (1.0f / 9.0f);
+  r = 1.0f + t * (1.0f / 8.0f) * r;
+  r = 1.0f + t * (1.0f / 7.0f) * r;
+  r = 1.0f + t * (1.0f / 6.0f) * r;
+  r = 1.0f + t * (1.0f / 5.0f) * r;
+  r = 1.0f + t * (1.0f / 4.0f) * r;
+  r = 1.0f + t * (1.0f / 3.0f) * r;
+  r = 1.0f + t * 0.5f * r;
+  return t * r;
 }
 
-// The weight exp(m - M) of a state with max m in a combination with max M; 0 for a state that saw only -inf.
-__device__ __forceinline__ float state_weight(float m, float big) {
-  return m == neg_inf() ? 0.0f : __expf(m - big);
+// exp(x) - 1 to a few u relative for every x (rows.py `expm1`): the series where |x| <= 1/2, exp(x) - 1
+// elsewhere (no cancellation there); -1 at -inf, NaN at NaN.
+__device__ __forceinline__ float expm1_accurate(float x) {
+  return fabsf(x) <= 0.5f ? expm1_small(x) : exp_accurate(x) - 1.0f;
 }
 
-// log(e^a + e^b), -inf when both are -inf (dkd.py `logaddexp`); a NaN operand gives NaN.
-__device__ __forceinline__ float logaddexp(float a, float b) {
-  if (a != a || b != b) return a + b;
-  const float hi = fmaxf(a, b);
-  const float lo = fminf(a, b);
-  if (hi == neg_inf()) return neg_inf();
-  return hi + log1pf(__expf(lo - hi));
+// `exp(a) - exp(b)` given ea = exp(a), eb = exp(b), to a few u relative (rows.py `exp_diff`):
+// eb expm1(a - b) where |a - b| <= 1/2, ea - eb elsewhere; 0 where both are -inf (a - b is NaN there).
+__device__ __forceinline__ float exp_diff(float a, float b, float ea, float eb) {
+  const float t = a - b;
+  return fabsf(t) <= 0.5f ? eb * expm1_small(t) : ea - eb;
 }
+
+// log(z_num / z_den) from the two sums and their accurately summed difference d = z_num - z_den (rows.py
+// `log_ratio`): log1p(d / z_den) when |d| <= z_den / 2 (an absolute error of a few u |d| / z_den: log1pf is
+// 1 ulp, the division correctly rounded), the correctly rounded log of the ratio elsewhere.
+__device__ __forceinline__ float log_ratio(float z_num, float z_den, float d) {
+  return fabsf(d) <= 0.5f * z_den ? log1pf(__fdiv_rn(d, z_den)) : log_rn(__fdiv_rn(z_num, z_den));
+}
+
+// The elements of a row divided by the temperature, x = X * (1/T) rounded once (as Triton's `x * inv_t`):
+// __fmul_rn is never contracted with the `- M` that follows, so `x - M` is the same in every pass and kernel.
+__device__ __forceinline__ float scaled(float raw, float inv_temperature) { return __fmul_rn(raw, inv_temperature); }
 
 // N floats reduced together across a block.
 template <int N>
@@ -127,16 +167,15 @@ __device__ __forceinline__ Floats<N> block_sum(Floats<N> s) {
   });
 }
 
-// Combines two (m, z) log-sum-exp states at positions i (m) and i + 1 (z), and rescales the sums at the
-// positions in `extra` (weighted like z) with the same weights.
+// Maxima of N floats across a block (fmaxf: a NaN element is dropped here, and reaches the sums instead).
 template <int N>
-__device__ __forceinline__ void combine_lse(Floats<N>& r, const Floats<N>& a, const Floats<N>& b, int i,
-                                            float& weight_a, float& weight_b) {
-  const float big = fmaxf(a.v[i], b.v[i]);
-  weight_a = state_weight(a.v[i], big);
-  weight_b = state_weight(b.v[i], big);
-  r.v[i] = big;
-  r.v[i + 1] = a.v[i + 1] * weight_a + b.v[i + 1] * weight_b;
+__device__ __forceinline__ Floats<N> block_max(Floats<N> s) {
+  return block_reduce<N>(s, [](const Floats<N>& a, const Floats<N>& b) {
+    Floats<N> r;
+#pragma unroll
+    for (int i = 0; i < N; ++i) r.v[i] = fmaxf(a.v[i], b.v[i]);
+    return r;
+  });
 }
 
 // Row r of a `(..., V)` view starts at (r / inner_size) * outer + (r % inner_size) * inner (rows.py).

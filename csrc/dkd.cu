@@ -1,28 +1,40 @@
 // Fused decoupled KD (DKD): the target-class (TCKD) and non-target-class (NCKD) KL of two rows of logits: the
-// CUDA C++ version of fastkd/triton/dkd.py (the specification; the maths are in its docstring), same semantics.
+// CUDA C++ version of fastkd/triton/dkd.py (the specification; the maths and the error analysis are in its
+// docstring), same formulation, same semantics.
 //
-// Target g, student x = S / T, teacher y = T_logits / T, R_x = lse_{c != g} x_c, R_y = lse_{c != g} y_c:
-//   TCKD = KL(b_t || b_s) over the binary split [target, rest] (log b = [z_g - lse, R - lse]);
-//   NCKD = W / Z - (R_y - R_x), W = sum_{c != g} exp(y_c - m)(y_c - x_c) streamed with lse(y) over c != g;
+// Target g, student x = S * (1/T), teacher y = T_logits * (1/T), over the rest c != g (maxima kept apart from
+// the sums; a max of -inf is taken as 0): a = x - M_x, b = y - M_y, Z_x = sum exp(a), Z_y = sum exp(b).
+//   TCKD = KL(b_t || b_s) over the binary split [target, rest], from the log-odds u_s = (x_g - M_x) - log Z_x,
+//   u_t = (y_g - M_y) - log Z_y: log b_g = -softplus(-u), log b_r = -softplus(u);
+//   NCKD = Ebar - log(Z_y / Z_x), Ebar = sum exp(b)(b - a) / Z_y, the log-ratio from D = sum exp_diff(b, a);
 //   a teacher term against x_c = -inf makes NCKD = +inf; no non-target teacher mass gives NCKD = 0.
-// An out-of-range target gives NaN (never an out-of-bounds read).
-// stats (rows, 6) float32: R_x, R_y, x_g, y_g (NaN for an out-of-range target), TCKD, NCKD.
+// An out-of-range target gives NaN (never an out-of-bounds read); a NaN anywhere in the row makes both NaN.
+// stats (rows, 8) float32: M_x, Z_x, M_y, Z_y, u_s, u_t (NaN for an out-of-range target), TCKD, Ebar.
+// The backward recomputes the binary split from u_s, u_t with the same code and uses the forward's TCKD and
+// Ebar: for a one-hot teacher the teacher's gradient is exactly 0.
+//
+// Design: one block per row, the row re-read rather than staged (any C): the forward reads both rows twice
+// (pass 1 the maxima of the rest, pass 2 the sums against them; the second mostly from L2),
+// 2 x 2 x C x sizeof(logit) bytes, plus x_g, y_g; the backward reads them once and writes each requested
+// gradient once. Per element: forward 2 `exp_accurate` and the series of `exp_diff`; backward 2 and 2
+// correctly rounded divisions. Precision: see common.cuh.
 #include "common.cuh"
 
 namespace fastkd {
 namespace {
 
-constexpr int kStats = 6;
+constexpr int kStats = 8;
+
+// log(1 + e^z) (dkd.py `softplus`): inf at +inf, 0 at -inf; log1pf is 1 ulp, exp_accurate ~2.5 ulp.
+__device__ __forceinline__ float softplus(float z) { return fmaxf(z, 0.0f) + log1pf(exp_accurate(-fabsf(z))); }
 
 struct BinarySplit {
   float log_bs_g, log_bs_r, log_bt_g, log_bt_r;
 };
 
-// The student's and teacher's [target, rest] split in log space (dkd.py `binary_split`).
-__device__ __forceinline__ BinarySplit binary_split(float r_x, float r_y, float x_g, float y_g) {
-  const float a = logaddexp(r_x, x_g);
-  const float b = logaddexp(r_y, y_g);
-  return BinarySplit{x_g - a, r_x - a, y_g - b, r_y - b};
+// The student's and teacher's [target, rest] split in log space from the log-odds (dkd.py `binary_split`).
+__device__ __forceinline__ BinarySplit binary_split(float u_s, float u_t) {
+  return BinarySplit{-softplus(-u_s), -softplus(u_s), -softplus(-u_t), -softplus(u_t)};
 }
 
 template <typename TX, typename TY>
@@ -37,63 +49,73 @@ __global__ void __launch_bounds__(kMaxThreads)
   const int64_t t = target[row];
   const bool valid = t >= 0 && t < V;  // out of range: NaN, never an out-of-bounds read
 
-  // Per thread: [m_x, z_x, m_y, z_y, w, inf_y] over the non-target columns.
-  Floats<6> s;
-  s.v[0] = neg_inf(); s.v[1] = 0.0f;
-  s.v[2] = neg_inf(); s.v[3] = 0.0f;
-  s.v[4] = 0.0f; s.v[5] = neg_inf();
+  // Pass 1: the maxima of the rest (the target column is -inf).
+  Floats<2> m;
+  m.v[0] = neg_inf();
+  m.v[1] = neg_inf();
   visit_row(x_row, xl.col, y_row, yl.col, V, [&](int64_t c, float x_raw, float y_raw, float&, float&) {
-    const bool is_target = c == t;
-    const float x = is_target ? neg_inf() : x_raw * inv_temperature;
-    const float y = is_target ? neg_inf() : y_raw * inv_temperature;
-    online_update(s.v[0], s.v[1], x);
-    float rescale, e;
-    online_update(s.v[2], s.v[3], y, rescale, e);
-    const float diff = y - x;
-    s.v[4] = s.v[4] * rescale + ((e > 0.0f && diff != pos_inf()) ? e * diff : 0.0f);
-    s.v[5] = fmaxf(s.v[5], diff == pos_inf() ? y : neg_inf());
+    if (c == t) return;
+    m.v[0] = fmaxf(m.v[0], scaled(x_raw, inv_temperature));
+    m.v[1] = fmaxf(m.v[1], scaled(y_raw, inv_temperature));
   });
-  const Floats<6> r = block_reduce<6>(s, [](const Floats<6>& a, const Floats<6>& b) {
-    Floats<6> c;
-    float wa, wb;
-    combine_lse(c, a, b, 0, wa, wb);
-    combine_lse(c, a, b, 2, wa, wb);
-    c.v[4] = a.v[4] * wa + b.v[4] * wb;  // W is weighted like z_y
-    c.v[5] = fmaxf(a.v[5], b.v[5]);
-    return c;
+  m = block_max<2>(m);
+  const float m_x = finite_or_zero(m.v[0]);
+  const float m_y = finite_or_zero(m.v[1]);
+
+  // Pass 2 (re-read): per thread [Z_x, Z_y, E, D, number of p~ > 0 against x = -inf] over the rest.
+  Floats<5> s;
+#pragma unroll
+  for (int i = 0; i < 5; ++i) s.v[i] = 0.0f;
+  visit_row(x_row, xl.col, y_row, yl.col, V, [&](int64_t c, float x_raw, float y_raw, float&, float&) {
+    if (c == t) return;
+    const float a = scaled(x_raw, inv_temperature) - m_x;
+    const float b = scaled(y_raw, inv_temperature) - m_y;
+    const float ea = exp_accurate(a);
+    const float eb = exp_accurate(b);
+    const bool x_masked = a == neg_inf();
+    s.v[0] += ea;
+    s.v[1] += eb;
+    s.v[2] += (eb > 0.0f && !x_masked) ? eb * (b - a) : 0.0f;
+    s.v[3] += exp_diff(b, a, eb, ea);
+    s.v[4] += (eb > 0.0f && x_masked) ? 1.0f : 0.0f;
   });
+  s = block_sum<5>(s);
   if (threadIdx.x != 0) return;
 
-  const float x_g = valid ? to_float(x_row[t * xl.col]) * inv_temperature : 0.0f;
-  const float y_g = valid ? to_float(y_row[t * yl.col]) * inv_temperature : 0.0f;
-  const float r_x = r.v[0] + __logf(r.v[1]);
-  const float sum_y = r.v[3];
-  const float r_y = r.v[2] + __logf(sum_y);
-  // NCKD: subtracting the lse difference last makes it exactly 0 for identical rows.
-  const bool has_rest = sum_y > 0.0f;
-  float nckd = r.v[4] / (has_rest ? sum_y : 1.0f) - (r_y - r_x);
-  if (__expf(r.v[5] - r_y) > 0.0f) nckd = pos_inf();
+  const float x_g = valid ? scaled(to_float(x_row[t * xl.col]), inv_temperature) : 0.0f;
+  const float y_g = valid ? scaled(to_float(y_row[t * yl.col]), inv_temperature) : 0.0f;
+  const float z_x = s.v[0];
+  const float z_y = s.v[1];
+  const bool has_rest = z_y > 0.0f;
+  const float e_bar = __fdiv_rn(s.v[2], has_rest ? z_y : 1.0f);
+  float nckd = e_bar - log_ratio(z_y, z_x, s.v[3]);
+  if (s.v[4] > 0.0f) nckd = pos_inf();
   if (!has_rest) nckd = 0.0f;  // no non-target teacher mass (one class): nothing to transfer
 
-  const BinarySplit split = binary_split(r_x, r_y, x_g, y_g);
-  const float bt_g = __expf(split.log_bt_g);
-  const float bt_r = __expf(split.log_bt_r);
+  const float u_s = (x_g - m_x) - log_rn(z_x);
+  const float u_t = (y_g - m_y) - log_rn(z_y);
+  const BinarySplit split = binary_split(u_s, u_t);
+  const float bt_g = exp_accurate(split.log_bt_g);
+  const float bt_r = exp_accurate(split.log_bt_r);
   float tckd = (bt_g > 0.0f ? bt_g * (split.log_bt_g - split.log_bs_g) : 0.0f) +
                (bt_r > 0.0f ? bt_r * (split.log_bt_r - split.log_bs_r) : 0.0f);
   // A NaN anywhere in the row makes both terms NaN: the zero-mass guards above would otherwise hide it.
-  const bool nan_in_row = isnan(r_x) || isnan(r_y) || isnan(x_g) || isnan(y_g);
+  const bool nan_in_row = isnan(z_x) || isnan(z_y) || isnan(x_g) || isnan(y_g);
   if (!valid || nan_in_row) {
     tckd = quiet_nan();
     nckd = quiet_nan();
   }
   tckd_out[row] = tckd;
   nckd_out[row] = nckd;
-  stats[row * kStats + 0] = r_x;
-  stats[row * kStats + 1] = r_y;
-  stats[row * kStats + 2] = valid ? x_g : quiet_nan();
-  stats[row * kStats + 3] = valid ? y_g : quiet_nan();
-  stats[row * kStats + 4] = tckd;
-  stats[row * kStats + 5] = nckd;
+  float* out = stats + row * kStats;
+  out[0] = m_x;
+  out[1] = z_x;
+  out[2] = m_y;
+  out[3] = z_y;
+  out[4] = valid ? u_s : quiet_nan();
+  out[5] = valid ? u_t : quiet_nan();
+  out[6] = tckd;
+  out[7] = e_bar;
 }
 
 template <typename TX, typename TY, bool X_GRAD, bool Y_GRAD>
@@ -108,23 +130,20 @@ __global__ void __launch_bounds__(kMaxThreads)
   TY* dy = Y_GRAD ? dy_base + row * V : nullptr;
   const TX* x_row = x_base + row_offset(row, xl);
   const TY* y_row = y_base + row_offset(row, yl);
-  const float r_x = stats[row * kStats + 0];
-  const float r_y = stats[row * kStats + 1];
-  const float x_g = stats[row * kStats + 2];
-  const float y_g = stats[row * kStats + 3];
-  const float tckd = stats[row * kStats + 4];
-  const float nckd = stats[row * kStats + 5];
+  const float* st = stats + row * kStats;
+  const float m_x = st[0], z_x = st[1], m_y = st[2], z_y = st[3], u_s = st[4], u_t = st[5], tckd = st[6];
+  const float e_bar = st[7];
   const int64_t t = target[row];
   const bool valid = t >= 0 && t < V;
   // d/dS = d/dx / T: the 1/T rides on the incoming gradients.
   const float g_t = grad_tckd[row] * inv_temperature;
   const float g_n = grad_nckd[row] * inv_temperature;
 
-  const BinarySplit split = binary_split(r_x, r_y, x_g, y_g);
-  const float bs_g = __expf(split.log_bs_g);
-  const float bs_r = __expf(split.log_bs_r);
-  const float bt_g = __expf(split.log_bt_g);
-  const float bt_r = __expf(split.log_bt_r);
+  const BinarySplit split = binary_split(u_s, u_t);
+  const float bs_g = exp_accurate(split.log_bs_g);
+  const float bs_r = exp_accurate(split.log_bs_r);
+  const float bt_g = exp_accurate(split.log_bt_g);
+  const float bt_r = exp_accurate(split.log_bt_r);
   // Student: the target column, and the factor of q~ on the others.
   const float dx_target = g_t * (bs_g - bt_g);
   const float q_factor = g_t * (bs_r - bt_r) + g_n;
@@ -134,21 +153,22 @@ __global__ void __launch_bounds__(kMaxThreads)
 
   visit_row<X_GRAD, Y_GRAD>(x_row, xl.col, y_row, yl.col, dx, dy, V,
                             [&](int64_t c, float x_raw, float y_raw, float& gx, float& gy) {
-    const float x = x_raw * inv_temperature;
-    const float y = y_raw * inv_temperature;
     const bool is_target = c == t;
-    // The non-target distributions; 0 on the target column and where a logit is -inf (also when R = -inf,
-    // where x - R would be NaN).
-    const float log_q = x - r_x;
-    const float log_p = y - r_y;
-    const float q = (is_target || x == neg_inf()) ? 0.0f : __expf(log_q);
-    const float p = (is_target || y == neg_inf()) ? 0.0f : __expf(log_p);
+    // The non-target distributions; 0 on the target column and where a logit is -inf (also when Z = 0,
+    // where exp(a) / Z would be NaN).
+    const float a = is_target ? neg_inf() : scaled(x_raw, inv_temperature) - m_x;
+    const float b = is_target ? neg_inf() : scaled(y_raw, inv_temperature) - m_y;
+    const float ea = exp_accurate(a);
+    const float eb = exp_accurate(b);
+    const float q = ea > 0.0f ? __fdiv_rn(ea, z_x) : 0.0f;
+    const float p = eb > 0.0f ? __fdiv_rn(eb, z_y) : 0.0f;
     if (X_GRAD) {
       const float d = is_target ? dx_target : q_factor * q - g_n * p;
       gx = valid ? d : quiet_nan();
     }
     if (Y_GRAD) {
-      const float nckd_term = p > 0.0f ? p * ((log_p - log_q) - nckd) : 0.0f;
+      // The same `b - a` as the forward's Ebar: exactly 0 for a one-hot p~.
+      const float nckd_term = p > 0.0f ? p * ((b - a) - e_bar) : 0.0f;
       const float d = is_target ? dy_target : p_factor * p + g_n * nckd_term;
       gy = valid ? d : quiet_nan();
     }

@@ -1,27 +1,60 @@
 // Fused generalized Jensen-Shannon divergence (0 < beta < 1) between two rows of logits: the CUDA C++
-// version of fastkd/triton/jsd.py (the specification; the maths are in its docstring), same semantics.
+// version of fastkd/triton/jsd.py (the specification; the maths and the error analysis are in its docstring),
+// same formulation, same semantics.
 //
-// Student x = S / T, teacher y = T_logits / T, A = lse(x), B = lse(y), q = exp(x - A), p = exp(y - B),
-// m = beta p + (1 - beta) q:   JSD = beta KL(p || m) + (1 - beta) KL(q || m).
-// Forward: pass 1 streams the two log-sum-exps, pass 2 (same block) re-reads the row and sums the two
-// divergences against log m. stats (rows, 4) float32: A, B, KL(p || m), KL(q || m).
-// Backward: dJSD/dx_j = (1 - beta) q_j ((log q_j - log m_j) - KL(q || m)), dJSD/dy_j likewise with beta, p.
+// Student x = S * (1/T), teacher y = T_logits * (1/T), maxima kept apart from the sums (never lse):
+//   a = x - M_x, b = y - M_y, q = exp(a) / Z_x, p = exp(b) / Z_y,
+//   D = Z_y - Z_x = sum exp_diff(b, a),  L = log(Z_y / Z_x) = log_ratio(Z_y, Z_x, D),
+//   delta = (b - a) - L = log p - log q, and the mixture m = beta p + (1 - beta) q only through delta:
+//   l_hi = -log1p(w_lo expm1(-|delta|)),  log p - log m, log q - log m from l_hi and delta;
+//   per element, |delta| <= 1/2: P = p h((1 - beta) expm1(-delta)), Q = q h(beta expm1(delta)), C = 0 with
+//   h(w) = w - log1p(w) by its series; otherwise P = p (log p - log m), Q = q (log q - log m), C = p - q;
+//   KL(p || m) = sum P - (1 - beta) sum C,  KL(q || m) = sum Q + beta sum C,
+//   JSD = beta KL(p || m) + (1 - beta) KL(q || m).
+// stats (rows, 7) float32: M_x, Z_x, M_y, Z_y, L, KL(p || m), KL(q || m); all 0 for an ignored token.
+// Backward: dJSD/dx_j = (1 - beta) q_j ((log q_j - log m_j) - KL(q || m)), dJSD/dy_j = beta p_j ((log p_j -
+// log m_j) - KL(p || m)), the log-ratios recomputed exactly as the forward formed them; times grad / T.
+//
+// Design: one block per row, the row re-read rather than staged (any V): pass 1 the maxima, pass 2 Z_x, Z_y
+// and D against them, pass 3 the two divergences against L: 3 x 2 x V x sizeof(logit) bytes read by the
+// forward (passes 2 and 3 mostly from L2), 2 x V read and one write per requested gradient in the backward.
+// Per element: forward 2 + 2 `exp_accurate`, and where |delta| > 1/2 one more and one log1pf, plus the series
+// (~40 FMAs) and 3 correctly rounded divisions; backward 2 `exp_accurate`, 1 `expm1_accurate`, 1 log1pf.
+// Precision: see common.cuh.
 #include "common.cuh"
 
 namespace fastkd {
 namespace {
 
-constexpr int kStats = 4;
+constexpr int kStats = 7;
 
-// log(beta p + (1 - beta) q) from log q, log p (jsd.py `log_mixture`): hi + log1p(w_lo expm1(lo - hi));
-// finite (unused) where both are -inf.
-__device__ __forceinline__ float log_mixture(float log_q, float log_p, float beta, float one_minus_beta) {
-  const bool both_zero = log_q == neg_inf() && log_p == neg_inf();
-  const bool q_is_lo = log_q < log_p;
-  const float hi = both_zero ? 0.0f : (q_is_lo ? log_p : log_q);
-  const float lo = both_zero ? 0.0f : (q_is_lo ? log_q : log_p);
-  const float weight_lo = q_is_lo ? one_minus_beta : beta;
-  return hi + log1pf(weight_lo * expm1f(lo - hi));
+struct MixtureLogRatios {
+  float lp_m, lq_m;  // log p - log m, log q - log m; each meaningful only where its own probability is > 0
+};
+
+// jsd.py `mixture_log_ratios`: from a = x - M_x, b = y - M_y and L = log(Z_y / Z_x).
+__device__ __forceinline__ MixtureLogRatios mixture_log_ratios(float a, float b, float l_yx, float beta,
+                                                               float one_minus_beta) {
+  const float delta = (b - a) - l_yx;
+  const bool p_hi = delta >= 0.0f;
+  const float t = p_hi ? -delta : delta;
+  // log1pf: 1 ulp (libdevice, not affected by --use_fast_math); expm1_accurate: a few u relative.
+  const float l_hi = -log1pf((p_hi ? one_minus_beta : beta) * expm1_accurate(t));
+  return MixtureLogRatios{p_hi ? l_hi : l_hi + delta, p_hi ? l_hi - delta : l_hi};
+}
+
+// h(w) = w - log1p(w) >= 0 to a few u relative for |w| <= 0.65 (jsd.py `x_minus_log1p_x`): with
+// s = w / (2 + w), h = 2 s^2 / (1 - s) - 2 (s^3/3 + s^5/5 + ... + s^15/15); divisions correctly rounded.
+__device__ __forceinline__ float x_minus_log1p_x(float w) {
+  const float s = __fdiv_rn(w, 2.0f + w);
+  const float s2 = s * s;
+  float r = (1.0f / 13.0f) + s2 * (1.0f / 15.0f);
+  r = (1.0f / 11.0f) + s2 * r;
+  r = (1.0f / 9.0f) + s2 * r;
+  r = (1.0f / 7.0f) + s2 * r;
+  r = (1.0f / 5.0f) + s2 * r;
+  r = (1.0f / 3.0f) + s2 * r;
+  return __fdiv_rn(2.0f * s2, 1.0f - s) - 2.0f * (s2 * s) * r;
 }
 
 template <typename TX, typename TY>
@@ -37,48 +70,74 @@ __global__ void __launch_bounds__(kMaxThreads)
   if (labels != nullptr) active = labels[row] != ignore_index;
   const int64_t n_cols = active ? V : 0;  // an ignored token reads nothing
 
-  // Pass 1: the two log-sum-exps. Per thread: [m_x, z_x, m_y, z_y].
-  Floats<4> s;
-  s.v[0] = neg_inf(); s.v[1] = 0.0f;
-  s.v[2] = neg_inf(); s.v[3] = 0.0f;
+  // Pass 1: the maxima.
+  Floats<2> m;
+  m.v[0] = neg_inf();
+  m.v[1] = neg_inf();
   visit_row(x_row, xl.col, y_row, yl.col, n_cols, [&](int64_t, float x_raw, float y_raw, float&, float&) {
-    online_update(s.v[0], s.v[1], x_raw * inv_temperature);
-    online_update(s.v[2], s.v[3], y_raw * inv_temperature);
+    m.v[0] = fmaxf(m.v[0], scaled(x_raw, inv_temperature));
+    m.v[1] = fmaxf(m.v[1], scaled(y_raw, inv_temperature));
   });
-  const Floats<4> r = block_reduce<4>(s, [](const Floats<4>& a, const Floats<4>& b) {
-    Floats<4> c;
-    float wa, wb;
-    combine_lse(c, a, b, 0, wa, wb);
-    combine_lse(c, a, b, 2, wa, wb);
-    return c;
-  });
-  const float lse_x = r.v[0] + __logf(r.v[1]);
-  const float lse_y = r.v[2] + __logf(r.v[3]);
+  m = block_max<2>(m);
+  float m_x = finite_or_zero(m.v[0]);
+  float m_y = finite_or_zero(m.v[1]);
 
-  // Pass 2: both divergences against the mixture. Per thread: [sum q (log q - log m), sum p (log p - log m)].
-  Floats<2> acc;
-  acc.v[0] = 0.0f;
-  acc.v[1] = 0.0f;
+  // Pass 2 (re-read): [Z_x, Z_y, D] against the final maxima.
+  Floats<3> z;
+  z.v[0] = 0.0f; z.v[1] = 0.0f; z.v[2] = 0.0f;
   visit_row(x_row, xl.col, y_row, yl.col, n_cols, [&](int64_t, float x_raw, float y_raw, float&, float&) {
-    const float log_q = x_raw * inv_temperature - lse_x;
-    const float log_p = y_raw * inv_temperature - lse_y;
-    const float log_m = log_mixture(log_q, log_p, beta, one_minus_beta);
-    const float q = __expf(log_q);
-    const float p = __expf(log_p);
-    acc.v[0] += q > 0.0f ? q * (log_q - log_m) : 0.0f;
-    acc.v[1] += p > 0.0f ? p * (log_p - log_m) : 0.0f;
+    const float a = scaled(x_raw, inv_temperature) - m_x;
+    const float b = scaled(y_raw, inv_temperature) - m_y;
+    const float ea = exp_accurate(a);
+    const float eb = exp_accurate(b);
+    z.v[0] += ea;
+    z.v[1] += eb;
+    z.v[2] += exp_diff(b, a, eb, ea);
   });
-  const Floats<2> sums = block_sum<2>(acc);
+  z = block_sum<3>(z);  // every thread gets the same sums, hence the same L
+  float z_x = z.v[0];
+  float z_y = z.v[1];
+  float l_yx = log_ratio(z_y, z_x, z.v[2]);
+
+  // Pass 3 (re-read): [sum P, sum Q, sum C], both divergences against the mixture.
+  Floats<3> acc;
+  acc.v[0] = 0.0f; acc.v[1] = 0.0f; acc.v[2] = 0.0f;
+  visit_row(x_row, xl.col, y_row, yl.col, n_cols, [&](int64_t, float x_raw, float y_raw, float&, float&) {
+    const float a = scaled(x_raw, inv_temperature) - m_x;
+    const float b = scaled(y_raw, inv_temperature) - m_y;
+    const float p = __fdiv_rn(exp_accurate(b), z_y);
+    const float q = __fdiv_rn(exp_accurate(a), z_x);
+    const float delta = (b - a) - l_yx;
+    if (fabsf(delta) <= 0.5f) {
+      // Second-order terms only (jsd.py `jsd_terms`).
+      acc.v[0] += p * x_minus_log1p_x(one_minus_beta * expm1_small(-delta));
+      acc.v[1] += q * x_minus_log1p_x(beta * expm1_small(delta));
+    } else {
+      // Also where delta is +-inf or NaN (a probability of 0): its term is 0 and its log-ratio unused.
+      const MixtureLogRatios r = mixture_log_ratios(a, b, l_yx, beta, one_minus_beta);
+      acc.v[0] += p > 0.0f ? p * r.lp_m : 0.0f;
+      acc.v[1] += q > 0.0f ? q * r.lq_m : 0.0f;
+      acc.v[2] += p - q;
+    }
+  });
+  acc = block_sum<3>(acc);
   if (threadIdx.x != 0) return;
-  const float kl_q = sums.v[0];
-  const float kl_p = sums.v[1];
+  float kl_p = acc.v[0] - one_minus_beta * acc.v[2];
+  float kl_q = acc.v[1] + beta * acc.v[2];
   float loss = beta * kl_p + one_minus_beta * kl_q;
-  if (!active) loss = 0.0f;
+  if (!active) {
+    // An ignored token's statistics are 0 (its sums are empty: 0 / 0 must not reach the saved tensor).
+    loss = m_x = z_x = m_y = z_y = l_yx = kl_p = kl_q = 0.0f;
+  }
   loss_out[row] = loss;
-  stats[row * kStats + 0] = lse_x;
-  stats[row * kStats + 1] = lse_y;
-  stats[row * kStats + 2] = kl_p;
-  stats[row * kStats + 3] = kl_q;
+  float* out = stats + row * kStats;
+  out[0] = m_x;
+  out[1] = z_x;
+  out[2] = m_y;
+  out[3] = z_y;
+  out[4] = l_yx;
+  out[5] = kl_p;
+  out[6] = kl_q;
 }
 
 template <typename TX, typename TY, bool X_GRAD, bool Y_GRAD>
@@ -99,26 +158,24 @@ __global__ void __launch_bounds__(kMaxThreads)
   }
   const TX* x_row = x_base + row_offset(row, xl);
   const TY* y_row = y_base + row_offset(row, yl);
-  const float lse_x = stats[row * kStats + 0];
-  const float lse_y = stats[row * kStats + 1];
-  const float kl_p = stats[row * kStats + 2];
-  const float kl_q = stats[row * kStats + 3];
+  const float* st = stats + row * kStats;
+  const float m_x = st[0], z_x = st[1], m_y = st[2], z_y = st[3], l_yx = st[4], kl_p = st[5], kl_q = st[6];
   // d/dS = d/dx / T: the 1/T rides on the incoming gradient, and so do the mixture weights.
   const float g = grad[row] * inv_temperature;
   const float g_x = g * one_minus_beta;
   const float g_y = g * beta;
   visit_row<X_GRAD, Y_GRAD>(x_row, xl.col, y_row, yl.col, dx, dy, V,
                             [&](int64_t, float x_raw, float y_raw, float& gx, float& gy) {
-    const float log_q = x_raw * inv_temperature - lse_x;
-    const float log_p = y_raw * inv_temperature - lse_y;
-    const float log_m = log_mixture(log_q, log_p, beta, one_minus_beta);
+    const float a = scaled(x_raw, inv_temperature) - m_x;
+    const float b = scaled(y_raw, inv_temperature) - m_y;
+    const MixtureLogRatios r = mixture_log_ratios(a, b, l_yx, beta, one_minus_beta);
     if (X_GRAD) {
-      const float q = __expf(log_q);
-      gx = (q > 0.0f ? q * ((log_q - log_m) - kl_q) : 0.0f) * g_x;
+      const float ea = exp_accurate(a);
+      gx = (ea > 0.0f ? __fdiv_rn(ea, z_x) * (r.lq_m - kl_q) : 0.0f) * g_x;
     }
     if (Y_GRAD) {
-      const float p = __expf(log_p);
-      gy = (p > 0.0f ? p * ((log_p - log_m) - kl_p) : 0.0f) * g_y;
+      const float eb = exp_accurate(b);
+      gy = (eb > 0.0f ? __fdiv_rn(eb, z_y) * (r.lp_m - kl_p) : 0.0f) * g_y;
     }
   });
 }

@@ -1,18 +1,31 @@
 // Fused KL divergence between two rows of logits, with an optional cross-entropy on the Y rows: the CUDA
-// C++ version of fastkd/triton/kl.py (the specification; the maths are in its docstring), same semantics.
+// C++ version of fastkd/triton/kl.py (the specification; the maths and the error analysis are in its
+// docstring), same formulation, same semantics.
 //
 // KL(P || Q) with P from logits X and Q from logits Y, both divided by T: forward KL is X = teacher,
-// Y = student; reverse swaps them. Per row, with x = X / T, y = Y / T, A = lse(x), B = lse(y):
-//   KL = W / Z_x - (A - B),   W = sum exp(x - m)(x - y)  (streamed with lse(x))
-// a term with p > 0 against y = -inf makes KL = +inf (tracked by the largest such x, never summed);
-// CE = lse(Y) - Y_target on the raw Y logits (NaN for a target outside [0, V)).
-// stats (rows, 4) float32: lse(x), lse(y), KL, lse(raw Y) (0 without a target).
+// Y = student; reverse swaps them. Per row, with x = X * (1/T), y = Y * (1/T), the maxima kept apart from the
+// sums (never lse = M + log Z):
+//   a = x - M_x, b = y - M_y, Z_x = sum exp(a), Z_y = sum exp(b), Ebar = sum exp(a)(a - b) / Z_x,
+//   D = Z_x - Z_y = sum exp_diff(a, b),  L = log(Z_x / Z_y) = log_ratio(Z_x, Z_y, D),  KL = Ebar - L;
+// a term with p > 0 against y = -inf makes KL = +inf (a flag, never summed); a row max of -inf is taken as 0.
+// CE = (M_s - s_target) + log Z_s on the raw Y logits s (NaN for a target outside [0, V)).
+// stats (rows, 7) float32: M_x, Z_x, M_y, Z_y, Ebar, M_s, Z_s (M_s, Z_s: 0 without a target); all 0 for an
+// ignored token.
+// Backward: dKL/dy_j = q_j - p_j, dKL/dx_j = p_j ((a_j - b_j) - Ebar) (the forward's own Ebar: exactly 0 for a
+// one-hot p), dCE/ds_j = exp(s_j - M_s) / Z_s - [j = target]; times grad / T.
+//
+// Design: one block per row, the row re-read rather than staged (no shared-memory staging, so any V): the
+// forward reads X and Y twice (pass 1 the maxima, pass 2 the sums against them; the second read is mostly
+// served from L2, the row of one block being at most a few hundred KB), 2 x 2 x V x sizeof(logit) bytes;
+// the backward reads them once and writes each requested gradient once. Per element: forward 2
+// `exp_accurate` (3 with CE) and the series of `exp_diff`; backward 2 (3 with CE), one correctly rounded
+// division per probability. Precision: see common.cuh.
 #include "common.cuh"
 
 namespace fastkd {
 namespace {
 
-constexpr int kStats = 4;
+constexpr int kStats = 7;
 
 template <typename TX, typename TY>
 __global__ void __launch_bounds__(kMaxThreads)
@@ -28,55 +41,62 @@ __global__ void __launch_bounds__(kMaxThreads)
   if (labels != nullptr) active = labels[row] != ignore_index;
   const int64_t n_cols = active ? V : 0;  // an ignored token reads nothing
 
-  // Per thread: [m_x, z_x, m_y, z_y, m_s, z_s, w, inf_x].
-  Floats<8> s;
-  s.v[0] = neg_inf(); s.v[1] = 0.0f;
-  s.v[2] = neg_inf(); s.v[3] = 0.0f;
-  s.v[4] = neg_inf(); s.v[5] = 0.0f;
-  s.v[6] = 0.0f; s.v[7] = neg_inf();
+  // Pass 1: the maxima of x, y and the raw s = Y (for CE).
+  Floats<3> m;
+  m.v[0] = neg_inf(); m.v[1] = neg_inf(); m.v[2] = neg_inf();
   visit_row(x_row, xl.col, y_row, yl.col, n_cols, [&](int64_t, float x_raw, float y_raw, float&, float&) {
-    const float x = x_raw * inv_temperature;
-    const float y = y_raw * inv_temperature;
-    float rescale, e;
-    online_update(s.v[0], s.v[1], x, rescale, e);
-    const float diff = x - y;
-    s.v[6] = s.v[6] * rescale + ((e > 0.0f && diff != pos_inf()) ? e * diff : 0.0f);
-    s.v[7] = fmaxf(s.v[7], diff == pos_inf() ? x : neg_inf());
-    online_update(s.v[2], s.v[3], y);
-    if (has_ce) online_update(s.v[4], s.v[5], y_raw);
+    m.v[0] = fmaxf(m.v[0], scaled(x_raw, inv_temperature));
+    m.v[1] = fmaxf(m.v[1], scaled(y_raw, inv_temperature));
+    m.v[2] = fmaxf(m.v[2], y_raw);
   });
-  const Floats<8> r = block_reduce<8>(s, [](const Floats<8>& a, const Floats<8>& b) {
-    Floats<8> c;
-    float wa, wb;
-    combine_lse(c, a, b, 0, wa, wb);
-    c.v[6] = a.v[6] * wa + b.v[6] * wb;  // W is weighted like z_x
-    c.v[7] = fmaxf(a.v[7], b.v[7]);
-    combine_lse(c, a, b, 2, wa, wb);
-    combine_lse(c, a, b, 4, wa, wb);
-    return c;
+  m = block_max<3>(m);
+  float m_x = finite_or_zero(m.v[0]);
+  float m_y = finite_or_zero(m.v[1]);
+  float m_s = has_ce ? finite_or_zero(m.v[2]) : 0.0f;
+
+  // Pass 2 (re-read): per thread [Z_x, Z_y, E, D, Z_s, number of p > 0 against y = -inf].
+  Floats<6> s;
+#pragma unroll
+  for (int i = 0; i < 6; ++i) s.v[i] = 0.0f;
+  visit_row(x_row, xl.col, y_row, yl.col, n_cols, [&](int64_t, float x_raw, float y_raw, float&, float&) {
+    const float a = scaled(x_raw, inv_temperature) - m_x;
+    const float b = scaled(y_raw, inv_temperature) - m_y;
+    const float ea = exp_accurate(a);
+    const float eb = exp_accurate(b);
+    const bool y_masked = b == neg_inf();
+    s.v[0] += ea;
+    s.v[1] += eb;
+    s.v[2] += (ea > 0.0f && !y_masked) ? ea * (a - b) : 0.0f;
+    s.v[3] += exp_diff(a, b, ea, eb);
+    if (has_ce) s.v[4] += exp_accurate(y_raw - m_s);
+    s.v[5] += (ea > 0.0f && y_masked) ? 1.0f : 0.0f;
   });
+  s = block_sum<6>(s);
   if (threadIdx.x != 0) return;
 
-  const float sum_x = r.v[1];
-  const float lse_x = r.v[0] + __logf(sum_x);
-  const float lse_y = r.v[2] + __logf(r.v[3]);
-  // Subtracting the lse difference last makes KL exactly 0 for one class and for identical rows.
-  float kl = r.v[6] / sum_x - (lse_x - lse_y);
-  if (__expf(r.v[7] - lse_x) > 0.0f) kl = pos_inf();
-  float lse_s = 0.0f;
+  float z_x = s.v[0], z_y = s.v[1], z_s = s.v[4];
+  float e_bar = __fdiv_rn(s.v[2], z_x);
+  float kl = e_bar - log_ratio(z_x, z_y, s.v[3]);
+  if (s.v[5] > 0.0f) kl = pos_inf();
   if (has_ce) {
-    lse_s = r.v[4] + __logf(r.v[5]);
     const int64_t t = target[row];
     const bool valid = t >= 0 && t < V;  // out of range: NaN, never an out-of-bounds read
-    const float y_target = valid ? to_float(y_row[t * yl.col]) : 0.0f;
-    ce_out[row] = valid ? lse_s - y_target : quiet_nan();
+    const float s_target = valid ? to_float(y_row[t * yl.col]) : 0.0f;
+    ce_out[row] = valid ? (m_s - s_target) + log_rn(z_s) : quiet_nan();
   }
-  if (!active) kl = 0.0f;
+  if (!active) {
+    // An ignored token's statistics are 0 (its sums are empty: 0 / 0 must not reach the saved tensor).
+    kl = m_x = z_x = m_y = z_y = e_bar = m_s = z_s = 0.0f;
+  }
   kl_out[row] = kl;
-  stats[row * kStats + 0] = lse_x;
-  stats[row * kStats + 1] = lse_y;
-  stats[row * kStats + 2] = kl;
-  stats[row * kStats + 3] = lse_s;
+  float* out = stats + row * kStats;
+  out[0] = m_x;
+  out[1] = z_x;
+  out[2] = m_y;
+  out[3] = z_y;
+  out[4] = e_bar;
+  out[5] = m_s;
+  out[6] = z_s;
 }
 
 template <typename TX, typename TY, bool X_GRAD, bool Y_GRAD>
@@ -97,10 +117,8 @@ __global__ void __launch_bounds__(kMaxThreads)
   }
   const TX* x_row = x_base + row_offset(row, xl);
   const TY* y_row = y_base + row_offset(row, yl);
-  const float lse_x = stats[row * kStats + 0];
-  const float lse_y = stats[row * kStats + 1];
-  const float kl = stats[row * kStats + 2];
-  const float lse_s = stats[row * kStats + 3];
+  const float* st = stats + row * kStats;
+  const float m_x = st[0], z_x = st[1], m_y = st[2], z_y = st[3], e_bar = st[4], m_s = st[5], z_s = st[6];
   // d/dX = d/dx / T: the 1/T rides on the incoming gradient.
   const float g_kl = grad_kl[row] * inv_temperature;
   const bool has_ce = grad_ce != nullptr;
@@ -108,15 +126,17 @@ __global__ void __launch_bounds__(kMaxThreads)
   const int64_t t = has_ce ? target[row] : -1;
   visit_row<X_GRAD, Y_GRAD>(x_row, xl.col, y_row, yl.col, dx, dy, V,
                             [&](int64_t c, float x_raw, float y_raw, float& gx, float& gy) {
-    const float x = x_raw * inv_temperature;
-    const float y = y_raw * inv_temperature;
-    const float p = __expf(x - lse_x);
+    const float a = scaled(x_raw, inv_temperature) - m_x;
+    const float b = scaled(y_raw, inv_temperature) - m_y;
+    const float ea = exp_accurate(a);
+    const float p = __fdiv_rn(ea, z_x);
     if (Y_GRAD) {
-      float d = (__expf(y - lse_y) - p) * g_kl;
-      if (has_ce) d += g_ce * (__expf(y_raw - lse_s) - (c == t ? 1.0f : 0.0f));
+      float d = (__fdiv_rn(exp_accurate(b), z_y) - p) * g_kl;
+      if (has_ce) d += g_ce * (__fdiv_rn(exp_accurate(y_raw - m_s), z_s) - (c == t ? 1.0f : 0.0f));
       gy = d;
     }
-    if (X_GRAD) gx = (p > 0.0f ? p * ((x - lse_x) - (y - lse_y) - kl) : 0.0f) * g_kl;
+    // The same `a - b` as the forward's E: exactly 0 for a one-hot p.
+    if (X_GRAD) gx = (ea > 0.0f ? p * ((a - b) - e_bar) : 0.0f) * g_kl;
   });
 }
 

@@ -25,19 +25,21 @@ static std::string cuda_build_info() { return std::string("architectures ") + FA
 FASTKD_TORCH_LIBRARY(FASTKD_LIBRARY, m) {
   m.def("cuda_build_info() -> str", &cuda_build_info);
   // Per-row KL(p_t || p_s) (reverse: KL(p_s || p_t)), CE(student, target) (empty without target), and
-  // float32 stats (rows, 4): lse(x/T), lse(y/T), KL, lse(student) -- see fastkd/triton/kl.py.
+  // float32 stats (rows, 7): M_x, Z_x, M_y, Z_y, Ebar, M_s, Z_s -- see fastkd/triton/kl.py.
   m.def("cuda_kl_rows(Tensor student, Tensor teacher, float temperature, bool reverse, Tensor? target, "
         "Tensor? labels, int ignore_index) -> (Tensor, Tensor, Tensor)");
   m.def("cuda_kl_rows_backward(Tensor grad_kl, Tensor? grad_ce, Tensor student, Tensor teacher, Tensor stats, "
         "float temperature, bool reverse, Tensor? target, Tensor? labels, int ignore_index, bool student_grad, "
         "bool teacher_grad) -> (Tensor, Tensor)");
-  // Per-row generalized JSD for 0 < beta < 1 and stats (rows, 4) -- see fastkd/triton/jsd.py.
+  // Per-row generalized JSD for 0 < beta < 1 and float32 stats (rows, 7): M_x, Z_x, M_y, Z_y, L,
+  // KL(p || m), KL(q || m) -- see fastkd/triton/jsd.py.
   m.def("cuda_jsd_rows(Tensor student, Tensor teacher, float beta, float temperature, Tensor? labels, "
         "int ignore_index) -> (Tensor, Tensor)");
   m.def("cuda_jsd_rows_backward(Tensor grad_loss, Tensor student, Tensor teacher, Tensor stats, float beta, "
         "float temperature, Tensor? labels, int ignore_index, bool student_grad, bool teacher_grad) "
         "-> (Tensor, Tensor)");
-  // Per-row TCKD, NCKD and stats (rows, 6) -- see fastkd/triton/dkd.py.
+  // Per-row TCKD, NCKD and float32 stats (rows, 8): M_x, Z_x, M_y, Z_y, u_s, u_t, TCKD, Ebar -- see
+  // fastkd/triton/dkd.py.
   m.def("cuda_dkd_rows(Tensor student, Tensor teacher, Tensor target, float temperature) "
         "-> (Tensor, Tensor, Tensor)");
   m.def("cuda_dkd_rows_backward(Tensor grad_tckd, Tensor grad_nckd, Tensor student, Tensor teacher, Tensor stats, "

@@ -8,6 +8,7 @@ threads costs milliseconds here: few rows, small shapes. The stand-in cannot see
 of the fast-math intrinsics (see the header); the tolerances are those of the GPU tests.
 Two tests compile a copy of the sources with planted bugs and check that these comparisons catch them.
 """
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -96,8 +97,10 @@ def test_kl(ops, V, T, reverse):
     s, t = logits(4, V, seed=V), logits(4, V, seed=V + 1)
     stats = check_kl(ops, s, t, T, reverse)
     x, y = (s, t) if reverse else (t, s)
-    check(stats[:, 0], torch.logsumexp(x / T, -1), "stats lse(x)")
-    check(stats[:, 1], torch.logsumexp(y / T, -1), "stats lse(y)")
+    # stats: M_x, Z_x, M_y, Z_y, ... (the maxima and the sums kept apart, as the Triton kernels save them)
+    check(stats[:, 0], (x * (1.0 / T)).amax(-1), "stats M_x")
+    check(stats[:, 0] + stats[:, 1].log(), torch.logsumexp(x / T, -1), "stats lse(x)")
+    check(stats[:, 2] + stats[:, 3].log(), torch.logsumexp(y / T, -1), "stats lse(y)")
 
 
 def test_kl_with_cross_entropy(ops):
@@ -234,18 +237,137 @@ def test_dkd_masked_vocabulary(ops):
     check_dkd(ops, s, t, torch.tensor([1, 69, 30]), 2.0)
 
 
+# --- KL, JSD, DKD on adversarial logits ------------------------------------------------------------------------
+# The logit cases of tests/test_adversarial.py (offset 1e3, T = 0.05 and 100, float16 near 6e4, peaked and one-hot
+# teachers, logits of +-1e4, -inf entries, one class) through the losses composed on the stand-in's operators
+# (`kernel_losses.make_losses`, with the operators' autograd registered as the CUDA backend registers it), judged
+# by that module's rule: error <= 2 max(eager's error, a few roundings), against the float64 reference.
+
+ADVERSARIAL_CASES = ["offset_1e3", "T=0.05", "T=100", "near_fp16_overflow_6e4", "peaked_teacher_+30",
+                     "one_hot_teacher_-inf", "teacher_-inf_entries", "logits_1e4", "one_class"]
+# The loss names of tests/test_adversarial.py and their calls, the same arguments as there.
+ADVERSARIAL_CALLS = {
+    "kd_loss": lambda L, A, s, t, T: L["kd_loss"](s, t, T),
+    "kd_loss[ce]": lambda L, A, s, t, T: L["kd_loss"](s, t, T, target=A.dkd_target(s), ce_weight=0.1,
+                                                      kd_weight=0.9),
+    "kl_div_loss[forward]": lambda L, A, s, t, T: L["kl_div_loss"](
+        s, t, T, direction="forward", labels=A.token_labels(s, -100), ignore_index=-100),
+    "kl_div_loss[reverse]": lambda L, A, s, t, T: L["kl_div_loss"](
+        s, t, T, direction="reverse", labels=A.token_labels(s, 7), ignore_index=7),
+    "jsd_loss[beta=0.5]": lambda L, A, s, t, T: L["jsd_loss"](s, t, beta=0.5, temperature=T,
+                                                              labels=A.token_labels(s, -100)),
+    "jsd_loss[beta=0.1]": lambda L, A, s, t, T: L["jsd_loss"](s, t, beta=0.1, temperature=T,
+                                                              labels=A.token_labels(s, -100)),
+    "dkd_loss": lambda L, A, s, t, T: L["dkd_loss"](s, t, A.dkd_target(s), temperature=T),
+}
+_AUTOGRAD_REGISTERED = set()
+
+
+@pytest.fixture(scope="module")
+def adversarial():
+    """(tests/test_adversarial.py as a module, the stand-in's losses by name)."""
+    import test_adversarial as A  # tests/ is on sys.path (as for `precision`)
+
+    from fastkd import kernel_autograd as AG
+    from fastkd import kernel_losses
+
+    ops = standin.build()
+    for op, backward, setup in [("cuda_kl_rows", AG.kl_backward, AG.kl_setup),
+                                ("cuda_jsd_rows", AG.jsd_backward, AG.jsd_setup),
+                                ("cuda_dkd_rows", AG.dkd_backward, AG.dkd_setup)]:
+        if op not in _AUTOGRAD_REGISTERED:
+            torch.library.register_autograd(f"{standin.LIBRARY}::{op}",
+                                            partial(backward, backward=getattr(ops, f"{op}_backward")),
+                                            setup_context=setup)
+            _AUTOGRAD_REGISTERED.add(op)
+    kernels = kernel_losses.KernelSet(ops.cuda_kl_rows, ops.cuda_jsd_rows, ops.cuda_dkd_rows, None, None, None)
+    return A, kernel_losses.make_losses(kernels)
+
+
+def adversarial_params():
+    for case in ADVERSARIAL_CASES:
+        dtypes = ["fp32"] + (["fp16"] if case == "near_fp16_overflow_6e4" else []) + (
+            ["bf16"] if case == "offset_1e3" else [])
+        for loss in ADVERSARIAL_CALLS:
+            for dtype in dtypes:
+                yield pytest.param(loss, case, dtype, id=f"{loss}-{case}-{dtype}")
+
+
+@pytest.mark.parametrize("loss_name, case_name, dtype", list(adversarial_params()))
+def test_logit_losses_on_adversarial_inputs(adversarial, loss_name, case_name, dtype):
+    A, losses = adversarial
+    loss = next(x for x in A.LOSSES if x.name == loss_name)
+    case = next(c for c in A.CASES if c.family == "logits" and c.name == case_name)
+    dtype = A.DTYPES[dtype]
+    s, t = A.case_inputs(case, dtype)
+    T = case.T
+    call = ADVERSARIAL_CALLS[loss_name]
+    A.check_rule(lambda a, b: call(losses, A, a, b, T), lambda a, b: loss.ref(a, b, T),
+                 lambda a, b: (loss.ref if dtype == torch.float32 else loss.eager)(a, b, T), s, t, "cpu")
+
+
+@pytest.mark.parametrize("T", [0.05, 100.0])
+def test_long_rows_match_the_triton_kernels(ops, T):
+    """Rows longer than one Triton block (V = 2500 > rows.MAX_BLOCK_V: Triton's maxima-first path), offset by
+    1e3: the stand-in's per-row terms and statistics against the Triton kernels in the interpreter (the same
+    formulation, so the same statistics up to summation order), and the values against float64."""
+    triton_ops = pytest.importorskip("fastkd.triton.kl")
+    from fastkd.triton import dkd as triton_dkd
+    from fastkd.triton import jsd as triton_jsd
+
+    if triton_ops.torch.cuda.is_available():
+        pytest.skip("compares on CPU tensors (Triton's interpreter)")
+    s, t = logits(2, 2500, seed=70) + 1e3, logits(2, 2500, seed=71) + 1e3
+    t[1, ::7] = float("-inf")
+    target = torch.tensor([3, 2400])
+    rtol = 2e-5  # a few float32 roundings: the same terms summed in another order
+    rtol64 = 1e-2  # float64 sees the unrounded X / T: at |X / T| = 2e4 that alone moves KL by ~1e-3
+
+    def close(got, want, what):
+        r = rtol64 if want.dtype == torch.float64 else rtol
+        torch.testing.assert_close(got, want.to(got.dtype), rtol=r, atol=1e-6, msg=lambda m: f"{what}: {m}")
+
+    kl, ce, stats = ops.cuda_kl_rows(s, t, T, False, target, None, -100)
+    kl_t, ce_t, stats_t = triton_ops.kl_forward(s, t, T, False, target, None, -100)
+    close(kl, kl_t, "KL")
+    close(ce, ce_t, "CE")
+    close(stats, stats_t, "KL stats")
+    close(kl.double(), kl_reference(s.double(), t.double(), T, False, None, None)[0], "KL vs float64")
+    loss, stats = ops.cuda_jsd_rows(s, t, 0.3, T, None, -100)
+    loss_t, stats_t = triton_jsd.jsd_forward(s, t, 0.3, T, None, -100)
+    close(loss, loss_t, "JSD")
+    close(stats, stats_t, "JSD stats")
+    close(loss.double(), jsd_reference(s.double(), t.double(), 0.3, T, None)[0], "JSD vs float64")
+    tckd, nckd, stats = ops.cuda_dkd_rows(s, t, target, T)
+    tckd_t, nckd_t, stats_t = triton_dkd.dkd_forward(s, t, target, T)
+    close(tckd, tckd_t, "TCKD")
+    close(nckd, nckd_t, "NCKD")
+    close(stats, stats_t, "DKD stats")
+    want = dkd_reference(s.double(), t.double(), target, T)
+    close(tckd.double(), want[0], "TCKD vs float64")
+    close(nckd.double(), want[1], "NCKD vs float64")
+    # The gradients, both sides, against the Triton kernels' (the same formulas from the same statistics).
+    w = row_weights(2, 72)
+    stats = ops.cuda_kl_rows(s, t, T, False, target, None, -100)[2]
+    stats_t = triton_ops.kl_forward(s, t, T, False, target, None, -100)[2]
+    got = ops.cuda_kl_rows_backward(w, w, s, t, stats, T, False, target, None, -100, True, True)
+    want = triton_ops.kl_backward(w, w, s, t, stats_t, T, False, target, None, -100, True, True)
+    close(got[0], want[0], "KL student grad")
+    close(got[1], want[1], "KL teacher grad")
+
+
 # --- Attention transfer ---------------------------------------------------------------------------------------
 
 def at_map_reference(f, p):
     return [f.to(torch.promote_types(f.dtype, torch.float32)).pow(p).mean(1).reshape(f.shape[0], -1)]
 
 
-@pytest.mark.parametrize("p", [1, 2, 3, 2.5, 4, 5])
+@pytest.mark.parametrize("p", [1, 2, 3, 2.5, 4, 5, 2.3, 0.5, -1.5, 0])
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 def test_attention_map(ops, p, channels_last, dtype):
     f = logits(2, 5, 7, 9, seed=40, dtype=dtype, scale=1.0)
-    if p == 2.5:
+    if not float(p).is_integer():
         f = f.abs()  # a non-integer power of a negative entry is NaN
     if channels_last:
         f = f.to(memory_format=torch.channels_last)
@@ -259,12 +381,134 @@ def test_attention_map(ops, p, channels_last, dtype):
     check(df, want_df, "map grad", dtype)
 
 
+
+# The power element by element (C = 1: the map is f^p, the gradient p f^(p-1) for an incoming 1), as the Triton
+# kernel's (fastkd/triton/attention.py, "Pow"; tests/test_triton_rkd_at.py, test_at_pow_accuracy and
+# test_at_pow_special_values). Integer and half-integer powers (forward q = p, backward q = p - 1) use the same
+# float32 operations in both: bit for bit the Triton interpreter's results wherever the truth is at least
+# 2^-100 (below, the interpreter's Dekker product and the FMA lose different bits of the underflowing error terms).
+# Other fractions use exp2/log2 (libm's here, NumPy's there): against float64 within the Triton tests' CPU bound.
+AT_POWERS = [1, 2, 3, 5, 2.5, 2.3, 0.5, -1.5, 0]
+AT_SPECIAL = [0.0, -0.0, 1.0, -1.0, 2.0, -2.0, 0.5, -0.5, float("inf"), -float("inf"), float("nan"), 1e-40, -1e-40,
+              1e-45, 1.1e-38, -1.1e-38, 3e38, 1e-20, 1e20, 1.7, -1.7]
+U = 2.0 ** -24
+
+
+def at_pow_inputs(p, n=200):
+    """Random (signed where p is an integer), offset 1e3, scales 1e4 and 1e-4, wide (e^+-20) and special values."""
+    g = torch.Generator().manual_seed(90)
+    x = torch.cat([torch.randn(n, generator=g), 1e3 + torch.randn(n, generator=g), 1e4 * torch.randn(n, generator=g),
+                   1e-4 * torch.randn(n, generator=g), torch.empty(n).uniform_(-20, 20, generator=g).exp()])
+    return torch.cat([x if float(p).is_integer() else x.abs(), torch.tensor(AT_SPECIAL)])
+
+
+def at_pow_exact_route(q):
+    return float(2 * q).is_integer()  # integer or half-integer: products and sqrt_rn only
+
+
+def same_bits(got, want):
+    """Equal bit patterns (signed zeros included), or both NaN."""
+    got, want = got.reshape(-1), want.reshape(-1)
+    return (got.view(torch.int32) == want.view(torch.int32)) | (got.isnan() & want.isnan())
+
+
+@pytest.fixture(scope="module")
+def triton_at():
+    pytest.importorskip("triton")
+    import fastkd.triton as fkt
+    if fkt.unavailable_reason(torch.device("cpu")) is not None:
+        pytest.skip("the Triton kernels on CPU tensors need TRITON_INTERPRET=1")
+    from fastkd.triton import attention
+    return attention
+
+
+@pytest.mark.parametrize("p", AT_POWERS)
+def test_attention_pow_matches_triton_and_float64(ops, triton_at, p):
+    x = at_pow_inputs(p)
+    f, ones = x.reshape(1, 1, 1, -1), torch.ones(1, x.numel())
+    truth = {"f^p": x.double().pow(p), "p f^(p-1)": p * x.double().pow(p - 1) if p != 0 else torch.zeros(x.shape)}
+    for (what, q), got, want in zip([("f^p", p), ("p f^(p-1)", p - 1)],
+                                    [ops.cuda_at_channel_mean_pow(f, float(p)),
+                                     ops.cuda_at_channel_mean_pow_backward(ones, f, float(p))],
+                                    [triton_at.map_forward(f, p), triton_at.map_backward(ones, f, p)]):
+        got, want, w64 = got.reshape(-1), want.reshape(-1), truth[what]
+        normal = (w64.abs() >= 2.0 ** -100) & (w64.abs() <= torch.finfo(torch.float32).max)
+        if at_pow_exact_route(q):
+            same = same_bits(got, want)
+            assert same[normal | ~torch.isfinite(w64) | (w64 == 0)].all(), (
+                f"p = {p}, {what}: differs from Triton at x = {x[~same & normal][:5].tolist()}: "
+                f"{got[~same & normal][:5].tolist()} vs {want[~same & normal][:5].tolist()}")
+        rel = torch.cat([((got.double() - w64) / w64).abs()[normal], torch.zeros(1, dtype=torch.float64)])
+        bound = (1.05 if at_pow_exact_route(q) else 4.0) * U
+        assert rel.max().item() <= bound, f"p = {p}, {what}: {rel.max().item() / U:.2f} u > {bound / U:.2f} u"
+        tiny = (w64 != 0) & (w64.abs() < 2.0 ** -100)  # the pair's low part subnormal: a few ulp, or of 2^-149
+        assert ((got.double() - w64).abs() <= 8 * U * w64.abs() + 2.0 ** -147)[tiny].all(), f"p = {p}, {what}: tiny"
+
+
+@pytest.mark.parametrize("p", [0, 1, 2, 3, 4, 5, 33, 0.5, 1.5, 2.5, 0.3, 2.3, 0.7, -1, -2, -3, -0.5, -1.5, -2.3, 1e10])
+def test_attention_pow_special_values(ops, p):
+    """torch.pow's values and its backward at 0, -0, +-1, +-inf, NaN, subnormals (the stand-in does not flush
+    them, as --use_fast_math does: csrc/attention.cu), overflow and underflow; a non-finite p is an error."""
+    x = torch.tensor(AT_SPECIAL)
+    f, ones = x.reshape(1, 1, 1, -1), torch.ones(1, x.numel())
+    torch.testing.assert_close(ops.cuda_at_channel_mean_pow(f, float(p)).reshape(-1), x.pow(p), rtol=3e-7, atol=0,
+                               equal_nan=True)
+    xx = x.clone().requires_grad_()
+    xx.pow(p).sum().backward()
+    torch.testing.assert_close(ops.cuda_at_channel_mean_pow_backward(ones, f, float(p)).reshape(-1), xx.grad,
+                               rtol=3e-7, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("p", [float("inf"), -float("inf"), float("nan")])
+def test_attention_non_finite_power_is_an_error(ops, p):
+    f = torch.ones(1, 2, 3, 3)
+    with pytest.raises(ValueError, match="finite power"):
+        ops.cuda_at_channel_mean_pow(f, p)
+    with pytest.raises(ValueError, match="finite power"):
+        ops.cuda_at_channel_mean_pow_backward(torch.ones(1, 9), f, p)
+
+
+def at_adversarial_maps(case):
+    """tests/test_adversarial.py's map cases (one side): (2, 4, 5, 5) maps."""
+    g = torch.Generator().manual_seed(41)
+    f = torch.randn(2, 4, 5, 5, generator=g)
+    if case == "offset_1e3":
+        return f + 1e3
+    if case == "zero_maps":
+        f[1] = 0.0
+        f[0, 2] = 0.0
+        return f
+    return f * {"scale_1e4": 1e4, "scale_1e-4": 1e-4, "random": 1.0}[case]
+
+
+@pytest.mark.parametrize("case", ["random", "offset_1e3", "scale_1e-4", "scale_1e4", "zero_maps"])
+@pytest.mark.parametrize("p", [1, 2, 3, 5, 2.5])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_attention_adversarial_maps(ops, triton_at, case, p, channels_last):
+    """The map against float64 (the channel sum of C = 4 powers: within 6 u of mean_c |f|^p), the gradient bit for
+    bit the Triton interpreter's (the same operations, element by element) and within 3 u of float64."""
+    f = at_adversarial_maps(case)
+    if not float(p).is_integer():
+        f = f.abs()
+    if channels_last:
+        f = f.to(memory_format=torch.channels_last)
+    f64 = f.double()
+    a = ops.cuda_at_channel_mean_pow(f, float(p))
+    scale = f64.abs().pow(p).mean(1).reshape(2, -1)
+    assert ((a.double() - f64.pow(p).mean(1).reshape(2, -1)).abs() <= 6 * U * scale).all(), f"{case} map"
+    grad = row_weights(a.numel(), 7).reshape(a.shape)
+    df = ops.cuda_at_channel_mean_pow_backward(grad, f, float(p))
+    assert df.stride() == f.stride()
+    assert same_bits(df, triton_at.map_backward(grad, f, p)).all(), f"{case} grad against Triton"
+    df64 = p * f64.pow(p - 1) * grad.double().reshape(2, 1, 5, 5) / 4
+    assert ((df.double() - df64).abs() <= 3 * U * df64.abs()).all(), f"{case} grad against float64"
+
 # --- Planted faults are caught ---------------------------------------------------------------------------------
 
 # (file, line, replacement): the first occurrence is replaced in a copy of csrc/.
 PLANTED = [
-    # kl.cu's forward kernel without the 1/T on the teacher: invisible at T = 1.
-    ("kl.cu", "const float x = x_raw * inv_temperature;", "const float x = x_raw;"),
+    # kl.cu's forward sums without the 1/T on the teacher (the maxima keep it): invisible at T = 1.
+    ("kl.cu", "const float a = scaled(x_raw, inv_temperature) - m_x;", "const float a = x_raw - m_x;"),
     # attention.cu's channels-last lane reduction skips its first shuffle (the upper half of the lanes): only
     # the warp emulation computes this sum.
     ("attention.cu", "offset = static_cast<int>(blockDim.x) / 2;", "offset = static_cast<int>(blockDim.x) / 4;"),

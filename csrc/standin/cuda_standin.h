@@ -139,7 +139,11 @@ inline float expf_rn(float x) { return static_cast<float>(std::exp(static_cast<d
 inline float logf_rn(float x) { return static_cast<float>(std::log(static_cast<double>(x))); }
 inline float sqrtf_rn(float x) { return std::sqrt(x); }
 inline float rcpf_rn(float x) { return 1.0f / x; }
+inline float fdiv_rn(float a, float b) { return a / b; }
+inline float fmul_rn(float a, float b) { return a * b; }
 inline float fmaf_rn(float a, float b, float c) { return std::fma(a, b, c); }
+inline float fadd_rn(float a, float b) { return a + b; }
+inline float log2f_approx(float x) { return std::log2(x); }  // libm's log2f, not the GPU's lg2.approx
 inline float int_as_float(int v) { return std::bit_cast<float>(v); }
 inline float int_as_float(unsigned v) { return std::bit_cast<float>(v); }
 inline int float_as_int(float v) { return std::bit_cast<int>(v); }
@@ -237,7 +241,11 @@ inline const DeviceProperties* getCurrentDeviceProperties() {
 #define __logf ::fastkd_standin::logf_rn
 #define __fsqrt_rn ::fastkd_standin::sqrtf_rn
 #define __frcp_rn ::fastkd_standin::rcpf_rn
+#define __fdiv_rn ::fastkd_standin::fdiv_rn
+#define __fmul_rn ::fastkd_standin::fmul_rn
 #define __fmaf_rn ::fastkd_standin::fmaf_rn
+#define __fadd_rn ::fastkd_standin::fadd_rn
+#define __log2f ::fastkd_standin::log2f_approx
 #define __int_as_float ::fastkd_standin::int_as_float
 #define __float_as_int ::fastkd_standin::float_as_int
 #define __stwb ::fastkd_standin::stwb
