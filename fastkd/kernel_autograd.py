@@ -66,10 +66,10 @@ def sq_hi_lo(x: Tensor) -> tuple[Tensor, Tensor]:
     """Squared distances `|x_i - x_j|^2` of float32 rows, computed directly in float64, as float32 pairs
     `(hi, lo)` with `hi + lo` equal to them to ~float32^2 (fastkd/triton/rkd.py, step 1). No gradient."""
     x64 = x.detach().double()
-    q = torch.cdist(x64, x64, compute_mode="donot_use_mm_for_euclid_dist").square()
-    q = (q + q.T) * 0.5  # exactly symmetric whatever the cdist kernel's order of summation
+    q = torch.cdist(x64, x64, compute_mode="donot_use_mm_for_euclid_dist").square_()
+    q = (q + q.T).mul_(0.5)  # exactly symmetric whatever the cdist kernel's order of summation
     hi = q.float()
-    return hi, (q - hi.double()).float()
+    return hi, q.sub_(hi.double()).float()
 
 
 def angle_diagonal(q_s: Tensor, q_t: Tensor) -> Tensor:

@@ -82,13 +82,8 @@ def floor(dtype: torch.dtype) -> float:
     return FLOOR_ULPS[dtype] * UNIT_ROUNDOFF[dtype]
 
 
-@pytest.fixture(autouse=True)
-def no_tf32():
-    """Gram products in true float32 on CUDA, as on CPU (TF32 would change what eager computes)."""
-    old = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32 = old
+# The reference's Gram products in true float32 on CUDA, as on CPU (TF32 would make eager the noisy one).
+pytestmark = pytest.mark.usefixtures("no_tf32")
 
 
 # ----------------------------------------------------------------------------------------------------------

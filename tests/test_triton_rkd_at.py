@@ -29,13 +29,8 @@ RKD_LOSSES = {
 }
 
 
-@pytest.fixture(autouse=True)
-def no_tf32():
-    """Both backends' Gram products in true float32 on CUDA (TF32 would make the reference the noisy one)."""
-    old = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32 = old
+# The reference's Gram products in true float32 on CUDA, as on CPU (TF32 would make eager the noisy one).
+pytestmark = pytest.mark.usefixtures("no_tf32")
 
 
 def kernel_device(device):

@@ -292,7 +292,11 @@ def angle_weights(qh_s: Tensor, ql_s: Tensor, qh_t: Tensor, ql_t: Tensor, unit_t
     u = torch.empty_like(qh_s)
     rkd_angle_rows_kernel[(n, n)](qh_s, ql_s, qh_t, ql_t, s, e, B, BLOCK=block, UNIT_T=unit_t, num_warps=4)
     rkd_angle_cols_kernel[(n, n)](qh_s, ql_s, qh_t, ql_t, u, B, BLOCK=block, UNIT_T=unit_t, num_warps=4)
-    return 2.0 * ((e + e.T) + (s + s.T) - u)
+    w = e + e.T  # 2 ((E + E^T) + (S + S^T) - U), in place: B^2 buffers are what bound the memory at large B
+    w += s
+    w += s.T
+    w -= u
+    return w.mul_(2.0)
 
 
 # --- the operators (no autograd of their own: fastkd.kernel_autograd composes them) --------------------------
