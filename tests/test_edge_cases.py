@@ -4,7 +4,7 @@ Covered: the smallest batch, one class, odd sizes, leading dims; non-contiguous,
 channels-last inputs; -inf logits (masked vocabulary) and probabilities that underflow to 0; NaN/Inf inputs;
 masked tokens and the reductions; bf16/fp16/fp64 inputs and the bf16 error budget; determinism.
 
-The oracles (`naive_*`) are plain PyTorch transcriptions of the formulas in docs/semantics.md (RepDistiller,
+The oracles (`naive_*`) are plain PyTorch transcriptions of the popular implementations' formulas (RepDistiller,
 mdistiller, TRL, torchdistill), written here independently of `fastkd.reference` and run in float64. The
 bf16 budget test measures against `fastkd.reference` in float64, as its rule says.
 """
