@@ -100,3 +100,50 @@ def test_a_peer_that_disagrees_is_caught():
     assert disagreement((1.0, grad), (1.1, grad)) == pytest.approx(0.1)
     assert disagreement((1.0, grad), (1.0, grad * 1.5)) == pytest.approx(0.5)
     assert disagreement((1.0, grad), (float("nan"), grad)) == float("inf")
+
+
+def test_gpu_check_dry_run_lists_every_step(tmp_path):
+    """`bash bench/gpu_check.sh --dry-run` (how CI runs it): steps, commands and limits, imports, the benchmark
+    plan and the test collection checked, nothing written, exit 0."""
+    done = subprocess.run(["bash", "bench/gpu_check.sh", "--dry-run"], cwd=REPO, capture_output=True, text=True,
+                          timeout=180, env={**os.environ, "PYTHON": sys.executable,
+                                            "FASTKD_RESULTS_DIR": str(tmp_path / "results")})
+    assert done.returncode == 0, done.stdout + done.stderr
+    out = done.stdout
+    for n in range(6):
+        assert f"=== step {n}: " in out, n
+    limits = [int(x) for x in __import__("re").findall(r"=== step \d: .* \(limit (\d+) s\)", out)]
+    assert len(limits) == 6 and sum(limits) < 8 * 60
+    for command in ("-m bench.gpu_check preflight --dry-run", "-m fastkd build-cuda", "-m pytest -q tests",
+                    "-m bench report --csv", "-m bench.gpu_check summary"):
+        assert command in out, command
+    assert "imports ok: " in out and "tests collected" in out and "nvcc: " in out
+    for case in ("kd 8192x128256 bfloat16", "kl_forward 8192x128256 bfloat16", "jsd 8192x128256 bfloat16",
+                 "rkd 1024x512 float32", "rkd 4096x2048 float32", "at 256x64x56x56 bfloat16", "at 256x512x7x7 bfloat16"):
+        assert f"case: {case}" in out, case
+    assert out.count("--peers eager,compile,liger,triton,cuda") == 3 and "--passes fwd+bwd" in out
+    assert "dry run ok" in out
+    assert not (tmp_path / "results").exists()  # a dry run writes nothing
+
+
+def test_gpu_check_summary_reads_the_results(tmp_path):
+    from bench.gpu_check import headline, test_counts
+    from bench.results import append_rows
+    env = {"date": "2026-01-01T00:00:00Z", "mode": "full", "device": "NVIDIA H200", "loss": "kd",
+           "shape": "8192x128256", "dtype": "bfloat16", "pass": "fwd+bwd"}
+    times = {"eager": 40.0, "compile": 20.0, "liger": "", "triton": 10.0, "cuda": 8.0}
+    append_rows(tmp_path / "r.csv", [
+        {**env, "peer": peer, "median_ms": ms, "peak_mb": 100.0 if ms else None, "pct_copy_bw": 80.0 if ms else None,
+         "status": "ok" if ms else "unavailable: liger-kernel not installed"} for peer, ms in times.items()])
+    lines = headline(tmp_path / "r.csv")
+    triton = next(line for line in lines if " triton " in line).split()
+    assert triton[3:11] == ["triton", "10.000", "4x", "2x", "-", "80.0", "100", "100"]
+    cuda = next(line for line in lines if " cuda " in line).split()
+    assert cuda[5:7] == ["5x", "2.5x"]
+    assert headline(tmp_path / "missing.csv")[0].startswith("no benchmark rows")
+
+    log = tmp_path / "pytest.log"
+    log.write_text("....s.F [ 50%]\nFAILED tests/test_x.py::test_y - boom\n3 failed, 10 passed, 2 skipped in 9.1s\n")
+    assert test_counts(log) == ({"failed": 3, "passed": 10, "skipped": 2}, ["tests/test_x.py::test_y"], True)
+    log.write_text("....s.F [ 50%]\n..ss\n")  # cut short by its time limit: no summary line
+    assert test_counts(log) == ({"passed": 7, "failed": 1, "skipped": 3, "error": 0}, [], False)
