@@ -1,4 +1,4 @@
-"""Command line: `python -m fastkd info` (versions, devices, backends), `demo`, and `build-cuda`."""
+"""Command line: `python -m fastkd info` (versions, devices, backends), `demo`, `build-cuda`, and `kernels`."""
 from __future__ import annotations
 
 import argparse
@@ -66,6 +66,15 @@ def build_cuda(arch: str | None, verbose: bool) -> int:
     return 0
 
 
+def kernels(arch: str) -> int:
+    """Compile the Triton kernels for `arch` without a GPU and print registers, spills and load widths
+    (fastkd.triton.static), in a child process when this one has TRITON_INTERPRET set."""
+    import os
+    import subprocess
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    return subprocess.run([sys.executable, "-m", "fastkd.triton.static", "--arch", arch], env=env).returncode
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fastkd", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -74,6 +83,9 @@ def main(argv: list[str] | None = None) -> int:
     build.add_argument("--arch", default=None, help='architectures, e.g. "8.0;9.0" (default: the local GPUs\', '
                                                     'else 8.0 and 9.0)')
     build.add_argument("--verbose", action="store_true", help="show the compiler's commands")
+    kern = commands.add_parser("kernels", help="compile the Triton kernels for a GPU architecture (no GPU needed) "
+                                                "and print registers, spills and widest global loads")
+    kern.add_argument("--arch", default="8.0,9.0", help='comma-separated, e.g. "8.0,9.0"')
     demo = commands.add_parser("demo", help="distil a small MNIST teacher into a student (Hinton et al.'s table)")
     demo.add_argument("--quick", action="store_true", help="a few seconds on a subset, for smoke tests")
     demo.add_argument("--seed", type=int, default=0)
@@ -86,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
         info()
     elif args.command == "build-cuda":
         return build_cuda(args.arch, args.verbose)
+    elif args.command == "kernels":
+        return kernels(args.arch)
     else:
         from . import demo as demo_module
         demo_module.run(quick=args.quick, seed=args.seed, device=args.device, backend=args.backend,

@@ -20,3 +20,11 @@ def test_unknown_command_and_backend_are_rejected():
         main(["train"])
     with pytest.raises(SystemExit):
         main(["demo", "--backend", "fast"])
+
+
+def test_kernels_command_is_registered(capsys):
+    # The compile itself (about a minute per architecture) is tests/test_static_compile.py's.
+    with pytest.raises(SystemExit) as exit_:
+        main(["kernels", "--help"])
+    assert exit_.value.code == 0
+    assert "--arch" in capsys.readouterr().out
