@@ -1,11 +1,15 @@
-"""The CUDA extension compiles and links, and registers every operator, fake and autograd (no GPU needed).
+"""The CUDA extension compiles and links, registers every operator, fake and autograd, and none of its kernels
+spills to local memory on sm_80 or sm_90 (no GPU needed).
 
 It takes a couple of minutes on 2 cores, so it runs where `FASTKD_TEST_CUDA_BUILD=1` is set: in CI (.ci/run),
 and for anyone changing csrc/.
 """
 import os
+import re
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -23,3 +27,30 @@ def test_extension_builds_for_sm80_and_sm90(tmp_path):
     assert "architectures sm80_sm90" in run.stdout
     assert f"{len(OPS)} ops: {', '.join(OPS)}" in run.stdout
     assert "registered as backend 'cuda' for: at_loss, attention_map, dkd_loss, jsd_loss, kd_loss" in run.stdout
+    spills = resource_usage_with_spills(next(tmp_path.rglob("*.so")))
+    assert spills == [], "kernels with a stack frame or local memory (spills):\n" + "\n".join(spills)
+
+
+def cuobjdump() -> str | None:
+    """The CUDA toolkit's cuobjdump, else the one Triton ships."""
+    home = os.environ.get("CUDA_HOME", "/usr/local/cuda")
+    for candidate in (Path(home) / "bin" / "cuobjdump", shutil.which("cuobjdump")):
+        if candidate and Path(candidate).is_file():
+            return str(candidate)
+    try:
+        import triton
+    except ImportError:
+        return None
+    bundled = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    return str(bundled) if bundled.is_file() else None
+
+
+def resource_usage_with_spills(library: Path) -> list[str]:
+    """Every kernel of the built library whose resource usage shows a stack frame or local memory."""
+    tool = cuobjdump()
+    if tool is None:
+        pytest.skip("no cuobjdump (CUDA toolkit or Triton) to read the kernels' resource usage")
+    out = subprocess.run([tool, "--dump-resource-usage", str(library)], capture_output=True, text=True, check=True)
+    usage = [line.strip() for line in out.stdout.splitlines() if "REG:" in line]
+    assert usage, "no kernels found in " + str(library)
+    return [line for line in usage if not (re.search(r"\bSTACK:0\b", line) and re.search(r"\bLOCAL:0\b", line))]
