@@ -14,14 +14,17 @@ import pytest
 
 triton = pytest.importorskip("triton")
 static = pytest.importorskip("fastkd.triton.static")
+# The budgets below are Triton 3.8's code generation (its ptxas allocates registers differently from 3.6's,
+# which CI tests in the interpreter only): the checks run where they were measured.
+if tuple(int(v) for v in triton.__version__.split(".")[:2]) != (3, 8):
+    pytest.skip(f"register budgets measured with triton 3.8, this is {triton.__version__}", allow_module_level=True)
 
 ARCHS = ("8.0", "9.0")
 
 # Registers per thread, per kernel: the most measured over both archs, every case (Triton 3.8's ptxas), plus
 # ~15% headroom, rounded up to 8. Why a budget: the logit row kernels run 8 warps (256 threads) per row
 # for long rows, and <= 128 registers keeps two such programs per SM (65536 / (256 * 128)); a jump past the
-# budget is a code-generation change to look at, not noise. The attention kernels sit at the 255 ceiling
-# (p = 2.5: two-float pow) and are held by the spill check instead.
+# budget is a code-generation change to look at, not noise.
 REGISTER_BUDGET = {
     "kl_forward_kernel": 128,  # measured 109 (bf16, V=4096, labels+ce)
     "kl_backward_kernel": 72,  # measured 61
@@ -29,25 +32,14 @@ REGISTER_BUDGET = {
     "jsd_backward_kernel": 72,  # measured 61
     "dkd_forward_kernel": 104,  # measured 90 (sm_80)
     "dkd_backward_kernel": 72,  # measured 60
-    "at_map_forward_kernel": 255,  # measured 255 (p=2.5 channels-last, sm_90): the hardware limit
-    "at_map_backward_kernel": 255,  # measured 255 (p=2.5 channels-last, sm_90): the hardware limit
+    "at_map_forward_kernel": 184,  # measured 162 (fp32 channels-last p=2.5, sm_90; 8 warps for tiles >= 2048)
+    "at_map_backward_kernel": 168,  # measured 148 (fp16 channels-last p=2.5, sm_90)
     "rkd_sq_dist_kernel": 88,  # measured 72
     "rkd_weighted_diff_kernel": 144,  # measured 128
     "rkd_angle_forward_kernel": 128,  # measured 114
     "rkd_angle_rows_kernel": 200,  # measured 180 (sm_80)
     "rkd_angle_cols_kernel": 192,  # measured 167
 }
-
-# Rows that fail a requirement today (Triton 3.8), measured; strict, so they flip to failures when fixed.
-SPILLS = {  # (kernel, arch, case): measured STACK bytes, at 255 registers
-    ("at_map_forward_kernel", "9.0", "fp16 channels-last p=2.5"): 56,
-    ("at_map_backward_kernel", "9.0", "fp16 channels-last p=2.5"): 8,
-    ("at_map_backward_kernel", "9.0", "bf16 channels-last p=2.5"): 8,
-}
-# The channels-first attention tiles are spatial-fastest with a runtime spatial stride, so each element is
-# its own load: measured LDG.E.U16 for bf16/fp16 (forward and backward) and LDG.E (32 bits) for fp32, both
-# archs, every p. Channels-last reaches LDG.E.128.
-NARROW_LOADS = {"fp32": "LDG.E", "bf16": "LDG.E.U16", "fp16": "LDG.E.U16"}
 
 
 def _plan():
@@ -100,14 +92,7 @@ def test_compiles_within_register_budget(report, row):
     assert 0 < r["registers"] <= REGISTER_BUDGET[r["kernel"]], r
 
 
-def _spill_rows():
-    return [pytest.param(row, id=_id(row), marks=pytest.mark.xfail(
-                strict=True, reason=f"spills today: measured STACK {SPILLS[row]} bytes, LOCAL 0, at 255 registers "
-                                    "(Triton 3.8); a kernel change for a GPU session") if row in SPILLS else ())
-            for row in PLAN]
-
-
-@pytest.mark.parametrize("row", _spill_rows())
+@pytest.mark.parametrize("row", PLAN, ids=[_id(r) for r in PLAN])
 def test_no_spills(report, row):
     r = _row(report, row)
     assert (r["stack"], r["local"]) == (0, 0), f"spills: {r}"
@@ -120,12 +105,7 @@ def _load_rows():
         if kernel in static.LOGIT_KERNELS and "contiguous" in case:
             params.append(pytest.param(row, id=_id(row)))
         elif kernel in static.AT_KERNELS:
-            marks = ()
-            if "channels-first" in case:
-                measured = NARROW_LOADS[case.split()[0]]
-                marks = pytest.mark.xfail(strict=True, reason=f"measured widest load {measured} (one element per "
-                                          "load, channels-first tile); a kernel change for a GPU session")
-            params.append(pytest.param(row, id=_id(row), marks=marks))
+            params.append(pytest.param(row, id=_id(row)))
     return params
 
 

@@ -388,6 +388,25 @@ def test_at_layouts_and_pooling(device, mode, layout):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", ["w_cropped", "w_strided", "channels_last_w_cropped"])
+def test_attention_map_spatial_strides(device, layout):
+    """Maps whose spatial dimensions do not merge into one (a crop along W: H's stride is not W times W's) take
+    the kernels' general (h, w) addressing; a W stride of 2 still merges. Forward and gradient."""
+    device = kernel_device(device)
+    f = features(2, 5, 6, 9, seed=60, device=device)
+    if layout.startswith("channels_last"):
+        f = f.to(memory_format=torch.channels_last)
+    f = f[..., 1:8] if layout.endswith("w_cropped") else f[..., ::2]
+    for p in (2, 3, 2.5):
+        x = f.abs() if p == 2.5 else f
+        w = features(2, x.shape[2] * x.shape[3], seed=61, device=device)
+        got = loss_and_grads(lambda a, b: (KF.attention_map(a, p, backend="triton") * w).sum(), x, x)
+        want = loss_and_grads(lambda a, b: (KF.attention_map(a, p, backend="torch") * w).sum(), x, x)
+        close(got[0], want[0], 1e-5, f"map {layout} p={p}")
+        close(got[1], want[1], 1e-5, f"grad {layout} p={p}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("shape", [(2, 3, 5), (2, 3, 4, 5), (2, 3, 2, 3, 2)])
 def test_attention_map_any_spatial_rank(device, shape):
     device = kernel_device(device)
