@@ -69,12 +69,7 @@ def errors(got, exact):
 
 def standin_losses():
     from fastkd.cuda import standin
-    from fastkd.kernel_autograd import rkd_functions
-    from fastkd.kernel_losses import KernelSet, make_losses
-    ops = standin.build("fastkd_standin_rkd", only=["rkd.cu"])  # a build of its own: RKD only
-    pairwise_sq, angle_sum = rkd_functions(ops.cuda_rkd_sq_distances, ops.cuda_rkd_weighted_diff,
-                                           ops.cuda_rkd_angle_sum, ops.cuda_rkd_angle_weights)
-    return make_losses(KernelSet(None, None, None, pairwise_sq, angle_sum, None))
+    return standin.rkd_losses(standin.build("fastkd_standin_rkd", only=["rkd.cu"]))  # a build of its own: RKD only
 
 
 def main(argv=None) -> int:

@@ -17,6 +17,7 @@ from torch import Tensor
 from . import _dispatch, reference
 from .reference.attention import match_spatial
 from .reference.logits import compute_dtype, masked_reduce, reduce_rows
+from .reference.relational import distances_from_squared, flat_features, mean_normalized
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -36,11 +37,6 @@ def kernel_dtypes(*tensors: Tensor) -> bool:
     return all(t.dtype in KERNEL_DTYPES for t in tensors)
 
 
-def rows(f: Tensor) -> Tensor:
-    """Features flattened to float32 rows `(B, D)`, uncentred: the RKD kernels difference rows directly."""
-    return f.reshape(f.shape[0], -1).to(torch.float32)
-
-
 def as_4d(f: Tensor) -> Tensor:
     """Maps `(B, C, *spatial)` as `(B, C, H, W)` for the channel-reduction kernels."""
     if f.dim() == 3:
@@ -48,16 +44,6 @@ def as_4d(f: Tensor) -> Tensor:
     if f.dim() != 4:
         return f.reshape(f.shape[0], f.shape[1], 1, -1)
     return f
-
-
-def distances_from_sq(q: Tensor, squared: bool, eps: float) -> Tensor:
-    """The reference's normalised distances (`reference.relational.normalized_distances`) from the directly
-    computed squared distances (the reference's Gram form cancels for close rows; these do not)."""
-    d2 = q.clamp(min=eps)
-    d = d2 if squared else d2.sqrt()
-    eye = torch.eye(q.shape[0], dtype=torch.bool, device=q.device)
-    d = d.masked_fill(eye, 0.0)
-    return d / (d.sum() / (d > 0).sum())
 
 
 def make_losses(k: KernelSet) -> dict[str, Callable]:
@@ -116,8 +102,10 @@ def make_losses(k: KernelSet) -> dict[str, Callable]:
         return loss * (temperature * temperature / rows)
 
     def distance_term(q_s, q_t, squared, eps):
-        return torch.nn.functional.smooth_l1_loss(distances_from_sq(q_s, squared, eps),
-                                                  distances_from_sq(q_t, squared, eps))
+        # The reference's normalised distances, from the directly computed squared distances (the reference's
+        # Gram form cancels for close rows; these do not).
+        return torch.nn.functional.smooth_l1_loss(mean_normalized(distances_from_squared(q_s, squared, eps)),
+                                                  mean_normalized(distances_from_squared(q_t, squared, eps)))
 
     def angle_term(x_s, x_t):
         return k.angle_sum(x_s, x_t) / float(x_s.shape[0]) ** 3
@@ -125,12 +113,12 @@ def make_losses(k: KernelSet) -> dict[str, Callable]:
     def rkd_distance_loss(f_s, f_t, *, squared=False, eps=1e-12):
         if not kernel_dtypes(f_s, f_t):
             return reference.rkd_distance_loss(f_s, f_t, squared=squared, eps=eps)
-        return distance_term(k.pairwise_sq(rows(f_s)), k.pairwise_sq(rows(f_t.detach())), squared, eps)
+        return distance_term(k.pairwise_sq(flat_features(f_s)), k.pairwise_sq(flat_features(f_t.detach())), squared, eps)
 
     def rkd_angle_loss(f_s, f_t):
         if not kernel_dtypes(f_s, f_t):
             return reference.rkd_angle_loss(f_s, f_t)
-        return angle_term(rows(f_s), rows(f_t.detach()))
+        return angle_term(flat_features(f_s), flat_features(f_t.detach()))
 
     def rkd_loss(f_s, f_t, *, distance_weight=25.0, angle_weight=50.0, squared=False, eps=1e-12):
         if not kernel_dtypes(f_s, f_t):
@@ -139,7 +127,7 @@ def make_losses(k: KernelSet) -> dict[str, Callable]:
         loss = f_s.new_zeros((), dtype=compute_dtype(f_s))
         if distance_weight == 0.0 and angle_weight == 0.0:
             return loss
-        x_s, x_t = rows(f_s), rows(f_t.detach())
+        x_s, x_t = flat_features(f_s), flat_features(f_t.detach())
         if distance_weight != 0.0:
             loss = loss + distance_weight * distance_term(k.pairwise_sq(x_s), k.pairwise_sq(x_t), squared, eps)
         if angle_weight != 0.0:

@@ -611,19 +611,11 @@ def test_rkd_angle_ops_match_triton(ops, B, units):
     torch.testing.assert_close(got_w, want_w, rtol=2e-5, atol=2e-6 * want_w.abs().max().item())
 
 
-def standin_rkd_losses(ops):
-    from fastkd.kernel_autograd import rkd_functions
-    from fastkd.kernel_losses import KernelSet, make_losses
-    pairwise_sq, angle_sum = rkd_functions(ops.cuda_rkd_sq_distances, ops.cuda_rkd_weighted_diff,
-                                           ops.cuda_rkd_angle_sum, ops.cuda_rkd_angle_weights)
-    return make_losses(KernelSet(None, None, None, pairwise_sq, angle_sum, None))
-
-
 @pytest.mark.parametrize("gap", [1e-2, 1e-3, 1e-4, 1e-5])
 def test_rkd_losses_on_close_rows_within_the_tolerance_rule(ops, gap):
     """The issue's table: near-duplicate rows (student and teacher side), a tight cluster, a large offset, with
     the CUDA kernels' device code; error against float64 at most twice eager float32's (or 8 roundings)."""
-    losses = standin_rkd_losses(ops)
+    losses = standin.rkd_losses(ops)
     s = close_rows(16, 24, gap, seed=70, offset=50.0)
     t = close_rows(16, 12, gap, seed=80, offset=-20.0)
     cluster = 3.0 * logits(24, seed=90, scale=1.0) + gap * logits(16, 24, seed=91, scale=1.0)

@@ -70,3 +70,13 @@ def build(library: str = LIBRARY, csrc: Path | None = None, only: list[str] | No
                        extra_ldflags=SANITIZE[:1], build_directory=str(directory), is_python_module=False,
                        verbose=verbose)
     return getattr(torch.ops, library)
+
+
+def rkd_losses(ops) -> dict:
+    """The RKD losses composed from the stand-in's RKD operators `ops` exactly as the "cuda" backend composes
+    them (fastkd.cuda.losses): the CUDA kernels' device code behind the public losses' formulas."""
+    from ..kernel_autograd import rkd_functions
+    from ..kernel_losses import KernelSet, make_losses
+    pairwise_sq, angle_sum = rkd_functions(ops.cuda_rkd_sq_distances, ops.cuda_rkd_weighted_diff,
+                                           ops.cuda_rkd_angle_sum, ops.cuda_rkd_angle_weights)
+    return make_losses(KernelSet(None, None, None, pairwise_sq, angle_sum, None))

@@ -21,25 +21,34 @@ def flat_features(f: torch.Tensor) -> torch.Tensor:
 
 
 def pairwise_distances(x: torch.Tensor, squared: bool = False, eps: float = 1e-12) -> torch.Tensor:
-    """`D_ij = sqrt(clamp(|x_i|^2 + |x_j|^2 - 2 x_i.x_j, min=eps))` (squared: no sqrt), `D_ii = 0`.
+    """`D_ij = sqrt(clamp(|x_i|^2 + |x_j|^2 - 2 x_i.x_j, min=eps))` (squared: no sqrt), `D_ii = 0`."""
+    sq_norms = x.pow(2).sum(1)
+    return distances_from_squared(sq_norms[:, None] + sq_norms[None, :] - 2.0 * (x @ x.T), squared, eps)
+
+
+def distances_from_squared(d2: torch.Tensor, squared: bool, eps: float) -> torch.Tensor:
+    """`sqrt(clamp(d2, min=eps))` (squared: no sqrt) with a zero diagonal.
 
     Clamp-then-sqrt, as every RKD implementation: off-diagonal distances are at least sqrt(eps).
     """
-    sq_norms = x.pow(2).sum(1)
-    d2 = (sq_norms[:, None] + sq_norms[None, :] - 2.0 * (x @ x.T)).clamp(min=eps)
+    d2 = d2.clamp(min=eps)
     d = d2 if squared else d2.sqrt()
-    eye = torch.eye(x.shape[0], dtype=torch.bool, device=x.device)
+    eye = torch.eye(d.shape[0], dtype=torch.bool, device=d.device)
     return d.masked_fill(eye, 0.0)
 
 
-def normalized_distances(x: torch.Tensor, squared: bool, eps: float) -> torch.Tensor:
+def mean_normalized(d: torch.Tensor) -> torch.Tensor:
     """Distances divided by the mean of the positive ones (the off-diagonal ones).
 
     `sum(d) / count(d > 0)` equals RKD's `d[d > 0].mean()`, gradient included (d >= 0, and the zeros
     contribute nothing), without a data-dependent shape.
     """
-    d = pairwise_distances(x, squared, eps)
     return d / (d.sum() / (d > 0).sum())
+
+
+def normalized_distances(x: torch.Tensor, squared: bool, eps: float) -> torch.Tensor:
+    """The pairwise distances of the rows, divided by the mean of the positive ones."""
+    return mean_normalized(pairwise_distances(x, squared, eps))
 
 
 def rkd_distance_loss(f_s: torch.Tensor, f_t: torch.Tensor, *, squared: bool = False,
