@@ -69,7 +69,7 @@ def errors(got, exact):
 
 def standin_losses():
     from fastkd.cuda import standin
-    return standin.rkd_losses(standin.build("fastkd_standin_rkd", only=["rkd.cu"]))  # a build of its own: RKD only
+    return standin.losses(standin.build("fastkd_standin_rkd", only=["rkd.cu"]))  # a build of its own: RKD only
 
 
 def main(argv=None) -> int:

@@ -1,9 +1,9 @@
-"""Which implementation of a loss runs: the backend registry and its resolution rule.
+"""Which implementation of a loss runs: the table of implementations and the resolution rule.
 
-Every loss has a reference implementation under the "torch" backend. A kernel backend is a module
-(`fastkd.triton`, `fastkd.cuda`) that, when imported, registers its implementations per loss with
-`register` and exposes `unavailable_reason(device) -> str | None`. The public functions in
-`fastkd.functional` only call `resolve`, so a backend plugs in per loss without touching them.
+Every loss has its reference (`fastkd.reference`), the "torch" backend. A kernel backend is a module
+(`fastkd.triton`, `fastkd.cuda`) exposing `KERNELS` (its `fastkd.kernel_ops.KernelSet`) and
+`unavailable_reason(device) -> str | None`; the losses it runs are those `fastkd.kernel_losses.LOSSES` composes
+from its operators. The public functions in `fastkd.functional` only call `resolve`.
 
 Resolution of `backend`:
 - None: the `FASTKD_BACKEND` environment variable, else "auto".
@@ -14,9 +14,11 @@ Resolution of `backend`:
   The rule between Triton and CUDA C++ is what the benchmark suite measured faster per loss and GPU
   generation; until a GPU run has filled `AUTO_PREFERENCE`, Triton comes first.
 - a name: that backend, or `BackendUnavailableError` saying why it cannot run.
+Inputs in a dtype the kernels do not take (float64) run the reference whatever the backend: decided here, once.
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 from dataclasses import dataclass
@@ -24,17 +26,18 @@ from typing import Callable
 
 import torch
 
+from . import kernel_losses, reference
+
 BACKENDS = ("torch", "triton", "cuda")
 AUTO_ORDER = ("triton", "cuda", "torch")
 # (loss, GPU major version) -> backend measured fastest there by bench/; empty: nothing measured yet.
 AUTO_PREFERENCE: dict[tuple[str, int], str] = {}
 ENV_VAR = "FASTKD_BACKEND"
 
-# The module that holds each kernel backend; importing it registers its kernels.
+# The module of each kernel backend: imported on first use, for its `KERNELS` and `unavailable_reason`.
 _KERNEL_MODULES = {"triton": "fastkd.triton", "cuda": "fastkd.cuda"}
 _KERNEL_NAMES = {"triton": "Triton", "cuda": "CUDA C++"}
 
-_registry: dict[str, dict[str, Callable]] = {}
 _modules: dict[str, object | None] = {}
 _import_errors: dict[str, str] = {}
 
@@ -47,14 +50,6 @@ class BackendUnavailableError(RuntimeError):
 class BackendStatus:
     available: bool
     reason: str
-
-
-def register(op: str, backend: str, fn: Callable) -> Callable:
-    """Make `fn` the implementation of loss `op` for `backend`; it takes the reference's arguments."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    _registry.setdefault(op, {})[backend] = fn
-    return fn
 
 
 def _kernel_module(backend: str):
@@ -94,8 +89,8 @@ def available_backends() -> dict[str, BackendStatus]:
     for backend in BACKENDS:
         reason = _unavailable_reason(backend, None)
         if reason is None:
-            ops = sorted(op for op, impls in _registry.items() if backend in impls)
-            statuses[backend] = BackendStatus(True, f"available for {len(ops)} losses")
+            count = len(reference.IMPLEMENTATIONS if backend == "torch" else kernel_losses.LOSSES)
+            statuses[backend] = BackendStatus(True, f"available for {count} losses")
         else:
             statuses[backend] = BackendStatus(False, reason)
     return statuses
@@ -112,22 +107,26 @@ def check_backend_name(backend: object, source: str = "backend") -> str:
     return backend
 
 
-def resolve(op: str, backend: str | None, device: torch.device) -> Callable:
-    """The implementation of loss `op` to run on tensors on `device`."""
+def _runs(loss: str, backend: str, device: torch.device) -> bool:
+    return loss in kernel_losses.LOSSES and _unavailable_reason(backend, device) is None
+
+
+def resolve(loss: str, backend: str | None, *inputs: torch.Tensor) -> Callable:
+    """The implementation of `loss` for its floating-point `inputs`: called with the reference's arguments."""
     name = default_backend() if backend is None else check_backend_name(backend)
-    impls = _registry[op]
+    device = inputs[0].device
     if name == "auto":
         if device.type != "cuda":
-            return impls["torch"]
-        preferred = AUTO_PREFERENCE.get((op, torch.cuda.get_device_capability(device)[0])) if AUTO_PREFERENCE else None
-        for candidate in ((preferred,) if preferred else ()) + AUTO_ORDER:
-            if _unavailable_reason(candidate, device) is None and candidate in impls:
-                return impls[candidate]
-        return impls["torch"]
-    reason = _unavailable_reason(name, device, build=True)
-    if reason is not None:
-        raise BackendUnavailableError(f"backend {name!r} is not available: {reason}")
-    if name not in impls:
-        raise BackendUnavailableError(
-            f"backend {name!r} has no kernel for {op}; backends with one: {sorted(impls)}")
-    return impls[name]
+            return reference.IMPLEMENTATIONS[loss]
+        preferred = AUTO_PREFERENCE.get((loss, torch.cuda.get_device_capability(device)[0])) if AUTO_PREFERENCE else None
+        name = next((b for b in ((preferred,) if preferred else ()) + AUTO_ORDER if b == "torch" or _runs(loss, b, device)))
+    elif name != "torch":
+        reason = _unavailable_reason(name, device, build=True)
+        if reason is not None:
+            raise BackendUnavailableError(f"backend {name!r} is not available: {reason}")
+        if loss not in kernel_losses.LOSSES:
+            raise BackendUnavailableError(
+                f"backend {name!r} has no kernel for {loss}; kernel backends run {sorted(kernel_losses.LOSSES)}")
+    if name == "torch" or any(t.dtype not in kernel_losses.KERNEL_DTYPES for t in inputs):
+        return reference.IMPLEMENTATIONS[loss]
+    return functools.partial(kernel_losses.LOSSES[loss], _kernel_module(name).KERNELS)

@@ -4,6 +4,12 @@ Each function's maths is documented on its reference in `fastkd.reference`; the 
 what to pass. Every function takes `backend`: None (the `FASTKD_BACKEND` environment variable, else
 "auto"), "auto", "torch", "triton" or "cuda" (see `fastkd.available_backends()`).
 The loss is returned in float32 for float16/bfloat16 inputs (float64 for float64 inputs).
+
+Mixed dtypes: the student and the teacher may have different floating dtypes (float16, bfloat16, float32,
+float64), e.g. a float32 student against a bfloat16 teacher. The arithmetic then runs in the wider of the
+two and at least float32 (`torch.promote_types(s.dtype, t.dtype, float32)`), the loss comes back in that
+dtype and each input's gradient in its own dtype; every backend follows this rule (the kernels compute in
+float32 and send a float64 input to the reference).
 """
 from __future__ import annotations
 
@@ -21,6 +27,12 @@ __all__ = [
     "fsp_matrix", "fsp_loss", "pkt_loss", "nst_loss", "cc_loss", "hint_loss",
 ]
 
+
+def __dir__() -> list[str]:
+    # dir() and tab completion list the public API, not this module's imports (torch, checks, resolve).
+    return sorted(__all__)
+
+
 DIRECTIONS = ("forward", "reverse")
 AT_MODES = ("code", "paper")
 SP_NORMS = ("l2", "l1")
@@ -34,6 +46,7 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
     Logits `(..., C)`; `target` `(...)` class indices, needed when `ce_weight != 0`.
     reduction: "batchmean" (default, per row), "sum", "mean" (PyTorch's per element), "none" (per row).
     Defaults give RepDistiller's `DistillKL(4)`; its training mix is `ce_weight=0.1, kd_weight=0.9`.
+    The logits may differ in floating dtype: computed in the wider and at least float32 (module docstring).
     """
     checks.check_logits(student_logits, teacher_logits)
     temperature = checks.check_positive("temperature", temperature)
@@ -44,7 +57,7 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
         checks.check_target("target", target, student_logits)
     elif ce_weight != 0.0:
         raise ValueError(f"ce_weight={ce_weight} needs target (the hard labels), got target=None")
-    impl = resolve("kd_loss", backend, student_logits.device)
+    impl = resolve("kd_loss", backend, student_logits, teacher_logits)
     return impl(student_logits, teacher_logits, temperature, reduction=reduction, target=target,
                 ce_weight=ce_weight, kd_weight=kd_weight)
 
@@ -65,11 +78,12 @@ def kl_div_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temp
 
     Logits `(..., V)`; `labels` `(...)`: tokens equal to `ignore_index` are left out, and "batchmean"
     is the mean over the remaining tokens (0 when none remain). No `T^2` factor.
+    The logits may differ in floating dtype: computed in the wider and at least float32 (module docstring).
     """
     temperature = _check_token_loss_args(student_logits, teacher_logits, temperature, labels, ignore_index,
                                          reduction)
     checks.check_choice("direction", direction, DIRECTIONS)
-    impl = resolve("kl_div_loss", backend, student_logits.device)
+    impl = resolve("kl_div_loss", backend, student_logits, teacher_logits)
     return impl(student_logits, teacher_logits, temperature, direction=direction, labels=labels,
                 ignore_index=ignore_index, reduction=reduction)
 
@@ -80,11 +94,12 @@ def jsd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, beta
     """TRL's generalized JSD: beta 0 is `KL(p_t || p_s)`, beta 1 is `KL(p_s || p_t)`, 0.5 the symmetric JSD.
 
     Logits `(..., V)`; masking and reductions as in `kl_div_loss`.
+    The logits may differ in floating dtype: computed in the wider and at least float32 (module docstring).
     """
     temperature = _check_token_loss_args(student_logits, teacher_logits, temperature, labels, ignore_index,
                                          reduction)
     beta = checks.check_unit_interval("beta", beta)
-    impl = resolve("jsd_loss", backend, student_logits.device)
+    impl = resolve("jsd_loss", backend, student_logits, teacher_logits)
     return impl(student_logits, teacher_logits, beta=beta, temperature=temperature, labels=labels,
                 ignore_index=ignore_index, reduction=reduction)
 
@@ -92,7 +107,10 @@ def jsd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, beta
 def dkd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target: torch.Tensor, *,
              alpha: float = 1.0, beta: float = 8.0, temperature: float = 4.0,
              backend: str | None = None) -> torch.Tensor:
-    """Decoupled KD, mdistiller's `dkd_loss`: `alpha * TCKD + beta * NCKD`. Logits `(B, C)`, target `(B,)`."""
+    """Decoupled KD, mdistiller's `dkd_loss`: `alpha * TCKD + beta * NCKD`. Logits `(B, C)`, target `(B,)`.
+
+    The logits may differ in floating dtype: computed in the wider and at least float32 (module docstring).
+    """
     checks.check_logits(student_logits, teacher_logits)
     if student_logits.dim() != 2:
         raise ValueError(f"student_logits must be 2-d (batch, classes) for DKD, got shape "
@@ -101,7 +119,7 @@ def dkd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target:
     alpha = checks.check_number("alpha", alpha)
     beta = checks.check_number("beta", beta)
     temperature = checks.check_positive("temperature", temperature)
-    impl = resolve("dkd_loss", backend, student_logits.device)
+    impl = resolve("dkd_loss", backend, student_logits, teacher_logits)
     return impl(student_logits, teacher_logits, target, alpha=alpha, beta=beta, temperature=temperature)
 
 
@@ -123,7 +141,7 @@ def kl_div(input: torch.Tensor, target: torch.Tensor, reduction: str = "mean", l
                          f"{tuple(target.shape)}") from None
     if input.numel() == 0:
         raise ValueError(f"input is empty: shape {tuple(input.shape)}")
-    impl = resolve("kl_div", backend, input.device)
+    impl = resolve("kl_div", backend, input)
     return impl(input, target, reduction=reduction, log_target=bool(log_target))
 
 
@@ -171,13 +189,13 @@ def rkd_distance_loss(f_s: torch.Tensor, f_t: torch.Tensor, *, squared: bool = F
     """RKD distance loss on features `(B, ...)` flattened to `(B, D)`, B >= 2; D may differ."""
     _check_pair(f_s, f_t, min_batch=2)
     eps = checks.check_positive("eps", eps)
-    return resolve("rkd_distance_loss", backend, f_s.device)(f_s, f_t, squared=bool(squared), eps=eps)
+    return resolve("rkd_distance_loss", backend, f_s, f_t)(f_s, f_t, squared=bool(squared), eps=eps)
 
 
 def rkd_angle_loss(f_s: torch.Tensor, f_t: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
     """RKD angle loss on features `(B, ...)` flattened to `(B, D)`, B >= 2; D may differ."""
     _check_pair(f_s, f_t, min_batch=2)
-    return resolve("rkd_angle_loss", backend, f_s.device)(f_s, f_t)
+    return resolve("rkd_angle_loss", backend, f_s, f_t)(f_s, f_t)
 
 
 def rkd_loss(f_s: torch.Tensor, f_t: torch.Tensor, *, distance_weight: float = 25.0, angle_weight: float = 50.0,
@@ -187,7 +205,7 @@ def rkd_loss(f_s: torch.Tensor, f_t: torch.Tensor, *, distance_weight: float = 2
     distance_weight = checks.check_number("distance_weight", distance_weight)
     angle_weight = checks.check_number("angle_weight", angle_weight)
     eps = checks.check_positive("eps", eps)
-    return resolve("rkd_loss", backend, f_s.device)(
+    return resolve("rkd_loss", backend, f_s, f_t)(
         f_s, f_t, distance_weight=distance_weight, angle_weight=angle_weight, squared=bool(squared), eps=eps)
 
 
@@ -201,7 +219,7 @@ def attention_map(f: torch.Tensor, p: float = 2, *, backend: str | None = None) 
     if f.dim() < 3 or f.numel() == 0:
         raise ValueError(f"f must be a non-empty (batch, channels, *spatial) tensor, got shape {tuple(f.shape)}")
     p = _check_power(p)
-    return resolve("attention_map", backend, f.device)(f, p)
+    return resolve("attention_map", backend, f)(f, p)
 
 
 def _check_maps(f_s, f_t):
@@ -218,14 +236,14 @@ def at_loss(f_s: torch.Tensor, f_t: torch.Tensor, *, p: float = 2, mode: str = "
     _check_maps(f_s, f_t)
     p = _check_power(p)
     checks.check_choice("mode", mode, AT_MODES)
-    return resolve("at_loss", backend, f_s.device)(f_s, f_t, p=p, mode=mode)
+    return resolve("at_loss", backend, f_s, f_t)(f_s, f_t, p=p, mode=mode)
 
 
 def sp_loss(f_s: torch.Tensor, f_t: torch.Tensor, *, norm: str = "l2", backend: str | None = None) -> torch.Tensor:
     """Similarity-preserving KD on features `(B, ...)`; norm "l2" (RepDistiller) or "l1" (torchdistill)."""
     _check_pair(f_s, f_t)
     checks.check_choice("norm", norm, SP_NORMS)
-    return resolve("sp_loss", backend, f_s.device)(f_s, f_t, norm=norm)
+    return resolve("sp_loss", backend, f_s, f_t)(f_s, f_t, norm=norm)
 
 
 def fsp_matrix(bottom: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
@@ -249,26 +267,26 @@ def fsp_loss(feats_s: Sequence[torch.Tensor], feats_t: Sequence[torch.Tensor], *
         if s.shape[1] != t.shape[1]:
             raise ValueError(f"feats_s[{i}] and feats_t[{i}] must have the same number of channels for FSP, "
                              f"got {s.shape[1]} and {t.shape[1]}")
-    return resolve("fsp_loss", backend, feats_s[0].device)(feats_s, feats_t)
+    return resolve("fsp_loss", backend, *feats_s, *feats_t)(feats_s, feats_t)
 
 
 def pkt_loss(f_s: torch.Tensor, f_t: torch.Tensor, *, eps: float = 1e-7, backend: str | None = None) -> torch.Tensor:
     """Probabilistic knowledge transfer on features `(B, ...)` (RepDistiller's `PKT`)."""
     _check_pair(f_s, f_t)
     eps = checks.check_positive("eps", eps)
-    return resolve("pkt_loss", backend, f_s.device)(f_s, f_t, eps=eps)
+    return resolve("pkt_loss", backend, f_s, f_t)(f_s, f_t, eps=eps)
 
 
 def nst_loss(f_s: torch.Tensor, f_t: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
     """Neuron selectivity transfer between maps `(B, C, H, W)` (channels may differ)."""
     _check_maps(f_s, f_t)
-    return resolve("nst_loss", backend, f_s.device)(f_s, f_t)
+    return resolve("nst_loss", backend, f_s, f_t)(f_s, f_t)
 
 
 def cc_loss(f_s: torch.Tensor, f_t: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
     """Correlation congruence (RepDistiller's `Correlation`) on embeddings `(B, D)` of equal shape, B >= 2."""
     _check_pair(f_s, f_t, min_batch=2, same_shape=True)
-    return resolve("cc_loss", backend, f_s.device)(f_s, f_t)
+    return resolve("cc_loss", backend, f_s, f_t)(f_s, f_t)
 
 
 def hint_loss(f_s: torch.Tensor, f_t: torch.Tensor, regressor: Callable | None = None, *,
@@ -277,4 +295,4 @@ def hint_loss(f_s: torch.Tensor, f_t: torch.Tensor, regressor: Callable | None =
     _check_pair(f_s, f_t, min_dim=1)
     if regressor is not None and not callable(regressor):
         raise TypeError(f"regressor must be a module or callable, got {type(regressor).__name__}")
-    return resolve("hint_loss", backend, f_s.device)(f_s, f_t, regressor)
+    return resolve("hint_loss", backend, f_s, f_t)(f_s, f_t, regressor)

@@ -13,7 +13,7 @@ dtype:
   normwise, as gradients.
 - "Eager in the same dtype" is what a user's code computes today: for float32 inputs the reference itself on
   float32 inputs; for bfloat16/float16 inputs the popular implementation's formula run on tensors of that dtype
-  (the `eager_*` functions below, each naming the code it mirrors: RepDistiller's DistillKL, RKDLoss,
+  (the functions of tests/formulas.py, each naming the code it mirrors: RepDistiller's DistillKL, RKDLoss,
   Attention, Similarity, PKT, NSTLoss, Correlation, FSP, HintLoss; TRL's generalized_jsd_loss; mdistiller's
   dkd_loss). fastkd returns the loss in float32 for bf16/fp16 inputs and the gradients in the input dtype.
 - FLOOR = a few unit roundoffs u of the dtype the result is RETURNED in: 4 u for a gradient returned in
@@ -61,9 +61,11 @@ import math
 from dataclasses import dataclass, field
 from typing import Callable
 
+import formulas as popular
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import backend_device
 
 from fastkd import functional as KF
 from fastkd import kernel_losses
@@ -74,8 +76,8 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 UNIT_ROUNDOFF = {torch.float32: 2.0 ** -24, torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11,
                  F64: 2.0 ** -53}
 FLOOR_ULPS = {torch.float32: 8, torch.bfloat16: 4, torch.float16: 4, F64: 8}
-# The losses a kernel backend (Triton, CUDA C++) implements: those `kernel_losses.register_backend` registers.
-KERNEL_LOSSES = frozenset(kernel_losses.make_losses(kernel_losses.KernelSet(*[None] * 6)))
+# The losses a kernel backend (Triton, CUDA C++) implements.
+KERNEL_LOSSES = frozenset(kernel_losses.LOSSES)
 
 
 def floor(dtype: torch.dtype) -> float:
@@ -87,191 +89,11 @@ pytestmark = pytest.mark.usefixtures("no_tf32")
 
 
 # ----------------------------------------------------------------------------------------------------------
-# eager formulas: the popular implementations, run on tensors of the inputs' dtype (no upcast)
-
-def eager_distill_kl(s, t, T):
-    """RepDistiller `DistillKL(T)` (distiller_zoo/KD.py)."""
-    p_s = F.log_softmax(s / T, dim=1)
-    p_t = F.softmax(t / T, dim=1)
-    return F.kl_div(p_s, p_t, reduction="sum") * (T ** 2) / s.shape[0]
-
-
-def eager_kd_with_ce(s, t, T, target):
-    """RepDistiller train_student.py: `gamma * CE(logit_s, target) + alpha * DistillKL(T)`, here 0.1 and 0.9."""
-    return 0.1 * F.cross_entropy(s, target) + 0.9 * eager_distill_kl(s, t, T)
-
-
-def eager_trl_jsd(s, t, beta, T, labels, ignore_index=-100):
-    """TRL `GKDTrainer.generalized_jsd_loss` (beta 0: forward KL, beta 1: reverse KL), masked mean over tokens."""
-    student_log_probs = F.log_softmax(s / T, dim=-1)
-    teacher_log_probs = F.log_softmax(t / T, dim=-1)
-    if beta == 0:
-        jsd = F.kl_div(student_log_probs, teacher_log_probs, reduction="none", log_target=True)
-    elif beta == 1:
-        jsd = F.kl_div(teacher_log_probs, student_log_probs, reduction="none", log_target=True)
-    else:
-        beta = torch.tensor(beta, dtype=student_log_probs.dtype)
-        mixture_log_probs = torch.logsumexp(
-            torch.stack([student_log_probs + torch.log(1 - beta), teacher_log_probs + torch.log(beta)]), dim=0)
-        kl_teacher = F.kl_div(mixture_log_probs, teacher_log_probs, reduction="none", log_target=True)
-        kl_student = F.kl_div(mixture_log_probs, student_log_probs, reduction="none", log_target=True)
-        jsd = beta * kl_teacher + (1 - beta) * kl_student
-    mask = labels != ignore_index
-    return jsd[mask].sum() / mask.sum()
-
-
-def eager_mdistiller_dkd(logits_student, logits_teacher, target, alpha=1.0, beta=8.0, temperature=4.0):
-    """mdistiller `dkd_loss` (mdistill/distillers/DKD.py), masks and `- 1000 * gt_mask` included."""
-    gt_mask = torch.zeros_like(logits_student).scatter_(1, target.unsqueeze(1), 1).bool()
-    other_mask = torch.ones_like(logits_student).scatter_(1, target.unsqueeze(1), 0).bool()
-
-    def cat_mask(t, mask1, mask2):
-        t1 = (t * mask1).sum(dim=1, keepdims=True)
-        t2 = (t * mask2).sum(1, keepdims=True)
-        return torch.cat([t1, t2], dim=1)
-
-    pred_student = cat_mask(F.softmax(logits_student / temperature, dim=1), gt_mask, other_mask)
-    pred_teacher = cat_mask(F.softmax(logits_teacher / temperature, dim=1), gt_mask, other_mask)
-    log_pred_student = torch.log(pred_student)
-    tckd_loss = F.kl_div(log_pred_student, pred_teacher, reduction="sum") * (temperature ** 2) / target.shape[0]
-    pred_teacher_part2 = F.softmax(logits_teacher / temperature - 1000.0 * gt_mask, dim=1)
-    log_pred_student_part2 = F.log_softmax(logits_student / temperature - 1000.0 * gt_mask, dim=1)
-    nckd_loss = F.kl_div(log_pred_student_part2, pred_teacher_part2, reduction="sum") * (temperature ** 2) \
-        / target.shape[0]
-    return alpha * tckd_loss + beta * nckd_loss
-
-
-def _repdistiller_pdist(e, squared=False, eps=1e-12):
-    e_square = e.pow(2).sum(dim=1)
-    prod = e @ e.t()
-    res = (e_square.unsqueeze(1) + e_square.unsqueeze(0) - 2 * prod).clamp(min=eps)
-    if not squared:
-        res = res.sqrt()
-    res = res.clone()
-    res[range(len(e)), range(len(e))] = 0
-    return res
-
-
-def eager_rkd_distance(f_s, f_t):
-    """RepDistiller `RKDLoss.forward` (distiller_zoo/RKD.py), its distance term."""
-    student, teacher = f_s.view(f_s.shape[0], -1), f_t.view(f_t.shape[0], -1)
-    with torch.no_grad():
-        t_d = _repdistiller_pdist(teacher, squared=False)
-        mean_td = t_d[t_d > 0].mean()
-        t_d = t_d / mean_td
-    d = _repdistiller_pdist(student, squared=False)
-    mean_d = d[d > 0].mean()
-    d = d / mean_d
-    return F.smooth_l1_loss(d, t_d)
-
-
-def eager_rkd_angle(f_s, f_t):
-    """RepDistiller `RKDLoss.forward`, its angle term."""
-    student, teacher = f_s.view(f_s.shape[0], -1), f_t.view(f_t.shape[0], -1)
-    with torch.no_grad():
-        td = (teacher.unsqueeze(0) - teacher.unsqueeze(1))
-        norm_td = F.normalize(td, p=2, dim=2)
-        t_angle = torch.bmm(norm_td, norm_td.transpose(1, 2)).view(-1)
-    sd = (student.unsqueeze(0) - student.unsqueeze(1))
-    norm_sd = F.normalize(sd, p=2, dim=2)
-    s_angle = torch.bmm(norm_sd, norm_sd.transpose(1, 2)).view(-1)
-    return F.smooth_l1_loss(s_angle, t_angle)
-
-
-def eager_rkd(f_s, f_t):
-    """RepDistiller `RKDLoss(w_d=25, w_a=50)`."""
-    return 25 * eager_rkd_distance(f_s, f_t) + 50 * eager_rkd_angle(f_s, f_t)
-
-
-def _pool_to_smaller(f_s, f_t):
-    s_H, t_H = f_s.shape[2], f_t.shape[2]
-    if s_H > t_H:
-        f_s = F.adaptive_avg_pool2d(f_s, (t_H, t_H))
-    elif s_H < t_H:
-        f_t = F.adaptive_avg_pool2d(f_t, (s_H, s_H))
-    return f_s, f_t
-
-
-def eager_attention_map(f, p):
-    """RepDistiller `Attention.at` (distiller_zoo/AT.py)."""
-    return F.normalize(f.pow(p).mean(1).view(f.size(0), -1))
-
-
-def eager_at(f_s, f_t, p):
-    """RepDistiller `Attention.at_loss`."""
-    f_s, f_t = _pool_to_smaller(f_s, f_t)
-    return (eager_attention_map(f_s, p) - eager_attention_map(f_t, p)).pow(2).mean()
-
-
-def eager_at_paper(f_s, f_t, p):
-    """torchdistill `ATLoss(mode='paper')`: `||normalize(sum_c f^p) diff||_2` per sample, mean over the batch."""
-    a_s = F.normalize(f_s.pow(p).sum(dim=1).flatten(1), dim=1)
-    a_t = F.normalize(f_t.pow(p).sum(dim=1).flatten(1), dim=1)
-    return torch.norm(a_s - a_t, dim=1).sum() / f_s.shape[0]
-
+# eager formulas: the popular implementations (tests/formulas.py), run on tensors of the inputs' dtype (no upcast)
 
 def eager_similarity(f_s, f_t):
-    """RepDistiller `Similarity.similarity_loss` (distiller_zoo/SP.py)."""
-    bsz = f_s.shape[0]
-    f_s, f_t = f_s.view(bsz, -1), f_t.view(bsz, -1)
-    G_s = F.normalize(torch.mm(f_s, torch.t(f_s)))
-    G_t = F.normalize(torch.mm(f_t, torch.t(f_t)))
-    G_diff = G_t - G_s
-    return ((G_diff * G_diff).view(-1, 1).sum(0) / (bsz * bsz)).squeeze(0)
-
-
-def eager_pkt(output_net, target_net, eps=0.0000001):
-    """RepDistiller `PKT.cosine_similarity_loss` (distiller_zoo/PKT.py)."""
-    output_net_norm = torch.sqrt(torch.sum(output_net ** 2, dim=1, keepdim=True))
-    output_net = output_net / (output_net_norm + eps)
-    output_net[output_net != output_net] = 0
-    target_net_norm = torch.sqrt(torch.sum(target_net ** 2, dim=1, keepdim=True))
-    target_net = target_net / (target_net_norm + eps)
-    target_net[target_net != target_net] = 0
-    model_similarity = torch.mm(output_net, output_net.transpose(0, 1))
-    target_similarity = torch.mm(target_net, target_net.transpose(0, 1))
-    model_similarity = (model_similarity + 1.0) / 2.0
-    target_similarity = (target_similarity + 1.0) / 2.0
-    model_similarity = model_similarity / torch.sum(model_similarity, dim=1, keepdim=True)
-    target_similarity = target_similarity / torch.sum(target_similarity, dim=1, keepdim=True)
-    return torch.mean(target_similarity * torch.log((target_similarity + eps) / (model_similarity + eps)))
-
-
-def eager_nst(f_s, f_t):
-    """RepDistiller `NSTLoss.nst_loss` (distiller_zoo/NST.py)."""
-    f_s, f_t = _pool_to_smaller(f_s, f_t)
-    f_s = F.normalize(f_s.view(f_s.shape[0], f_s.shape[1], -1), dim=2)
-    f_t = F.normalize(f_t.view(f_t.shape[0], f_t.shape[1], -1), dim=2)
-
-    def poly_kernel(a, b):
-        return (a.unsqueeze(1) * b.unsqueeze(2)).sum(-1).pow(2)
-    return poly_kernel(f_t, f_t).mean().detach() + poly_kernel(f_s, f_s).mean() - 2 * poly_kernel(f_s, f_t).mean()
-
-
-def eager_correlation(f_s, f_t):
-    """RepDistiller `Correlation.forward` (distiller_zoo/CC.py)."""
-    delta = torch.abs(f_s - f_t)
-    return torch.mean((delta[:-1] * delta[1:]).sum(1))
-
-
-def eager_fsp(g_s, g_t):
-    """RepDistiller `FSP` (distiller_zoo/FSP.py): `compute_fsp` per network, the sum of its per-pair losses."""
-    def compute_fsp(g):
-        fsp_list = []
-        for i in range(len(g) - 1):
-            bot, top = _pool_to_smaller(g[i], g[i + 1])
-            bot = bot.unsqueeze(1)
-            top = top.unsqueeze(2)
-            bot = bot.view(bot.shape[0], bot.shape[1], bot.shape[2], -1)
-            top = top.view(top.shape[0], top.shape[1], top.shape[2], -1)
-            fsp_list.append((bot * top).mean(-1))
-        return fsp_list
-    return sum((s - t).pow(2).mean() for s, t in zip(compute_fsp(g_s), compute_fsp(g_t)))
-
-
-def eager_hint(f_s, f_t):
-    """RepDistiller `HintLoss` (`nn.MSELoss`)."""
-    return torch.nn.MSELoss()(f_s, f_t)
+    """RepDistiller `Similarity.similarity_loss`, its (1,)-shaped result as a scalar."""
+    return popular.similarity(f_s, f_t).squeeze(0)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -310,8 +132,8 @@ def _logit_losses():
                                               ignore_index=ignore, backend=b),
             lambda s, t, T: R.kl_div_loss(s, t, T, direction=direction, labels=token_labels(s, ignore),
                                           ignore_index=ignore),
-            lambda s, t, T: eager_trl_jsd(s, t, 0 if direction == "forward" else 1, T, token_labels(s, ignore),
-                                          ignore),
+            lambda s, t, T: popular.trl_generalized_jsd(s, t, 0 if direction == "forward" else 1, T,
+                                                        token_labels(s, ignore), ignore),
             "kl_div_loss")
 
     def jsd(beta):
@@ -319,23 +141,23 @@ def _logit_losses():
             f"jsd_loss[beta={beta}]", "logits",
             lambda s, t, T, b: KF.jsd_loss(s, t, beta=beta, temperature=T, labels=token_labels(s, -100), backend=b),
             lambda s, t, T: R.jsd_loss(s, t, beta=beta, temperature=T, labels=token_labels(s, -100)),
-            lambda s, t, T: eager_trl_jsd(s, t, beta, T, token_labels(s, -100)),
+            lambda s, t, T: popular.trl_generalized_jsd(s, t, beta, T, token_labels(s, -100)),
             "jsd_loss")
 
     return [
         Loss("kd_loss", "logits", lambda s, t, T, b: KF.kd_loss(s, t, T, backend=b),
-             lambda s, t, T: R.kd_loss(s, t, T), eager_distill_kl, "kd_loss"),
+             lambda s, t, T: R.kd_loss(s, t, T), popular.distill_kl, "kd_loss"),
         Loss("kd_loss[ce]", "logits",
              lambda s, t, T, b: KF.kd_loss(s, t, T, target=dkd_target(s), ce_weight=0.1, kd_weight=0.9, backend=b),
              lambda s, t, T: R.kd_loss(s, t, T, target=dkd_target(s), ce_weight=0.1, kd_weight=0.9),
-             lambda s, t, T: eager_kd_with_ce(s, t, T, dkd_target(s)), "kd_loss"),
+             lambda s, t, T: popular.kd_with_ce(s, t, T, dkd_target(s)), "kd_loss"),
         kl("forward", -100),
         kl("reverse", 7),
         jsd(0.5),
         jsd(0.1),
         Loss("dkd_loss", "logits", lambda s, t, T, b: KF.dkd_loss(s, t, dkd_target(s), temperature=T, backend=b),
              lambda s, t, T: R.dkd_loss(s, t, dkd_target(s), temperature=T),
-             lambda s, t, T: eager_mdistiller_dkd(s, t, dkd_target(s), temperature=T), "dkd_loss"),
+             lambda s, t, T: popular.mdistiller_dkd(s, t, dkd_target(s), temperature=T), "dkd_loss"),
     ]
 
 
@@ -348,17 +170,17 @@ def _feature_losses():
         return [f[:, :2], f[:, 2:]]
 
     return [
-        plain("rkd_distance_loss", "features", KF.rkd_distance_loss, R.rkd_distance_loss, eager_rkd_distance),
-        plain("rkd_angle_loss", "features", KF.rkd_angle_loss, R.rkd_angle_loss, eager_rkd_angle),
-        plain("rkd_loss", "features", KF.rkd_loss, R.rkd_loss, eager_rkd),
+        plain("rkd_distance_loss", "features", KF.rkd_distance_loss, R.rkd_distance_loss, popular.rkd_distance),
+        plain("rkd_angle_loss", "features", KF.rkd_angle_loss, R.rkd_angle_loss, popular.rkd_angle),
+        plain("rkd_loss", "features", KF.rkd_loss, R.rkd_loss, popular.rkd),
         plain("sp_loss", "features", KF.sp_loss, R.sp_loss, eager_similarity),
-        plain("pkt_loss", "features", KF.pkt_loss, R.pkt_loss, eager_pkt),
-        plain("cc_loss", "features", KF.cc_loss, R.cc_loss, eager_correlation),
-        plain("nst_loss", "maps", KF.nst_loss, R.nst_loss, eager_nst),
-        plain("hint_loss", "maps", KF.hint_loss, R.hint_loss, eager_hint),
+        plain("pkt_loss", "features", KF.pkt_loss, R.pkt_loss, popular.pkt),
+        plain("cc_loss", "features", KF.cc_loss, R.cc_loss, popular.correlation),
+        plain("nst_loss", "maps", KF.nst_loss, R.nst_loss, popular.nst),
+        plain("hint_loss", "maps", KF.hint_loss, R.hint_loss, popular.hint),
         Loss("fsp_loss", "maps", lambda s, t, T, b: KF.fsp_loss(fsp_split(s), fsp_split(t), backend=b),
              lambda s, t, T: R.fsp_loss(fsp_split(s), fsp_split(t)),
-             lambda s, t, T: eager_fsp(fsp_split(s), fsp_split(t)), "fsp_loss"),
+             lambda s, t, T: popular.fsp(fsp_split(s), fsp_split(t)), "fsp_loss"),
     ]
 
 
@@ -366,7 +188,7 @@ def _attention_losses():
     def at(p, mode="code", positive=False):
         # Non-integer powers of negative entries are NaN (torch.pow); p = 2.5 sees |f| in all three.
         prep = torch.abs if positive else (lambda x: x)
-        eager = eager_at if mode == "code" else eager_at_paper
+        eager = popular.at if mode == "code" else popular.at_paper
         return Loss(f"at_loss[{mode},p={p}]", "maps",
                     lambda s, t, T, b: KF.at_loss(prep(s), prep(t), p=p, mode=mode, backend=b),
                     lambda s, t, T: R.at_loss(prep(s), prep(t), p=p, mode=mode),
@@ -374,7 +196,7 @@ def _attention_losses():
 
     def amap(p):
         return Loss(f"attention_map[p={p}]", "maps", lambda s, t, T, b: KF.attention_map(s, p, backend=b),
-                    lambda s, t, T: R.attention_map(s, p), lambda s, t, T: eager_attention_map(s, p),
+                    lambda s, t, T: R.attention_map(s, p), lambda s, t, T: popular.attention_map(s, p),
                     "attention_map")
 
     return [at(2), at(1), at(3), at(5), at(2.5, positive=True), at(2, "paper"), amap(2), amap(5)]
@@ -632,27 +454,7 @@ def check_rule(call, ref, eager, s, t, device="cpu", **kw) -> list[Measurement]:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# the backends
-
-def backend_device(backend: str) -> str:
-    """The device the backend runs on here, or skip with the reason it cannot run."""
-    if backend == "torch":
-        return "cpu"
-    if backend == "triton":
-        fkt = pytest.importorskip("fastkd.triton")
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        reason = fkt.unavailable_reason(torch.device(device))
-        if reason is not None:
-            pytest.skip(reason)
-        return device
-    if not torch.cuda.is_available():
-        pytest.skip("the CUDA C++ backend needs a CUDA device")
-    import fastkd.cuda
-    reason = fastkd.cuda.unavailable_reason(torch.device("cuda"), build=True)
-    if reason is not None:
-        pytest.skip(reason)
-    return "cuda"
-
+# the backends (`backend_device`: tests/helpers.py)
 
 def student_rows_coincide(s: torch.Tensor) -> bool:
     x = s.reshape(s.shape[0], -1)

@@ -8,7 +8,6 @@ threads costs milliseconds here: few rows, small shapes. The stand-in cannot see
 of the fast-math intrinsics (see the header); the tolerances are those of the GPU tests.
 Two tests compile a copy of the sources with planted bugs and check that these comparisons catch them.
 """
-from functools import partial
 from pathlib import Path
 
 import pytest
@@ -240,7 +239,7 @@ def test_dkd_masked_vocabulary(ops):
 # --- KL, JSD, DKD on adversarial logits ------------------------------------------------------------------------
 # The logit cases of tests/test_adversarial.py (offset 1e3, T = 0.05 and 100, float16 near 6e4, peaked and one-hot
 # teachers, logits of +-1e4, -inf entries, one class) through the losses composed on the stand-in's operators
-# (`kernel_losses.make_losses`, with the operators' autograd registered as the CUDA backend registers it), judged
+# (`fastkd.cuda.standin.losses`: `fastkd.kernel_losses` with the declared autograd, as the CUDA backend has it), judged
 # by that module's rule: error <= 2 max(eager's error, a few roundings), against the float64 reference.
 
 ADVERSARIAL_CASES = ["offset_1e3", "T=0.05", "T=100", "near_fp16_overflow_6e4", "peaked_teacher_+30",
@@ -260,7 +259,6 @@ ADVERSARIAL_CALLS = {
                                                               labels=A.token_labels(s, -100)),
     "dkd_loss": lambda L, A, s, t, T: L["dkd_loss"](s, t, A.dkd_target(s), temperature=T),
 }
-_AUTOGRAD_REGISTERED = set()
 
 
 @pytest.fixture(scope="module")
@@ -268,20 +266,7 @@ def adversarial():
     """(tests/test_adversarial.py as a module, the stand-in's losses by name)."""
     import test_adversarial as A  # tests/ is on sys.path (as for `precision`)
 
-    from fastkd import kernel_autograd as AG
-    from fastkd import kernel_losses
-
-    ops = standin.build()
-    for op, backward, setup in [("cuda_kl_rows", AG.kl_backward, AG.kl_setup),
-                                ("cuda_jsd_rows", AG.jsd_backward, AG.jsd_setup),
-                                ("cuda_dkd_rows", AG.dkd_backward, AG.dkd_setup)]:
-        if op not in _AUTOGRAD_REGISTERED:
-            torch.library.register_autograd(f"{standin.LIBRARY}::{op}",
-                                            partial(backward, backward=getattr(ops, f"{op}_backward")),
-                                            setup_context=setup)
-            _AUTOGRAD_REGISTERED.add(op)
-    kernels = kernel_losses.KernelSet(ops.cuda_kl_rows, ops.cuda_jsd_rows, ops.cuda_dkd_rows, None, None, None)
-    return A, kernel_losses.make_losses(kernels)
+    return A, standin.losses(standin.build())
 
 
 def adversarial_params():
@@ -328,18 +313,18 @@ def test_long_rows_match_the_triton_kernels(ops, T):
         torch.testing.assert_close(got, want.to(got.dtype), rtol=r, atol=1e-6, msg=lambda m: f"{what}: {m}")
 
     kl, ce, stats = ops.cuda_kl_rows(s, t, T, False, target, None, -100)
-    kl_t, ce_t, stats_t = triton_ops.kl_forward(s, t, T, False, target, None, -100)
+    kl_t, ce_t, stats_t = triton_ops.kl_rows(s, t, T, False, target, None, -100)
     close(kl, kl_t, "KL")
     close(ce, ce_t, "CE")
     close(stats, stats_t, "KL stats")
     close(kl.double(), kl_reference(s.double(), t.double(), T, False, None, None)[0], "KL vs float64")
     loss, stats = ops.cuda_jsd_rows(s, t, 0.3, T, None, -100)
-    loss_t, stats_t = triton_jsd.jsd_forward(s, t, 0.3, T, None, -100)
+    loss_t, stats_t = triton_jsd.jsd_rows(s, t, 0.3, T, None, -100)
     close(loss, loss_t, "JSD")
     close(stats, stats_t, "JSD stats")
     close(loss.double(), jsd_reference(s.double(), t.double(), 0.3, T, None)[0], "JSD vs float64")
     tckd, nckd, stats = ops.cuda_dkd_rows(s, t, target, T)
-    tckd_t, nckd_t, stats_t = triton_dkd.dkd_forward(s, t, target, T)
+    tckd_t, nckd_t, stats_t = triton_dkd.dkd_rows(s, t, target, T)
     close(tckd, tckd_t, "TCKD")
     close(nckd, nckd_t, "NCKD")
     close(stats, stats_t, "DKD stats")
@@ -349,9 +334,9 @@ def test_long_rows_match_the_triton_kernels(ops, T):
     # The gradients, both sides, against the Triton kernels' (the same formulas from the same statistics).
     w = row_weights(2, 72)
     stats = ops.cuda_kl_rows(s, t, T, False, target, None, -100)[2]
-    stats_t = triton_ops.kl_forward(s, t, T, False, target, None, -100)[2]
+    stats_t = triton_ops.kl_rows(s, t, T, False, target, None, -100)[2]
     got = ops.cuda_kl_rows_backward(w, w, s, t, stats, T, False, target, None, -100, True, True)
-    want = triton_ops.kl_backward(w, w, s, t, stats_t, T, False, target, None, -100, True, True)
+    want = triton_ops.kl_rows_backward(w, w, s, t, stats_t, T, False, target, None, -100, True, True)
     close(got[0], want[0], "KL student grad")
     close(got[1], want[1], "KL teacher grad")
 
@@ -430,7 +415,7 @@ def test_attention_pow_matches_triton_and_float64(ops, triton_at, p):
     for (what, q), got, want in zip([("f^p", p), ("p f^(p-1)", p - 1)],
                                     [ops.cuda_at_channel_mean_pow(f, float(p)),
                                      ops.cuda_at_channel_mean_pow_backward(ones, f, float(p))],
-                                    [triton_at.map_forward(f, p), triton_at.map_backward(ones, f, p)]):
+                                    [triton_at.at_channel_mean_pow(f, p), triton_at.at_channel_mean_pow_backward(ones, f, p)]):
         got, want, w64 = got.reshape(-1), want.reshape(-1), truth[what]
         normal = (w64.abs() >= 2.0 ** -100) & (w64.abs() <= torch.finfo(torch.float32).max)
         if at_pow_exact_route(q):
@@ -499,7 +484,7 @@ def test_attention_adversarial_maps(ops, triton_at, case, p, channels_last):
     grad = row_weights(a.numel(), 7).reshape(a.shape)
     df = ops.cuda_at_channel_mean_pow_backward(grad, f, float(p))
     assert df.stride() == f.stride()
-    assert same_bits(df, triton_at.map_backward(grad, f, p)).all(), f"{case} grad against Triton"
+    assert same_bits(df, triton_at.at_channel_mean_pow_backward(grad, f, p)).all(), f"{case} grad against Triton"
     df64 = p * f64.pow(p - 1) * grad.double().reshape(2, 1, 5, 5) / 4
     assert ((df.double() - df64).abs() <= 3 * U * df64.abs()).all(), f"{case} grad against float64"
 
@@ -599,15 +584,15 @@ def test_rkd_angle_ops_match_triton(ops, B, units):
     """The angle sum and its gradient weights from the same float64 distance pairs as the Triton kernels (in the
     interpreter): the same formulas, so equal up to the order of the sums (several tiles at B = 33, 40)."""
     triton_rkd = pytest.importorskip("fastkd.triton.rkd")
-    from fastkd.kernel_autograd import sq_hi_lo
+    from fastkd.rkd_autograd import sq_hi_lo
     xs = close_rows(B, 1 if units[0] else 6, 1e-4, seed=B + 60) if B > 2 else logits(B, 6, seed=B, scale=1.0)
     xt = logits(B, 1 if units[1] else 9, seed=B + 61, scale=1.0)
     pairs = [*sq_hi_lo(xs), *sq_hi_lo(xt)]
     got = ops.cuda_rkd_angle_sum(*pairs, *units)
-    want = triton_rkd.angle_sum(*pairs, *units)
+    want = triton_rkd.rkd_angle_sum(*pairs, *units)
     torch.testing.assert_close(got, want, rtol=2e-6, atol=1e-7)
     got_w = ops.cuda_rkd_angle_weights(*pairs, units[1])
-    want_w = triton_rkd.angle_weights(*pairs, units[1])
+    want_w = triton_rkd.rkd_angle_weights(*pairs, units[1])
     torch.testing.assert_close(got_w, want_w, rtol=2e-5, atol=2e-6 * want_w.abs().max().item())
 
 
@@ -615,7 +600,7 @@ def test_rkd_angle_ops_match_triton(ops, B, units):
 def test_rkd_losses_on_close_rows_within_the_tolerance_rule(ops, gap):
     """The issue's table: near-duplicate rows (student and teacher side), a tight cluster, a large offset, with
     the CUDA kernels' device code; error against float64 at most twice eager float32's (or 8 roundings)."""
-    losses = standin.rkd_losses(ops)
+    losses = standin.losses(ops)
     s = close_rows(16, 24, gap, seed=70, offset=50.0)
     t = close_rows(16, 12, gap, seed=80, offset=-20.0)
     cluster = 3.0 * logits(24, seed=90, scale=1.0) + gap * logits(16, 24, seed=91, scale=1.0)

@@ -1,8 +1,8 @@
 """Default arguments, and parameter branches no other test enters.
 
 - The documented defaults (RepDistiller's, mdistiller's, TRL's values, as the docstrings name them) are the
-  defaults of `fastkd.functional`, of `fastkd.reference`, of the kernel backends' losses and of the modules'
-  constructors: one table, checked against every signature.
+  defaults of `fastkd.functional`, of `fastkd.reference` and of the modules' constructors (the kernel
+  backends' losses have none: the public functions pass every option): one table, checked against every signature.
 - `pkt_loss`'s default eps is RepDistiller's 1e-7, checked by value on an input where eps matters.
 - Branches found untested: `kd_loss` given a target with `ce_weight=0` (the target is then ignored, also by
   the kernels), `rkd_loss(squared=True)` through the kernels (distance and angle together), float64 logits
@@ -88,15 +88,16 @@ def test_reference_defaults_are_the_documented_ones(name):
     assert got.keys() <= DOCUMENTED[name].keys()
 
 
-KERNEL_LOSSES = kernel_losses.make_losses(kernel_losses.KernelSet(*[None] * 6))
-
-
-@pytest.mark.parametrize("name", sorted(KERNEL_LOSSES))
-def test_kernel_backend_losses_have_the_reference_signature(name):
-    """The kernel backends' losses (Triton, CUDA C++) take the reference's arguments with its defaults."""
-    def shape(fn):  # names, kinds and defaults (annotations aside)
-        return [(p.name, p.kind, p.default) for p in inspect.signature(fn).parameters.values()]
-    assert shape(KERNEL_LOSSES[name]) == shape(R.IMPLEMENTATIONS[name])
+@pytest.mark.parametrize("name", sorted(kernel_losses.LOSSES))
+def test_kernel_backend_losses_take_the_reference_arguments_without_defaults(name):
+    """The kernel backends' losses (Triton, CUDA C++) take the kernel set, then the reference's arguments, with
+    no defaults of their own: the public function passes every option, so the defaults are decided there."""
+    def shape(fn):  # names and kinds (annotations aside)
+        return [(p.name, p.kind) for p in inspect.signature(fn).parameters.values()]
+    params = list(inspect.signature(kernel_losses.LOSSES[name]).parameters.values())
+    assert params[0].name == "kernels"
+    assert [(p.name, p.kind) for p in params[1:]] == shape(R.IMPLEMENTATIONS[name])
+    assert all(p.default is inspect.Parameter.empty for p in params)
 
 
 @pytest.mark.parametrize("cls", list(MODULES), ids=lambda c: c.__name__)

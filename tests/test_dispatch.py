@@ -1,11 +1,12 @@
-"""Backend selection: the registry, FASTKD_BACKEND, "auto", and a kernel backend plugging in per loss."""
+"""Backend selection: the table of implementations, FASTKD_BACKEND, "auto", and the float64 fallback."""
+import functools
 import types
 
 import pytest
 import torch
 
 import fastkd
-from fastkd import _dispatch
+from fastkd import _dispatch, kernel_losses
 from fastkd import functional as KF
 
 
@@ -17,9 +18,10 @@ def test_available_backends_reports_every_backend_with_a_reason():
         assert status.reason
 
 
-def test_every_public_loss_has_a_reference():
-    for op, impls in _dispatch._registry.items():
-        assert "torch" in impls, op
+def test_every_public_loss_has_a_reference_and_every_kernel_loss_a_public_function():
+    names = set(fastkd.reference.IMPLEMENTATIONS)
+    assert names <= set(KF.__all__)
+    assert set(kernel_losses.LOSSES) <= names
 
 
 def test_default_backend_reads_the_environment(monkeypatch):
@@ -29,33 +31,51 @@ def test_default_backend_reads_the_environment(monkeypatch):
     assert fastkd.default_backend() == "torch"
 
 
+class RecordingKernels:
+    """A stand-in kernel set: kd_loss's one operator, `kl_rows`, run by the reference's maths, calls recorded."""
+
+    def __init__(self):
+        self.calls = []
+
+    def kl_rows(self, student, teacher, temperature, reverse, target, labels, ignore_index):
+        self.calls.append((temperature, reverse, target, labels, ignore_index))
+        kl = fastkd.reference.kd_loss(student, teacher, temperature, reduction="none") / temperature ** 2
+        return kl.float().reshape(-1), student.new_empty(0), student.new_empty(kl.numel(), 7)
+
+
 @pytest.fixture
 def fake_triton(monkeypatch):
-    """A kernel backend that is present and has a kernel for kd_loss only, recording its calls."""
-    calls = []
-    module = types.SimpleNamespace(unavailable_reason=lambda device: None)
+    """A Triton backend that is present everywhere, with recorded kernels."""
+    kernels = RecordingKernels()
+    module = types.SimpleNamespace(unavailable_reason=lambda device: None, KERNELS=kernels)
     monkeypatch.setitem(_dispatch._modules, "triton", module)
-    monkeypatch.setitem(_dispatch._registry, "kd_loss", dict(_dispatch._registry["kd_loss"]))
-
-    def kernel(student_logits, teacher_logits, temperature, **options):
-        calls.append(options)
-        return fastkd.reference.kd_loss(student_logits, teacher_logits, temperature, **options)
-
-    _dispatch.register("kd_loss", "triton", kernel)
-    return calls
+    return kernels.calls
 
 
-def test_kernel_backend_plugs_in_per_loss(fake_triton):
+def test_a_named_kernel_backend_runs_the_kernel_loss_on_its_kernels(fake_triton):
     s, t = torch.randn(3, 5), torch.randn(3, 5)
-    expected = fastkd.reference.kd_loss(s, t, 2.0)
-    torch.testing.assert_close(KF.kd_loss(s, t, 2.0, backend="triton"), expected)
-    assert fake_triton == [dict(reduction="batchmean", target=None, ce_weight=0.0, kd_weight=1.0)]
+    torch.testing.assert_close(KF.kd_loss(s, t, 2.0, backend="triton"), fastkd.reference.kd_loss(s, t, 2.0))
+    assert fake_triton == [(2.0, False, None, None, -100)]
+    impl = _dispatch.resolve("kd_loss", "triton", s, t)
+    assert isinstance(impl, functools.partial) and impl.func is kernel_losses.kd_loss
 
 
 def test_auto_uses_the_reference_on_cpu_and_kernels_on_cuda(fake_triton):
-    assert _dispatch.resolve("kd_loss", "auto", torch.device("cpu")) is fastkd.reference.kd_loss
-    assert _dispatch.resolve("kd_loss", "auto", torch.device("cuda")) is not fastkd.reference.kd_loss
-    assert _dispatch.resolve("cc_loss", "auto", torch.device("cuda")) is fastkd.reference.cc_loss
+    cpu = torch.empty(2, 3)
+    assert _dispatch.resolve("kd_loss", "auto", cpu) is fastkd.reference.kd_loss
+    cuda = types.SimpleNamespace(device=torch.device("cuda"), dtype=torch.float32)  # no GPU needed to resolve
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(torch.cuda, "get_device_capability", lambda device: (9, 0))
+        assert _dispatch.resolve("kd_loss", "auto", cuda).func is kernel_losses.kd_loss
+        assert _dispatch.resolve("cc_loss", "auto", cuda) is fastkd.reference.cc_loss
+
+
+def test_float64_inputs_run_the_reference_whatever_the_backend(fake_triton):
+    s, t = torch.randn(3, 5, dtype=torch.float64), torch.randn(3, 5, dtype=torch.float64)
+    assert _dispatch.resolve("kd_loss", "triton", s, t) is fastkd.reference.kd_loss
+    assert _dispatch.resolve("kd_loss", "triton", s.float(), t) is fastkd.reference.kd_loss
+    KF.kd_loss(s, t, backend="triton")
+    assert fake_triton == []
 
 
 def test_environment_variable_picks_the_backend(fake_triton, monkeypatch):

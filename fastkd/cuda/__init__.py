@@ -1,4 +1,7 @@
-"""The CUDA C++ backend: the fused kernels of csrc/, loaded as the `fastkd::cuda_*` operators.
+"""The CUDA C++ backend: the fused kernels of csrc/, loaded as the `fastkd::cuda_<name>` operators.
+
+`KERNELS`, once loaded, is its `fastkd.kernel_ops.KernelSet`: the operators csrc/ops.cpp defines, one per op
+declared in `fastkd.kernel_ops` (same schema), with that declaration's fake and autograd.
 
 Where the extension comes from, first found first used:
 1. `fastkd._C`, built ahead of time by `FASTKD_BUILD_CUDA=1 pip install -e .`;
@@ -13,6 +16,8 @@ import importlib
 import sys
 
 import torch
+
+from .. import kernel_ops
 
 _loaded = False
 _load_error: str | None = None
@@ -38,7 +43,8 @@ def _load(build: bool) -> str | None:
         except Exception as err:  # the compiler's output is in the message
             _load_error = f"building the CUDA extension failed: {err}"
             return _load_error
-    from . import losses  # noqa: F401  (registers fakes, autograd and the losses)
+    global KERNELS
+    KERNELS = kernel_ops.register("cuda")
     _loaded = True
     return None
 

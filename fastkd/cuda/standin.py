@@ -72,11 +72,37 @@ def build(library: str = LIBRARY, csrc: Path | None = None, only: list[str] | No
     return getattr(torch.ops, library)
 
 
-def rkd_losses(ops) -> dict:
-    """The RKD losses composed from the stand-in's RKD operators `ops` exactly as the "cuda" backend composes
-    them (fastkd.cuda.losses): the CUDA kernels' device code behind the public losses' formulas."""
-    from ..kernel_autograd import rkd_functions
-    from ..kernel_losses import KernelSet, make_losses
-    pairwise_sq, angle_sum = rkd_functions(ops.cuda_rkd_sq_distances, ops.cuda_rkd_weighted_diff,
-                                           ops.cuda_rkd_angle_sum, ops.cuda_rkd_angle_weights)
-    return make_losses(KernelSet(None, None, None, pairwise_sq, angle_sum, None))
+_kernel_sets: dict[tuple[str, tuple[str, ...]], object] = {}
+
+
+def kernel_set(ops):
+    """The operators of the stand-in build `ops` (`torch.ops.<library>`, all or some of csrc/'s) as the "cuda"
+    backend's `KernelSet`, with the declared fakes and autograd (`fastkd.kernel_ops`), registered once."""
+    from .. import kernel_ops
+    library = ops.name
+    names = tuple(name for name in kernel_ops.OPS if hasattr(ops, f"cuda_{name}"))
+    if (library, names) not in _kernel_sets:
+        _kernel_sets[library, names] = kernel_ops.register("cuda", library=library, names=names)
+    return _kernel_sets[library, names]
+
+
+def losses(ops) -> dict:
+    """The kernel losses (`fastkd.kernel_losses`) on the stand-in's operators, by name, called as the public
+    functions are (their defaults, no validation): the CUDA kernels' device code behind the public formulas."""
+    import inspect
+
+    from .. import functional
+    from ..kernel_losses import LOSSES
+    kernels = kernel_set(ops)
+
+    def with_public_defaults(name, loss):
+        signature = inspect.signature(getattr(functional, name))
+
+        def call(*args, **kwargs):
+            bound = signature.bind(*args, **kwargs)
+            bound.apply_defaults()
+            del bound.arguments["backend"]
+            return loss(kernels, *bound.args, **bound.kwargs)
+        return call
+
+    return {name: with_public_defaults(name, loss) for name, loss in LOSSES.items()}

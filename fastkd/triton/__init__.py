@@ -1,7 +1,8 @@
 """The Triton backend: fused kernels for the KD family (KD, KL both ways, JSD, DKD), RKD and attention maps.
 
-Importing this module registers its kernels with fastkd's dispatch (`fastkd._dispatch`); the public
-functions find them through `backend="triton"` or `"auto"` on CUDA tensors. Kernels run on CUDA tensors,
+`KERNELS` is its `fastkd.kernel_ops.KernelSet`: the operators `fastkd::triton_<name>`, one per declared op,
+each the launcher of the same name in this package (`kl.kl_rows`, `rkd.rkd_sq_distances`, ...). The public
+functions reach them through `backend="triton"` or `"auto"` on CUDA tensors (`fastkd._dispatch`). Kernels run on CUDA tensors,
 and on CPU tensors when `TRITON_INTERPRET=1` was set before this module was first imported: Triton's
 interpreter, which is how the tests check the kernels without a GPU (slow; never picked by "auto").
 """
@@ -19,7 +20,13 @@ except ImportError as err:  # the package imports and works without Triton
     _import_error = f"the triton package is not installed ({err})"
 else:
     _import_error = None
-    from . import losses  # noqa: F401  (registers the kernels)
+    from .. import kernel_ops
+    from . import attention, dkd, jsd, kl, rkd
+
+    KERNELS = kernel_ops.register("triton", {launcher.__name__: launcher for launcher in (
+        kl.kl_rows, kl.kl_rows_backward, jsd.jsd_rows, jsd.jsd_rows_backward, dkd.dkd_rows, dkd.dkd_rows_backward,
+        rkd.rkd_sq_distances, rkd.rkd_weighted_diff, rkd.rkd_angle_sum, rkd.rkd_angle_weights,
+        attention.at_channel_mean_pow, attention.at_channel_mean_pow_backward)})
 
 
 def _interpreter_index_fix() -> None:

@@ -50,14 +50,12 @@ from __future__ import annotations
 
 import math
 import os
-from functools import partial
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from .. import kernel_autograd as AG
 
 # The power x^q as torch.pow (module docstring, "Pow"), specialised by three constexprs: NPOW = floor(|q|),
 # FRAC = 0 (q an integer), 1 (frac(|q|) = 1/2: a square root), 2 (any other fraction: exp2/log2), RECIP = q < 0;
@@ -332,7 +330,7 @@ def _warps(block_c: int, block_s: int) -> int:
     return 8 if block_c * block_s >= 2048 else 4
 
 
-def map_forward(f: Tensor, p: float) -> Tensor:
+def at_channel_mean_pow(f: Tensor, p: float) -> Tensor:
     """`mean_c f^p` of a `(B, C, H, W)` map as a float32 `(B, H*W)` tensor."""
     B, C, H, W = f.shape
     HW = H * W
@@ -346,7 +344,7 @@ def map_forward(f: Tensor, p: float) -> Tensor:
     return a
 
 
-def map_backward(grad: Tensor, f: Tensor, p: float) -> Tensor:
+def at_channel_mean_pow_backward(grad: Tensor, f: Tensor, p: float) -> Tensor:
     """`p f^(p-1) / C * grad` broadcast over channels, in f's dtype and layout."""
     B, C, H, W = f.shape
     HW = H * W
@@ -360,52 +358,3 @@ def map_backward(grad: Tensor, f: Tensor, p: float) -> Tensor:
         ZERO=float(p) == 0.0, EXACT_FMA=_EXACT_FMA, CHANNELS_LAST=cl, FLAT=_flat(f, df),
         BLOCK_C=block_c, BLOCK_S=block_s, num_warps=_warps(block_c, block_s))
     return df
-
-
-# --- the operator, for torch.compile, and its eager door ---------------------------------------------------
-
-@torch.library.custom_op("fastkd::at_channel_mean_pow", mutates_args=())
-def at_map_op(f: Tensor, p: float) -> Tensor:
-    return map_forward(f, p)
-
-
-@at_map_op.register_fake
-def _(f, p):
-    return f.new_empty((f.shape[0], f.shape[2] * f.shape[3]), dtype=torch.float32)
-
-
-@torch.library.custom_op("fastkd::at_channel_mean_pow_backward", mutates_args=())
-def at_map_backward_op(grad: Tensor, f: Tensor, p: float) -> Tensor:
-    return map_backward(grad, f, p)
-
-
-@at_map_backward_op.register_fake
-def _(grad, f, p):
-    return torch.empty_like(f)
-
-
-at_map_op.register_autograd(partial(AG.map_backward, backward=at_map_backward_op), setup_context=AG.map_setup)
-
-
-class ATMap(torch.autograd.Function):
-    """The eager door to `fastkd::at_channel_mean_pow`: the same launchers, no dispatcher."""
-
-    @staticmethod
-    def forward(f, p):
-        return map_forward(f, p)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        AG.map_setup(ctx, inputs, output)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return AG.map_backward(ctx, grad, backward=map_backward)
-
-
-def channel_mean_pow(f: Tensor, p: float) -> Tensor:
-    """`mean_c f^p`, `(B, C, H, W)` to float32 `(B, H*W)`, with autograd."""
-    p = float(p)
-    if torch.compiler.is_compiling():
-        return at_map_op(f, p)
-    return ATMap.apply(f, p)

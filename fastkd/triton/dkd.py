@@ -53,10 +53,13 @@ import torch
 import triton
 import triton.language as tl
 
+from ..kernel_ops import DKD_STATS
 from .rows import (block_size, exp_diff, finite_or_zero, flat_index, log1p, log_ratio, num_warps, row_layout,
                    row_start)
 
-STATS = 8  # per row: M_x, Z_x, M_y, Z_y, u_s, u_t (NaN for an out-of-range target), TCKD, Ebar (NCKD's)
+# The per-row statistics, as wide as the op's declaration says (fastkd.kernel_ops):
+# M_x, Z_x, M_y, Z_y, u_s, u_t (NaN for an out-of-range target), TCKD, Ebar (NCKD's)
+STATS = tl.constexpr(DKD_STATS)
 
 
 @triton.jit
@@ -169,14 +172,14 @@ def dkd_forward_kernel(
     nckd = tl.where(valid & ~nan_in_row, nckd, float("nan"))
     tl.store(tckd_ptr + row, tckd)
     tl.store(nckd_ptr + row, nckd)
-    tl.store(stats_ptr + row * 8 + 0, m_x)
-    tl.store(stats_ptr + row * 8 + 1, z_x)
-    tl.store(stats_ptr + row * 8 + 2, m_y)
-    tl.store(stats_ptr + row * 8 + 3, z_y)
-    tl.store(stats_ptr + row * 8 + 4, tl.where(valid, u_s, float("nan")))
-    tl.store(stats_ptr + row * 8 + 5, tl.where(valid, u_t, float("nan")))
-    tl.store(stats_ptr + row * 8 + 6, tckd)
-    tl.store(stats_ptr + row * 8 + 7, e_bar)
+    tl.store(stats_ptr + row * STATS + 0, m_x)
+    tl.store(stats_ptr + row * STATS + 1, z_x)
+    tl.store(stats_ptr + row * STATS + 2, m_y)
+    tl.store(stats_ptr + row * STATS + 3, z_y)
+    tl.store(stats_ptr + row * STATS + 4, tl.where(valid, u_s, float("nan")))
+    tl.store(stats_ptr + row * STATS + 5, tl.where(valid, u_t, float("nan")))
+    tl.store(stats_ptr + row * STATS + 6, tckd)
+    tl.store(stats_ptr + row * STATS + 7, e_bar)
 
 
 @triton.jit
@@ -189,14 +192,14 @@ def dkd_backward_kernel(
     row = tl.program_id(0).to(tl.int64)
     x_row = row_start(x_ptr, row, inner_size, x_outer, x_inner)
     y_row = row_start(y_ptr, row, inner_size, y_outer, y_inner)
-    m_x = tl.load(stats_ptr + row * 8 + 0)
-    z_x = tl.load(stats_ptr + row * 8 + 1)
-    m_y = tl.load(stats_ptr + row * 8 + 2)
-    z_y = tl.load(stats_ptr + row * 8 + 3)
-    u_s = tl.load(stats_ptr + row * 8 + 4)
-    u_t = tl.load(stats_ptr + row * 8 + 5)
-    tckd = tl.load(stats_ptr + row * 8 + 6)
-    e_bar = tl.load(stats_ptr + row * 8 + 7)
+    m_x = tl.load(stats_ptr + row * STATS + 0)
+    z_x = tl.load(stats_ptr + row * STATS + 1)
+    m_y = tl.load(stats_ptr + row * STATS + 2)
+    z_y = tl.load(stats_ptr + row * STATS + 3)
+    u_s = tl.load(stats_ptr + row * STATS + 4)
+    u_t = tl.load(stats_ptr + row * STATS + 5)
+    tckd = tl.load(stats_ptr + row * STATS + 6)
+    e_bar = tl.load(stats_ptr + row * STATS + 7)
     target = tl.load(target_ptr + row).to(tl.int64)
     valid = (target >= 0) & (target < V)
     # d/dS = d/dx / T: the 1/T rides on the incoming gradients.
@@ -241,7 +244,7 @@ def dkd_backward_kernel(
             tl.store(dy_ptr + row * V + offs, dy.to(dy_ptr.dtype.element_ty), mask=mask)
 
 
-def dkd_forward(student, teacher, target, temperature):
+def dkd_rows(student, teacher, target, temperature):
     """Per-row `(TCKD, NCKD, stats)`, without the `T^2 / rows` factor and the weights; NaN for a target
     outside [0, C)."""
     V = student.shape[-1]
@@ -259,7 +262,7 @@ def dkd_forward(student, teacher, target, temperature):
     return tckd, nckd, stats
 
 
-def dkd_backward(grad_tckd, grad_nckd, student, teacher, stats, target, temperature, student_grad, teacher_grad):
+def dkd_rows_backward(grad_tckd, grad_nckd, student, teacher, stats, target, temperature, student_grad, teacher_grad):
     """`(d student, d teacher)` in the inputs' dtypes and shapes; an empty tensor for a gradient not asked for.
     A None gradient (an output that was not used) counts as zeros."""
     V = student.shape[-1]

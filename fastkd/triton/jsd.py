@@ -69,10 +69,13 @@ import torch
 import triton
 import triton.language as tl
 
+from ..kernel_ops import JSD_STATS
 from .rows import (block_size, exp_diff, expm1, expm1_small, finite_or_zero, flat_index, log1p, log_ratio,
                    num_warps, row_layout, row_start)
 
-STATS = 7  # per row: M_x, Z_x, M_y, Z_y, L = log(Z_y / Z_x), KL(p || m), KL(q || m)
+# The per-row statistics, as wide as the op's declaration says (fastkd.kernel_ops):
+# M_x, Z_x, M_y, Z_y, L = log(Z_y / Z_x), KL(p || m), KL(q || m)
+STATS = tl.constexpr(JSD_STATS)
 
 
 @triton.jit
@@ -215,13 +218,13 @@ def jsd_forward_kernel(
                               tl.where(active, z_y, 0.0))
         l_yx, kl_p, kl_q = tl.where(active, l_yx, 0.0), tl.where(active, kl_p, 0.0), tl.where(active, kl_q, 0.0)
     tl.store(loss_ptr + row, loss)
-    tl.store(stats_ptr + row * 7 + 0, m_x)
-    tl.store(stats_ptr + row * 7 + 1, z_x)
-    tl.store(stats_ptr + row * 7 + 2, m_y)
-    tl.store(stats_ptr + row * 7 + 3, z_y)
-    tl.store(stats_ptr + row * 7 + 4, l_yx)
-    tl.store(stats_ptr + row * 7 + 5, kl_p)
-    tl.store(stats_ptr + row * 7 + 6, kl_q)
+    tl.store(stats_ptr + row * STATS + 0, m_x)
+    tl.store(stats_ptr + row * STATS + 1, z_x)
+    tl.store(stats_ptr + row * STATS + 2, m_y)
+    tl.store(stats_ptr + row * STATS + 3, z_y)
+    tl.store(stats_ptr + row * STATS + 4, l_yx)
+    tl.store(stats_ptr + row * STATS + 5, kl_p)
+    tl.store(stats_ptr + row * STATS + 6, kl_q)
 
 
 @triton.jit
@@ -234,13 +237,13 @@ def jsd_backward_kernel(
     row = tl.program_id(0).to(tl.int64)
     x_row = row_start(x_ptr, row, inner_size, x_outer, x_inner)
     y_row = row_start(y_ptr, row, inner_size, y_outer, y_inner)
-    m_x = tl.load(stats_ptr + row * 7 + 0)
-    z_x = tl.load(stats_ptr + row * 7 + 1)
-    m_y = tl.load(stats_ptr + row * 7 + 2)
-    z_y = tl.load(stats_ptr + row * 7 + 3)
-    l_yx = tl.load(stats_ptr + row * 7 + 4)
-    kl_p = tl.load(stats_ptr + row * 7 + 5)
-    kl_q = tl.load(stats_ptr + row * 7 + 6)
+    m_x = tl.load(stats_ptr + row * STATS + 0)
+    z_x = tl.load(stats_ptr + row * STATS + 1)
+    m_y = tl.load(stats_ptr + row * STATS + 2)
+    z_y = tl.load(stats_ptr + row * STATS + 3)
+    l_yx = tl.load(stats_ptr + row * STATS + 4)
+    kl_p = tl.load(stats_ptr + row * STATS + 5)
+    kl_q = tl.load(stats_ptr + row * STATS + 6)
     # d/dS = d/dx / T: the 1/T rides on the incoming gradient, and so do the mixture weights.
     g = tl.load(grad_ptr + row) * inv_temperature
     g_x = g * one_minus_beta
@@ -274,7 +277,7 @@ def _check_beta(beta):
         raise ValueError(f"the JSD kernels take 0 < beta < 1 (0 and 1 are the KL kernels), got beta={beta}")
 
 
-def jsd_forward(student, teacher, beta, temperature, labels, ignore_index):
+def jsd_rows(student, teacher, beta, temperature, labels, ignore_index):
     """Per-row `(JSD, stats)`; JSD is 0 for tokens whose label is `ignore_index`."""
     _check_beta(beta)
     V = student.shape[-1]
@@ -294,7 +297,7 @@ def jsd_forward(student, teacher, beta, temperature, labels, ignore_index):
     return loss, stats
 
 
-def jsd_backward(grad_loss, student, teacher, stats, beta, temperature, labels, ignore_index, student_grad,
+def jsd_rows_backward(grad_loss, student, teacher, stats, beta, temperature, labels, ignore_index, student_grad,
                  teacher_grad):
     """`(d student, d teacher)` in the inputs' dtypes and shapes; an empty tensor for a gradient not asked for."""
     _check_beta(beta)

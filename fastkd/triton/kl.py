@@ -49,9 +49,12 @@ import torch
 import triton
 import triton.language as tl
 
+from ..kernel_ops import KL_STATS
 from .rows import block_size, exp_diff, finite_or_zero, flat_index, log_ratio, num_warps, row_layout, row_start
 
-STATS = 7  # per row: M_x, Z_x, M_y, Z_y, Ebar = sum p (a - b), M_s, Z_s (M_s, Z_s: the raw student, for CE)
+# The per-row statistics, as wide as the op's declaration says (fastkd.kernel_ops):
+# M_x, Z_x, M_y, Z_y, Ebar = sum p (a - b), M_s, Z_s (M_s, Z_s: the raw student, for CE)
+STATS = tl.constexpr(KL_STATS)
 
 
 @triton.jit
@@ -160,13 +163,13 @@ def kl_forward_kernel(
         m_y, z_y = tl.where(active, m_y, 0.0), tl.where(active, z_y, 0.0)
         m_s, z_s = tl.where(active, m_s, 0.0), tl.where(active, z_s, 0.0)
     tl.store(kl_ptr + row, kl)
-    tl.store(stats_ptr + row * 7 + 0, m_x)
-    tl.store(stats_ptr + row * 7 + 1, z_x)
-    tl.store(stats_ptr + row * 7 + 2, m_y)
-    tl.store(stats_ptr + row * 7 + 3, z_y)
-    tl.store(stats_ptr + row * 7 + 4, e_bar)
-    tl.store(stats_ptr + row * 7 + 5, m_s)
-    tl.store(stats_ptr + row * 7 + 6, z_s)
+    tl.store(stats_ptr + row * STATS + 0, m_x)
+    tl.store(stats_ptr + row * STATS + 1, z_x)
+    tl.store(stats_ptr + row * STATS + 2, m_y)
+    tl.store(stats_ptr + row * STATS + 3, z_y)
+    tl.store(stats_ptr + row * STATS + 4, e_bar)
+    tl.store(stats_ptr + row * STATS + 5, m_s)
+    tl.store(stats_ptr + row * STATS + 6, z_s)
 
 
 @triton.jit
@@ -180,13 +183,13 @@ def kl_backward_kernel(
     row = tl.program_id(0).to(tl.int64)
     x_row = row_start(x_ptr, row, inner_size, x_outer, x_inner)
     y_row = row_start(y_ptr, row, inner_size, y_outer, y_inner)
-    m_x = tl.load(stats_ptr + row * 7 + 0)
-    z_x = tl.load(stats_ptr + row * 7 + 1)
-    m_y = tl.load(stats_ptr + row * 7 + 2)
-    z_y = tl.load(stats_ptr + row * 7 + 3)
-    e_bar = tl.load(stats_ptr + row * 7 + 4)
-    m_s = tl.load(stats_ptr + row * 7 + 5)
-    z_s = tl.load(stats_ptr + row * 7 + 6)
+    m_x = tl.load(stats_ptr + row * STATS + 0)
+    z_x = tl.load(stats_ptr + row * STATS + 1)
+    m_y = tl.load(stats_ptr + row * STATS + 2)
+    z_y = tl.load(stats_ptr + row * STATS + 3)
+    e_bar = tl.load(stats_ptr + row * STATS + 4)
+    m_s = tl.load(stats_ptr + row * STATS + 5)
+    z_s = tl.load(stats_ptr + row * STATS + 6)
     # d/dX = d/dx / T: the 1/T rides on the incoming gradient.
     g_kl = tl.load(grad_kl_ptr + row) * inv_temperature
     active = True
@@ -225,7 +228,7 @@ def _layouts(student, teacher, reverse):
     return row_layout(x), row_layout(y)
 
 
-def kl_forward(student, teacher, temperature, reverse, target, labels, ignore_index):
+def kl_rows(student, teacher, temperature, reverse, target, labels, ignore_index):
     """Per-row `(KL, CE, stats)`: KL(p_t || p_s) (or reverse) and CE(student, target) (empty without target)."""
     V = student.shape[-1]
     rows = student.numel() // V
@@ -243,7 +246,7 @@ def kl_forward(student, teacher, temperature, reverse, target, labels, ignore_in
     return kl, ce, stats
 
 
-def kl_backward(grad_kl, grad_ce, student, teacher, stats, temperature, reverse, target, labels, ignore_index,
+def kl_rows_backward(grad_kl, grad_ce, student, teacher, stats, temperature, reverse, target, labels, ignore_index,
                 student_grad, teacher_grad):
     """`(d student, d teacher)` in the inputs' dtypes and shapes; an empty tensor for a gradient not asked for."""
     V = student.shape[-1]

@@ -29,11 +29,11 @@ avoid (`B^3 D` work, `B^2 D` memory). Instead:
 Angle maths (A symmetric in j, k; `c = clamp(A^s - A^t, -1, 1)`, `w_ijk = c_ijk r_ij r_ik = dL/dN_ijk`):
     A_ijk = N_ijk r_ij r_ik    (r = 0 where Q = 0: F.normalize's zero vector at i = j and exact duplicates)
     L     = sum_{i, j != k} h(A^s_ijk - A^t_ijk)   (Huber h, beta 1; the j = k triples, where A = 1 on
-            distinct rows, are added by the caller: `fastkd.kernel_autograd.angle_diagonal`)
+            distinct rows, are added by the caller: `fastkd.rkd_autograd.angle_diagonal`)
     S_ij  = sum_k w_ijk,   T_ij = sum_k c_ijk A^s_ijk,   U_jk = sum_i w_ijk                  (k != j)
     E_ij  = dL/dQ_ij through r = -r_ij^2 T_ij (0 where sqrt(Q_ij) <= 1e-12, the clamp)
     dL/dx_m = sum_k W_mk (x_m - x_k),  W = 2 (E + E^T) - V,  V = 2 U - 2 (S + S^T)   (the N route, derived
-              beside `fastkd.kernel_autograd.rkd_functions`)
+              beside `fastkd.rkd_autograd`)
 At D = 1 every angle is exactly +-1 (`UNIT`: the sign of N) and the gradient is exactly 0.
 
 Cost per triple, both sides, in float32 operations: the forward ~23 (two numerators of 9, the Huber term),
@@ -250,7 +250,7 @@ def rkd_angle_cols_kernel(qhs_ptr, qls_ptr, qht_ptr, qlt_ptr, u_ptr, B, BLOCK: t
 
 # --- launchers ---------------------------------------------------------------------------------------------
 
-def sq_distances(x: Tensor) -> Tensor:
+def rkd_sq_distances(x: Tensor) -> Tensor:
     """`Q_ij = |x_i - x_j|^2`, `B x B` float32, from float32 `(B, D)` rows, computed directly."""
     x = x.contiguous()
     B, D = x.shape
@@ -261,7 +261,7 @@ def sq_distances(x: Tensor) -> Tensor:
     return out
 
 
-def weighted_diff(w: Tensor, x: Tensor) -> Tensor:
+def rkd_weighted_diff(w: Tensor, x: Tensor) -> Tensor:
     """`out_m = sum_k w_mk (x_m - x_k)`, `(B, D)` float32, for a symmetric float32 `w`."""
     w, x = w.contiguous(), x.contiguous()
     B, D = x.shape
@@ -272,7 +272,7 @@ def weighted_diff(w: Tensor, x: Tensor) -> Tensor:
     return out
 
 
-def angle_sum(qh_s: Tensor, ql_s: Tensor, qh_t: Tensor, ql_t: Tensor, unit_s: bool, unit_t: bool) -> Tensor:
+def rkd_angle_sum(qh_s: Tensor, ql_s: Tensor, qh_t: Tensor, ql_t: Tensor, unit_s: bool, unit_t: bool) -> Tensor:
     """`sum_{i, j != k} Huber(A^s_ijk - A^t_ijk)` (0-d float32) from each side's float32 pairs of squared
     distances (symmetric, contiguous)."""
     B = qh_s.shape[0]
@@ -284,8 +284,8 @@ def angle_sum(qh_s: Tensor, ql_s: Tensor, qh_t: Tensor, ql_t: Tensor, unit_s: bo
     return 2.0 * partial.sum()
 
 
-def angle_weights(qh_s: Tensor, ql_s: Tensor, qh_t: Tensor, ql_t: Tensor, unit_t: bool) -> Tensor:
-    """`W` of the module doc, `(B, B)` float32: `dL/dx_s = weighted_diff(W, x_s)` for the sum's gradient."""
+def rkd_angle_weights(qh_s: Tensor, ql_s: Tensor, qh_t: Tensor, ql_t: Tensor, unit_t: bool) -> Tensor:
+    """`W` of the module doc, `(B, B)` float32: `dL/dx_s = rkd_weighted_diff(W, x_s)` for the sum's gradient."""
     B = qh_s.shape[0]
     block = _block(B)
     n = triton.cdiv(B, block)
@@ -299,45 +299,3 @@ def angle_weights(qh_s: Tensor, ql_s: Tensor, qh_t: Tensor, ql_t: Tensor, unit_t
     w += s.T
     w -= u
     return w.mul_(2.0)
-
-
-# --- the operators (no autograd of their own: fastkd.kernel_autograd composes them) --------------------------
-
-@torch.library.custom_op("fastkd::rkd_sq_distances", mutates_args=())
-def sq_distances_op(x: Tensor) -> Tensor:
-    return sq_distances(x)
-
-
-@sq_distances_op.register_fake
-def _(x):
-    return x.new_empty((x.shape[0], x.shape[0]), dtype=torch.float32)
-
-
-@torch.library.custom_op("fastkd::rkd_weighted_diff", mutates_args=())
-def weighted_diff_op(w: Tensor, x: Tensor) -> Tensor:
-    return weighted_diff(w, x)
-
-
-@weighted_diff_op.register_fake
-def _(w, x):
-    return torch.empty_like(x, dtype=torch.float32)
-
-
-@torch.library.custom_op("fastkd::rkd_angle_sum", mutates_args=())
-def angle_sum_op(qh_s: Tensor, ql_s: Tensor, qh_t: Tensor, ql_t: Tensor, unit_s: bool, unit_t: bool) -> Tensor:
-    return angle_sum(qh_s, ql_s, qh_t, ql_t, unit_s, unit_t)
-
-
-@angle_sum_op.register_fake
-def _(qh_s, ql_s, qh_t, ql_t, unit_s, unit_t):
-    return qh_s.new_empty(())
-
-
-@torch.library.custom_op("fastkd::rkd_angle_weights", mutates_args=())
-def angle_weights_op(qh_s: Tensor, ql_s: Tensor, qh_t: Tensor, ql_t: Tensor, unit_t: bool) -> Tensor:
-    return angle_weights(qh_s, ql_s, qh_t, ql_t, unit_t)
-
-
-@angle_weights_op.register_fake
-def _(qh_s, ql_s, qh_t, ql_t, unit_t):
-    return torch.empty_like(qh_s)

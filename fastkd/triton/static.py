@@ -2,7 +2,7 @@
 architecture, and read its resource usage and widest global load from the cubin.
 
 Triton compiles for a GPU it cannot see: a stand-in driver reports the target (`GPUTarget("cuda", 90, 32)`),
-and `JITFunction.run` is forced to `warmup=True`, so calling the launchers (`kl.kl_forward` and so on) on CPU
+and `JITFunction.run` is forced to `warmup=True`, so calling the launchers (`kl.kl_rows` and so on) on CPU
 tensors compiles each kernel with exactly the specialisation (constexprs, divisibility-by-16 and
 equal-to-1 arguments) a launch would have, and launches nothing. `cuobjdump` (bundled with Triton) reads
 registers, stack and local memory (spills) and the SASS loads.
@@ -163,13 +163,13 @@ def _cases():
             s, t, y, g, rows = logits(V, dtype, strided)
             lab = y if labels else None
             tgt = y if ce else None
-            _, _, stats = kl.kl_forward(s, t, 2.0, False, tgt, lab, -100)
-            kl.kl_backward(g, g if ce else None, s, t, stats, 2.0, False, tgt, lab, -100, True, True)
-            _, stats = jsd.jsd_forward(s, t, 0.5, 2.0, lab, -100)
-            jsd.jsd_backward(g, s, t, stats, 0.5, 2.0, lab, -100, True, True)
+            _, _, stats = kl.kl_rows(s, t, 2.0, False, tgt, lab, -100)
+            kl.kl_rows_backward(g, g if ce else None, s, t, stats, 2.0, False, tgt, lab, -100, True, True)
+            _, stats = jsd.jsd_rows(s, t, 0.5, 2.0, lab, -100)
+            jsd.jsd_rows_backward(g, s, t, stats, 0.5, 2.0, lab, -100, True, True)
             if ce:  # DKD always has its target
-                _, _, stats = dkd.dkd_forward(s, t, y, 4.0)
-                dkd.dkd_backward(g, g, s, t, stats, y, 4.0, True, True)
+                _, _, stats = dkd.dkd_rows(s, t, y, 4.0)
+                dkd.dkd_rows_backward(g, g, s, t, stats, y, 4.0, True, True)
         return thunk
 
     for name, dtype in dtypes.items():
@@ -186,8 +186,8 @@ def _cases():
             f = torch.zeros(2, 64, 8, 8, dtype=dtype)
             if channels_last:
                 f = f.contiguous(memory_format=torch.channels_last)
-            attention.map_forward(f, p)
-            attention.map_backward(torch.ones(2, 64), f, p)
+            attention.at_channel_mean_pow(f, p)
+            attention.at_channel_mean_pow_backward(torch.ones(2, 64), f, p)
         return thunk
 
     for name, dtype in dtypes.items():
@@ -201,10 +201,10 @@ def _cases():
             B, D = 40, 64
             x = torch.zeros(B, D)
             q = torch.zeros(B, B)
-            rkd.sq_distances(x)
-            rkd.weighted_diff(q, x)
-            rkd.angle_sum(q, q, q, q, unit, unit)
-            rkd.angle_weights(q, q, q, q, unit)
+            rkd.rkd_sq_distances(x)
+            rkd.rkd_weighted_diff(q, x)
+            rkd.rkd_angle_sum(q, q, q, q, unit, unit)
+            rkd.rkd_angle_weights(q, q, q, q, unit)
         return thunk
 
     for unit in (False, True):
