@@ -1,10 +1,12 @@
 """`fastkd.compat.repdistiller` against RepDistiller's own formulas: values, return types and gradients.
 
-The reference classes below are written in RepDistiller's style (its `distiller_zoo` and
-`models/util.py`), so a test failure means the one-line migration
+The reference classes below are RepDistiller's modules (its `distiller_zoo` and `models/util.py`) around its
+formulas, as tests/formulas.py writes them out once for every test that measures against RepDistiller, so a test
+failure means the one-line migration
 `from distiller_zoo import ...` -> `from fastkd.compat.repdistiller import ...` changes numbers.
 fastkd is never used to compute an expected value.
 """
+import formulas as repdistiller
 import pytest
 import torch
 import torch.nn.functional as F
@@ -17,7 +19,7 @@ TOL = dict(rtol=1e-10, atol=1e-12)
 
 
 # --------------------------------------------------------------------------------------------------
-# RepDistiller's formulas (distiller_zoo), written out here
+# RepDistiller's modules (distiller_zoo), around its formulas as tests/formulas.py writes them out
 # --------------------------------------------------------------------------------------------------
 
 class RefDistillKL(nn.Module):
@@ -26,18 +28,12 @@ class RefDistillKL(nn.Module):
         self.T = T
 
     def forward(self, y_s, y_t):
-        p_s = F.log_softmax(y_s / self.T, dim=1)
-        p_t = F.softmax(y_t / self.T, dim=1)
-        return F.kl_div(p_s, p_t, reduction="sum") * (self.T ** 2) / y_s.shape[0]
+        return repdistiller.distill_kl(y_s, y_t, self.T)
 
 
 class RefHintLoss(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.crit = nn.MSELoss()
-
     def forward(self, f_s, f_t):
-        return self.crit(f_s, f_t)
+        return repdistiller.hint(f_s, f_t)
 
 
 class RefAttention(nn.Module):
@@ -46,32 +42,12 @@ class RefAttention(nn.Module):
         self.p = p
 
     def forward(self, g_s, g_t):
-        return [self.at_loss(f_s, f_t) for f_s, f_t in zip(g_s, g_t)]
-
-    def at_loss(self, f_s, f_t):
-        s_H, t_H = f_s.shape[2], f_t.shape[2]
-        if s_H > t_H:
-            f_s = F.adaptive_avg_pool2d(f_s, (t_H, t_H))
-        elif s_H < t_H:
-            f_t = F.adaptive_avg_pool2d(f_t, (s_H, s_H))
-        return (self.at(f_s) - self.at(f_t)).pow(2).mean()
-
-    def at(self, f):
-        return F.normalize(f.pow(self.p).mean(1).view(f.size(0), -1))
+        return [repdistiller.at(f_s, f_t, self.p) for f_s, f_t in zip(g_s, g_t)]
 
 
 class RefSimilarity(nn.Module):
     def forward(self, g_s, g_t):
-        return [self.similarity_loss(f_s, f_t) for f_s, f_t in zip(g_s, g_t)]
-
-    def similarity_loss(self, f_s, f_t):
-        bsz = f_s.shape[0]
-        f_s = f_s.view(bsz, -1)
-        f_t = f_t.view(bsz, -1)
-        G_s = F.normalize(torch.mm(f_s, torch.t(f_s)))
-        G_t = F.normalize(torch.mm(f_t, torch.t(f_t)))
-        G_diff = G_t - G_s
-        return (G_diff * G_diff).view(-1, 1).sum(0) / (bsz * bsz)
+        return [repdistiller.similarity(f_s, f_t) for f_s, f_t in zip(g_s, g_t)]
 
 
 class RefRKDLoss(nn.Module):
@@ -80,60 +56,12 @@ class RefRKDLoss(nn.Module):
         self.w_d, self.w_a = w_d, w_a
 
     def forward(self, f_s, f_t):
-        student = f_s.view(f_s.shape[0], -1)
-        teacher = f_t.view(f_t.shape[0], -1)
-
-        with torch.no_grad():
-            t_d = self.pdist(teacher, squared=False)
-            mean_td = t_d[t_d > 0].mean()
-            t_d = t_d / mean_td
-        d = self.pdist(student, squared=False)
-        mean_d = d[d > 0].mean()
-        d = d / mean_d
-        loss_d = F.smooth_l1_loss(d, t_d)
-
-        with torch.no_grad():
-            td = teacher.unsqueeze(0) - teacher.unsqueeze(1)
-            norm_td = F.normalize(td, p=2, dim=2)
-            t_angle = torch.bmm(norm_td, norm_td.transpose(1, 2)).view(-1)
-        sd = student.unsqueeze(0) - student.unsqueeze(1)
-        norm_sd = F.normalize(sd, p=2, dim=2)
-        s_angle = torch.bmm(norm_sd, norm_sd.transpose(1, 2)).view(-1)
-        loss_a = F.smooth_l1_loss(s_angle, t_angle)
-
-        return self.w_d * loss_d + self.w_a * loss_a
-
-    @staticmethod
-    def pdist(e, squared=False, eps=1e-12):
-        e_square = e.pow(2).sum(dim=1)
-        prod = e @ e.t()
-        res = (e_square.unsqueeze(1) + e_square.unsqueeze(0) - 2 * prod).clamp(min=eps)
-        if not squared:
-            res = res.sqrt()
-        res = res.clone()
-        res[range(len(e)), range(len(e))] = 0
-        return res
+        return repdistiller.rkd(f_s, f_t, self.w_d, self.w_a)
 
 
 class RefPKT(nn.Module):
     def forward(self, f_s, f_t):
-        return self.cosine_similarity_loss(f_s, f_t)
-
-    @staticmethod
-    def cosine_similarity_loss(output_net, target_net, eps=0.0000001):
-        output_net_norm = torch.sqrt(torch.sum(output_net ** 2, dim=1, keepdim=True))
-        output_net = output_net / (output_net_norm + eps)
-        output_net[output_net != output_net] = 0
-        target_net_norm = torch.sqrt(torch.sum(target_net ** 2, dim=1, keepdim=True))
-        target_net = target_net / (target_net_norm + eps)
-        target_net[target_net != target_net] = 0
-        model_similarity = torch.mm(output_net, output_net.transpose(0, 1))
-        target_similarity = torch.mm(target_net, target_net.transpose(0, 1))
-        model_similarity = (model_similarity + 1.0) / 2.0
-        target_similarity = (target_similarity + 1.0) / 2.0
-        model_similarity = model_similarity / torch.sum(model_similarity, dim=1, keepdim=True)
-        target_similarity = target_similarity / torch.sum(target_similarity, dim=1, keepdim=True)
-        return torch.mean(target_similarity * torch.log((target_similarity + eps) / (model_similarity + eps)))
+        return repdistiller.pkt(f_s, f_t)
 
 
 class RefFSP(nn.Module):
@@ -146,57 +74,17 @@ class RefFSP(nn.Module):
             raise ValueError("num of channels not equal (error in FSP)")
 
     def forward(self, g_s, g_t):
-        s_fsp = self.compute_fsp(g_s)
-        t_fsp = self.compute_fsp(g_t)
-        return [self.compute_loss(s, t) for s, t in zip(s_fsp, t_fsp)]
-
-    @staticmethod
-    def compute_loss(s, t):
-        return (s - t).pow(2).mean()
-
-    @staticmethod
-    def compute_fsp(g):
-        fsp_list = []
-        for i in range(len(g) - 1):
-            bot, top = g[i], g[i + 1]
-            b_H, t_H = bot.shape[2], top.shape[2]
-            if b_H > t_H:
-                bot = F.adaptive_avg_pool2d(bot, (t_H, t_H))
-            elif b_H < t_H:
-                top = F.adaptive_avg_pool2d(top, (b_H, b_H))
-            bot = bot.unsqueeze(1)
-            top = top.unsqueeze(2)
-            bot = bot.view(bot.shape[0], bot.shape[1], bot.shape[2], -1)
-            top = top.view(top.shape[0], top.shape[1], top.shape[2], -1)
-            fsp_list.append((bot * top).mean(-1))
-        return fsp_list
+        return repdistiller.fsp_losses(g_s, g_t)
 
 
 class RefNSTLoss(nn.Module):
     def forward(self, g_s, g_t):
-        return [self.nst_loss(f_s, f_t) for f_s, f_t in zip(g_s, g_t)]
-
-    def nst_loss(self, f_s, f_t):
-        s_H, t_H = f_s.shape[2], f_t.shape[2]
-        if s_H > t_H:
-            f_s = F.adaptive_avg_pool2d(f_s, (t_H, t_H))
-        elif s_H < t_H:
-            f_t = F.adaptive_avg_pool2d(f_t, (s_H, s_H))
-        f_s = F.normalize(f_s.view(f_s.shape[0], f_s.shape[1], -1), dim=2)
-        f_t = F.normalize(f_t.view(f_t.shape[0], f_t.shape[1], -1), dim=2)
-        return (self.poly_kernel(f_t, f_t).mean().detach() + self.poly_kernel(f_s, f_s).mean()
-                - 2 * self.poly_kernel(f_s, f_t).mean())
-
-    def poly_kernel(self, a, b):
-        a = a.unsqueeze(1)
-        b = b.unsqueeze(2)
-        return (a * b).sum(-1).pow(2)
+        return [repdistiller.nst(f_s, f_t) for f_s, f_t in zip(g_s, g_t)]
 
 
 class RefCorrelation(nn.Module):
     def forward(self, f_s, f_t):
-        delta = torch.abs(f_s - f_t)
-        return torch.mean((delta[:-1] * delta[1:]).sum(1))
+        return repdistiller.correlation(f_s, f_t)
 
 
 class RefConvReg(nn.Module):

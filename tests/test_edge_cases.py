@@ -4,12 +4,14 @@ Covered: the smallest batch, one class, odd sizes, leading dims; non-contiguous,
 channels-last inputs; -inf logits (masked vocabulary) and probabilities that underflow to 0; NaN/Inf inputs;
 masked tokens and the reductions; bf16/fp16/fp64 inputs and the bf16 error budget; determinism.
 
-The oracles (`naive_*`) are plain PyTorch transcriptions of the popular implementations' formulas (RepDistiller,
-mdistiller, TRL, torchdistill), written here independently of `fastkd.reference` and run in float64. The
-bf16 budget test measures against `fastkd.reference` in float64, as its rule says.
+The oracles (`naive_*` here, and the popular implementations' formulas of tests/formulas.py) are plain PyTorch
+transcriptions of the popular implementations' formulas (RepDistiller, mdistiller, TRL, torchdistill), written
+independently of `fastkd.reference` and run in float64. The bf16 budget test measures against
+`fastkd.reference` in float64, as its rule says.
 """
 from __future__ import annotations
 
+import formulas as popular
 import pytest
 import torch
 import torch.nn.functional as F
@@ -117,62 +119,11 @@ def flat(x):
     return x.reshape(x.shape[0], -1)
 
 
-def naive_pdist(e, squared=False, eps=1e-12):
-    sq = e.pow(2).sum(1)
-    d = (sq[:, None] + sq[None, :] - 2 * e @ e.t()).clamp(min=eps)
-    if not squared:
-        d = d.sqrt()
-    d = d.clone()
-    d[range(len(e)), range(len(e))] = 0
-    return d
-
-
-def naive_rkd_distance(s, t):
-    s, t = flat(s), flat(t)
-    with torch.no_grad():
-        td = naive_pdist(t)
-        td = td / td[td > 0].mean()
-    d = naive_pdist(s)
-    d = d / d[d > 0].mean()
-    return F.smooth_l1_loss(d, td)
-
-
-def naive_angles(e):
-    diff = F.normalize(e.unsqueeze(0) - e.unsqueeze(1), p=2, dim=2)
-    return torch.bmm(diff, diff.transpose(1, 2)).view(-1)
-
-
-def naive_rkd_angle(s, t):
-    s, t = flat(s), flat(t)
-    with torch.no_grad():
-        ta = naive_angles(t)
-    return F.smooth_l1_loss(naive_angles(s), ta)
-
-
-def naive_rkd(s, t):
-    return 25.0 * naive_rkd_distance(s, t) + 50.0 * naive_rkd_angle(s, t)
-
-
-def pool_to_smaller(a, b):
-    """RepDistiller: the map with the larger H is pooled to (H, H) of the other."""
-    ha, hb = a.shape[2], b.shape[2]
-    if ha > hb:
-        a = F.adaptive_avg_pool2d(a, (hb, hb))
-    elif ha < hb:
-        b = F.adaptive_avg_pool2d(b, (ha, ha))
-    return a, b
-
-
-def naive_attention_map(f, p):
-    return F.normalize(f.pow(p).mean(1).view(f.size(0), -1))
-
-
 def naive_at(s, t, p, mode):
-    s, t = pool_to_smaller(s, t)
+    """RepDistiller's `Attention.at_loss` ("code"); torchdistill's paper mode on maps pooled as RepDistiller does."""
     if mode == "code":
-        return (naive_attention_map(s, p) - naive_attention_map(t, p)).pow(2).mean()
-    a_s, a_t = F.normalize(s.pow(p).sum(1).flatten(1)), F.normalize(t.pow(p).sum(1).flatten(1))
-    return torch.norm(a_s - a_t, dim=1).sum() / s.shape[0]
+        return popular.at(s, t, p)
+    return popular.at_paper(*popular.pool_to_smaller(s, t), p)
 
 
 def naive_sp(s, t, norm):
@@ -182,40 +133,12 @@ def naive_sp(s, t, norm):
     return ((gt - gs) ** 2).sum() / s.shape[0] ** 2
 
 
-def naive_fsp_matrices(g):
-    out = []
-    for bot, top in zip(g[:-1], g[1:]):
-        bot, top = pool_to_smaller(bot, top)
-        out.append((bot.unsqueeze(1).flatten(3) * top.unsqueeze(2).flatten(3)).mean(-1))
-    return out
-
-
 def naive_fsp(s0, s1, t0, t1):
-    return sum((a - b).pow(2).mean() for a, b in zip(naive_fsp_matrices([s0, s1]), naive_fsp_matrices([t0, t1])))
-
-
-def naive_pkt(s, t, eps=1e-7):
-    def cond_probs(x):
-        x = flat(x)
-        x = x / (torch.sqrt((x ** 2).sum(1, keepdim=True)) + eps)
-        sim = (x @ x.t() + 1.0) / 2.0
-        return sim / sim.sum(1, keepdim=True)
-    ps, pt = cond_probs(s), cond_probs(t)
-    return (pt * torch.log((pt + eps) / (ps + eps))).mean()
-
-
-def naive_nst(s, t):
-    s, t = pool_to_smaller(s, t)
-    s, t = F.normalize(s.flatten(2), dim=2), F.normalize(t.flatten(2), dim=2)
-
-    def poly(a, b):
-        return (a.unsqueeze(1) * b.unsqueeze(2)).sum(-1).pow(2)
-    return poly(t, t).mean().detach() + poly(s, s).mean() - 2 * poly(s, t).mean()
+    return popular.fsp([s0, s1], [t0, t1])
 
 
 def naive_cc(s, t):
-    delta = (flat(s) - flat(t)).abs()
-    return (delta[:-1] * delta[1:]).sum(1).mean()
+    return popular.correlation(flat(s), flat(t))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -288,18 +211,18 @@ LOGIT_CASES = [
 ]
 
 FEATURE_CASES = [
-    Case("rkd_loss", map_pair, K.rkd_loss, naive_rkd, min_batch=2),
-    Case("rkd_distance_loss", flat_pair, K.rkd_distance_loss, naive_rkd_distance, min_batch=2),
-    Case("rkd_angle_loss", flat_pair, K.rkd_angle_loss, naive_rkd_angle, min_batch=2),
+    Case("rkd_loss", map_pair, K.rkd_loss, popular.rkd, min_batch=2),
+    Case("rkd_distance_loss", flat_pair, K.rkd_distance_loss, popular.rkd_distance, min_batch=2),
+    Case("rkd_angle_loss", flat_pair, K.rkd_angle_loss, popular.rkd_angle, min_batch=2),
     *[Case(f"attention_map[p={p}]", one_map, lambda f, p=p: K.attention_map(f, p),
-           lambda f, p=p: naive_attention_map(f, p)) for p in (1, 2, 3)],
+           lambda f, p=p: popular.attention_map(f, p)) for p in (1, 2, 3)],
     *[Case(f"at_loss[{mode},p={p}]", map_pair, lambda s, t, p=p, mode=mode: K.at_loss(s, t, p=p, mode=mode),
            lambda s, t, p=p, mode=mode: naive_at(s, t, p, mode)) for mode in ("code", "paper") for p in (1, 2, 3)],
     Case("sp_loss[l2]", map_pair, lambda s, t: K.sp_loss(s, t, norm="l2"), lambda s, t: naive_sp(s, t, "l2")),
     Case("sp_loss[l1]", flat_pair, lambda s, t: K.sp_loss(s, t, norm="l1"), lambda s, t: naive_sp(s, t, "l1")),
     Case("fsp_loss", fsp_maps, lambda s0, s1, t0, t1: K.fsp_loss([s0, s1], [t0, t1]), naive_fsp),
-    Case("pkt_loss", flat_pair, K.pkt_loss, naive_pkt),
-    Case("nst_loss", map_pair, K.nst_loss, naive_nst),
+    Case("pkt_loss", flat_pair, K.pkt_loss, popular.pkt),
+    Case("nst_loss", map_pair, K.nst_loss, popular.nst),
     Case("cc_loss", same_pair, K.cc_loss, naive_cc, min_batch=2),
     Case("hint_loss", same_maps, K.hint_loss, F.mse_loss),
 ]
@@ -408,7 +331,7 @@ def test_kd_loss_with_target_on_leading_dims(reduction):
 SPATIAL_CASES = [
     *[(f"at_loss[{mode},p={p}]", lambda s, t, p=p, mode=mode: K.at_loss(s, t, p=p, mode=mode),
        lambda s, t, p=p, mode=mode: naive_at(s, t, p, mode)) for mode in ("code", "paper") for p in (1, 2, 3)],
-    ("nst_loss", K.nst_loss, naive_nst),
+    ("nst_loss", K.nst_loss, popular.nst),
 ]
 
 

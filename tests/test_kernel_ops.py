@@ -1,29 +1,36 @@
-"""HOLDING FILE, to be rewritten with the redesigned operators: the kernel tests that reach into internals.
+"""The kernel operators: one declaration each (fastkd.kernel_ops), registered alike by every backend; and the
+kernels' own contracts that no public function reaches (out-of-range indices, tiles and blocks, the power).
 
-Moved verbatim (test bodies unchanged; two `test_opcheck` renamed apart, the internal imports moved into the test
-that uses them, so that a renamed operator fails its own tests and not the collection of this file) from the
-per-backend files the per-loss files replaced (tests/test_kd.py, test_jsd.py, test_dkd.py, test_rkd.py,
-test_attention.py): everything that uses `fastkd._dispatch`, `fastkd.triton.ops`, `fastkd.triton.losses`,
-`fastkd.kernel_autograd`, `*_op` objects, `torch.ops.fastkd`, `torch.library.opcheck`, or a Triton kernel
-module's private helpers (`fastkd.triton.rkd`, `fastkd.triton.attention`: kernels called directly, block sizes
-other than the row kernels' `MAX_BLOCK_V`).
+- csrc/ops.cpp defines the CUDA C++ operators with the declared schemas, and its statistics widths are the
+  declared ones (read from the sources: no build needed);
+- the Triton operators carry the declared schemas;
+- every declared op passes `torch.library.opcheck` (schema, fake, autograd registration, dispatch) on the
+  Triton backend (interpreted on CPU tensors without a GPU), on the CUDA C++ backend with a GPU, and on the
+  CPU stand-in of the CUDA extension (its device code on CPU threads; see tests/test_cuda_standin.py);
+- a backend that misses a declared op is refused.
 """
+import re
+from pathlib import Path
+
 import pytest
 import torch
 from helpers import RKD_LOSSES, at_fn, features, logits
 from helpers import assert_close_to_reference as assert_matches_reference  # the RKD / attention comparison
 
 import fastkd
-import fastkd.triton as fkt
+from fastkd import _dispatch, kernel_losses, kernel_ops
 from fastkd import functional as KF
+from fastkd.rkd_autograd import sq_hi_lo
+
+fkt = pytest.importorskip("fastkd.triton")
 
 # The devices the Triton kernels run on here: CPU tensors in the interpreter, CUDA tensors with a GPU.
 DEVICES = [] if fkt.unavailable_reason(None) is not None else (
     (["cpu"] if fkt.INTERPRET else []) + (["cuda"] if torch.cuda.is_available() else []))
-device_param = pytest.mark.parametrize("device", DEVICES)
 needs_interpreter = pytest.mark.skipif(fkt.unavailable_reason(torch.device("cpu")) is not None,
                                        reason="CPU tensors need TRITON_INTERPRET=1 set before import")
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+CSRC = Path(__file__).resolve().parents[1] / "csrc"
 
 # The reference's Gram products in true float32 on CUDA, as on CPU (TF32 would make eager the noisy one).
 pytestmark = pytest.mark.usefixtures("no_tf32")
@@ -35,105 +42,163 @@ def kernel_device(device):
     return device
 
 
-def make(shape, device, scale=3.0, dtype=torch.float32, seed=0):
-    return logits(*shape, seed=seed, device=device, dtype=dtype, scale=scale)
+# --- the declarations against csrc/ -----------------------------------------------------------------------
+
+def cpp_schemas() -> dict[str, str]:
+    """`m.def("...")` of csrc/ops.cpp: operator name -> "(arguments) -> outputs" (adjacent literals joined)."""
+    schemas = {}
+    for call in re.finditer(r'm\.def\(((?:\s*"[^"]*")+)', (CSRC / "ops.cpp").read_text()):
+        text = "".join(re.findall(r'"([^"]*)"', call.group(1)))
+        name, arguments = text.split("(", 1)
+        schemas[name] = "(" + arguments
+    return schemas
 
 
-def labels_for(rows_shape, device, masked=(1,), seed=0):
-    g = torch.Generator().manual_seed(seed + 1)
-    labels = torch.randint(0, 5, rows_shape, generator=g).reshape(-1)
-    labels[list(masked)] = -100
-    return labels.reshape(rows_shape).to(device)
+def test_csrc_defines_every_declared_op_with_its_schema():
+    schemas = cpp_schemas()
+    assert schemas.pop("cuda_build_info") == "() -> str"
+    assert schemas == {f"cuda_{name}": op.schema for name, op in kernel_ops.OPS.items()}
 
 
-def targets(rows, classes, device, seed=0):
-    g = torch.Generator().manual_seed(seed + 2)
-    return torch.randint(0, classes, (rows,), generator=g).to(device)
+def test_csrc_statistics_widths_are_the_declared_ones():
+    sources = "".join(path.read_text() for path in sorted(CSRC.glob("*.cu")))
+    for name, op in kernel_ops.OPS.items():
+        constant = "k" + "".join(word.capitalize() for word in name.split("_")) + "Stats"
+        found = re.findall(rf"constexpr int {constant} = (\d+);", sources)
+        assert found == ([str(op.stats)] if op.stats else []), (name, constant, found)
 
 
-def rand(*shape, seed, dtype=torch.float32, scale=3.0):
-    return logits(*shape, seed=seed, device="cuda", dtype=dtype, scale=scale)
+def test_a_backend_must_launch_every_declared_op():
+    with pytest.raises(ValueError, match=r"missing \['at_channel_mean_pow_backward'\]"):
+        kernel_ops.register("incomplete", {name: print for name in kernel_ops.OPS
+                                           if name != "at_channel_mean_pow_backward"})
 
 
-# --- from tests/test_triton_kl.py --------------------------------------------------------------------------
+def test_triton_ops_carry_the_declared_schemas():
+    for name, op in kernel_ops.OPS.items():
+        assert str(getattr(torch.ops.fastkd, f"triton_{name}").default._schema) == f"fastkd::triton_{name}{op.schema}"
 
-@needs_interpreter
-def test_kl_opcheck():
-    from fastkd.triton import ops
-    s = logits(3, 10, seed=27, device="cpu").requires_grad_()
-    t = logits(3, 10, seed=28, device="cpu").requires_grad_()
-    y = torch.tensor([1, 2, 3])
-    labels = torch.tensor([0, -100, 4])
-    for args in [(s, t, 2.0, False, y, None, -100), (s, t, 1.0, True, None, labels, -100)]:
-        torch.library.opcheck(ops.kl_rows_op, args)
+
+def test_auto_picks_triton_only_for_cuda_tensors(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: (9, 0))
+    cpu = torch.empty(2, 3)
+    cuda = type("CudaTensor", (), {"device": torch.device("cuda"), "dtype": torch.float32})()  # resolves without a GPU
+    assert _dispatch.resolve("kd_loss", "auto", cpu) is fastkd.reference.kd_loss
+    impl = _dispatch.resolve("kd_loss", "auto", cuda)
+    assert impl.func is kernel_losses.kd_loss and impl.args == (fkt.KERNELS,)
+
+
+# --- opcheck of every declared op, on every backend ---------------------------------------------------------
+
+def samples(kernels, device="cpu") -> dict[str, list[tuple]]:
+    """Arguments for every declared op, small enough for the interpreter and the stand-in."""
+    def rand(*shape, seed, scale=3.0):
+        return logits(*shape, seed=seed, device=device, scale=scale)
+
+    s, t = rand(3, 10, seed=1).requires_grad_(), rand(3, 10, seed=2).requires_grad_()
+    s3, t3 = rand(2, 3, 17, seed=40), rand(2, 3, 17, seed=41)
+    y = torch.tensor([1, 2, 9], device=device)
+    labels, labels3 = torch.tensor([0, -100, 4], device=device), torch.tensor([[0, -100, 4], [1, 2, -100]], device=device)
+    g, g6 = rand(3, seed=3, scale=1.0), rand(6, seed=4, scale=1.0)
+    with torch.no_grad():
+        kl_stats = kernels.kl_rows(s, t, 2.0, False, y, None, -100)[2]
+        jsd_stats = kernels.jsd_rows(s3, t3, 0.3, 2.0, labels3, -100)[1]
+        dkd_stats = kernels.dkd_rows(s, t, y, 4.0)[2]
+    x = features(5, 4, seed=32).to(device)
+    w = features(5, 5, seed=5).to(device)
+    (qh_s, ql_s), (qh_t, ql_t) = sq_hi_lo(x), sq_hi_lo(features(5, 6, seed=33).to(device))
+    f = features(2, 3, 4, 5, seed=34).to(device).requires_grad_()
+    f_cl = features(2, 3, 4, 5, seed=35).to(device).to(memory_format=torch.channels_last).requires_grad_()
+    flags = [(True, True), (True, False), (False, True)]
+    sd, td = s.detach(), t.detach()
+    return {
+        "kl_rows": [(s, t, 2.0, False, y, None, -100), (s, t, 1.0, True, None, labels, -100)],
+        "kl_rows_backward": [(g, g, sd, td, kl_stats, 2.0, False, y, None, -100, *f) for f in flags]
+        + [(g, None, sd, td, kl_stats, 2.0, True, None, labels, -100, True, True)],
+        "jsd_rows": [(s3.requires_grad_(), t3.requires_grad_(), 0.3, 2.0, labels3, -100),
+                     (s3.detach(), t3.detach(), 0.7, 1.0, None, -100)],
+        "jsd_rows_backward": [(g6, s3.detach(), t3.detach(), jsd_stats, 0.3, 2.0, labels3, -100, *f) for f in flags],
+        "dkd_rows": [(s, t, y, 4.0), (sd, td, y, 1.0)],
+        "dkd_rows_backward": [(g, g.flip(0), sd, td, dkd_stats, y, 4.0, *f) for f in flags],
+        "rkd_sq_distances": [(x,)],
+        "rkd_weighted_diff": [(w + w.T, x)],
+        "rkd_angle_sum": [(qh_s, ql_s, qh_t, ql_t, u_s, u_t) for u_s, u_t in ((False, False), (False, True), (True, False))],
+        "rkd_angle_weights": [(qh_s, ql_s, qh_t, ql_t, u_t) for u_t in (False, True)],
+        "at_channel_mean_pow": [(m, p) for m in (f, f_cl) for p in (1.0, 2.0, 3.0)]
+        + [(m.abs().detach().requires_grad_(), 2.5) for m in (f, f_cl)],  # a fractional power of positive maps
+        "at_channel_mean_pow_backward": [(features(2, 20, seed=36).to(device), m.detach(), 2.0) for m in (f, f_cl)],
+    }
+
+
+def test_every_declared_op_has_samples():
+    assert set(samples(fkt.KERNELS, DEVICES[0] if DEVICES else "cpu")) == set(kernel_ops.OPS)
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", list(kernel_ops.OPS))
+def test_opcheck_triton(device, name):
+    for args in samples(fkt.KERNELS, device)[name]:
+        torch.library.opcheck(getattr(fkt.KERNELS, name), args)
+
+
+@gpu
+@pytest.mark.parametrize("name", list(kernel_ops.OPS))
+def test_opcheck_cuda(name):
+    import fastkd.cuda
+    reason = fastkd.cuda.unavailable_reason(torch.device("cuda"), build=True)
+    if reason is not None:
+        pytest.skip(reason)
+    for args in samples(fastkd.cuda.KERNELS, "cuda")[name]:
+        torch.library.opcheck(getattr(fastkd.cuda.KERNELS, name), args)
+
+
+@pytest.fixture(scope="module")
+def standin_kernels():
+    from fastkd.cuda import standin
+    if standin.unavailable_reason() is not None:
+        pytest.skip(f"cannot build the CUDA stand-in: {standin.unavailable_reason()}")
+    return standin.kernel_set(standin.build())
+
+
+@pytest.mark.parametrize("name", list(kernel_ops.OPS))
+def test_opcheck_cuda_standin(standin_kernels, name):
+    for args in samples(standin_kernels)[name]:
+        torch.library.opcheck(getattr(standin_kernels, name), args)
+
+
+@gpu
+def test_cuda_compiles_in_one_graph():
+    s, t = logits(4, 33, seed=11, device="cuda").requires_grad_(), logits(4, 33, seed=12, device="cuda")
+    compiled = torch.compile(lambda s, t: KF.jsd_loss(s, t, beta=0.3, backend="cuda"), fullgraph=True)
+    torch.testing.assert_close(compiled(s, t), KF.jsd_loss(s, t, beta=0.3, backend="cuda"))
+
+
+# --- indices out of range: NaN, never a bad read ---------------------------------------------------------------
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_out_of_range_target_gives_nan_not_a_bad_read(device):
-    from fastkd.triton import ops
-    device = kernel_device(device)
     s, t = logits(2, 5, seed=23, device=device), logits(2, 5, seed=24, device=device)
-    kl, ce, _ = ops.kl_rows(s, t, 1.0, False, torch.tensor([1, 9], device=device))
+    kl, ce, _ = fkt.KERNELS.kl_rows(s, t, 1.0, False, torch.tensor([1, 9], device=device), None, -100)
     assert torch.isfinite(ce[0]) and torch.isnan(ce[1])
 
 
-def test_auto_picks_triton_only_for_cuda_tensors():
-    from fastkd import _dispatch
-    assert _dispatch.resolve("kd_loss", "auto", torch.device("cpu")) is fastkd.reference.kd_loss
-    assert _dispatch.resolve("kd_loss", "auto", torch.device("cuda")) is fastkd.triton.losses.LOSSES["kd_loss"]
-
-
-# --- from tests/test_triton_jsd_dkd.py ---------------------------------------------------------------------
-
-@device_param
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("bad", [-1, 9, 1000])
 def test_dkd_target_out_of_range_is_nan(device, bad):
     """Straight to the kernel (fastkd.functional rejects such CPU targets): NaN, no out-of-bounds read."""
-    import fastkd.triton.losses as triton_losses
-    from fastkd.triton import ops
-    s = make((3, 9), device, seed=36).requires_grad_()
-    t = make((3, 9), device, seed=37)
+    s = logits(3, 9, seed=36, device=device).requires_grad_()
+    t = logits(3, 9, seed=37, device=device)
     target = torch.tensor([1, bad, 4], device=device)
-    loss = triton_losses.LOSSES["dkd_loss"](s, t, target)
+    loss = kernel_losses.dkd_loss(fkt.KERNELS, s, t, target, alpha=1.0, beta=8.0, temperature=4.0)
     assert torch.isnan(loss)
-    tckd, nckd, _ = ops.dkd_rows(s, t, target, 4.0)
+    tckd, nckd, _ = fkt.KERNELS.dkd_rows(s, t, target, 4.0)
     assert torch.isnan(tckd[1]) and torch.isnan(nckd[1])
     assert torch.isfinite(tckd[[0, 2]]).all() and torch.isfinite(nckd[[0, 2]]).all()
-    (d_s,) = torch.autograd.grad(tckd.sum() + nckd.sum(), s, torch.ones_like(loss))
+    (d_s,) = torch.autograd.grad(tckd.sum() + nckd.sum(), s)
     assert torch.isnan(d_s[1]).all() and torch.isfinite(d_s[[0, 2]]).all()
 
 
-def test_opcheck_jsd_ops():
-    from fastkd.triton import ops
-    s = make((2, 3, 17), "cpu" if "cpu" in DEVICES else "cuda", seed=40)
-    dev = s.device
-    t = make((2, 3, 17), dev, seed=41)
-    labels = labels_for((2, 3), dev)
-    torch.library.opcheck(ops.jsd_rows_op, (s.requires_grad_(), t.requires_grad_(), 0.3, 2.0, labels, -100))
-    torch.library.opcheck(ops.jsd_rows_op, (s.detach(), t.detach(), 0.7, 1.0, None, -100))
-    loss, stats = ops.jsd_rows_op(s.detach(), t.detach(), 0.3, 2.0, labels, -100)
-    grad = make((6,), dev, scale=1.0, seed=42)
-    for student_grad, teacher_grad in [(True, True), (True, False), (False, True)]:
-        torch.library.opcheck(ops.jsd_rows_backward_op, (grad, s.detach(), t.detach(), stats, 0.3, 2.0, labels,
-                                                         -100, student_grad, teacher_grad))
-
-
-def test_opcheck_dkd_ops():
-    from fastkd.triton import ops
-    dev = "cpu" if "cpu" in DEVICES else "cuda"
-    s = make((4, 13), dev, seed=43)
-    t = make((4, 13), dev, seed=44)
-    target = targets(4, 13, dev)
-    torch.library.opcheck(ops.dkd_rows_op, (s.requires_grad_(), t.requires_grad_(), target, 4.0))
-    torch.library.opcheck(ops.dkd_rows_op, (s.detach(), t.detach(), target, 1.0))
-    _, _, stats = ops.dkd_rows_op(s.detach(), t.detach(), target, 4.0)
-    g_t, g_n = make((4,), dev, scale=1.0, seed=45), make((4,), dev, scale=1.0, seed=46)
-    for student_grad, teacher_grad in [(True, True), (True, False), (False, True)]:
-        torch.library.opcheck(ops.dkd_rows_backward_op, (g_t, g_n, s.detach(), t.detach(), stats, target, 4.0,
-                                                         student_grad, teacher_grad))
-
-
-# --- from tests/test_triton_rkd_at.py ----------------------------------------------------------------------
+# --- RKD tiles and attention blocks, the power, the distance kernels ------------------------------------------
 
 POW_CASES = [5, 4, 7, 2.5, 1.5, 0.5, -1.5, 2.3, 0.7, 0.3, 7.77, -1, -2]
 
@@ -171,8 +236,8 @@ def test_at_pow_accuracy(device, p):
     for name, x in _pow_inputs(device).items():
         f = x.reshape(1, 1, 1, -1).to(device)
         for what, got, want in [
-            ("f^p", tat.map_forward(f, p), x.double().pow(p)),
-            ("p f^(p-1)", tat.map_backward(torch.ones(1, x.numel(), device=device), f, p), p * x.double().pow(p - 1)),
+            ("f^p", tat.at_channel_mean_pow(f, p), x.double().pow(p)),
+            ("p f^(p-1)", tat.at_channel_mean_pow_backward(torch.ones(1, x.numel(), device=device), f, p), p * x.double().pow(p - 1)),
         ]:
             normal = (want.abs() >= 2.0 ** -100) & (want.abs() <= torch.finfo(torch.float32).max)  # the pair's l normal
             rel = ((got.reshape(-1).cpu().double() - want) / want).abs()[normal]
@@ -190,11 +255,11 @@ def test_at_pow_special_values(device, p):
     x = torch.tensor([0.0, -0.0, 1.0, -1.0, 2.0, -2.0, 0.5, -0.5, float("inf"), -float("inf"), float("nan"),
                       1e-40, -1e-40, 3e38, 1e-20, 1e20, 1.7, -1.7])
     f = x.reshape(1, 1, 1, -1).to(device)
-    got = tat.map_forward(f, p).reshape(-1).cpu()
+    got = tat.at_channel_mean_pow(f, p).reshape(-1).cpu()
     torch.testing.assert_close(got, x.pow(p), rtol=3e-7, atol=0, equal_nan=True)
     xx = x.clone().requires_grad_()
     xx.pow(p).sum().backward()
-    dg = tat.map_backward(torch.ones(1, x.numel(), device=device), f, p).reshape(-1).cpu()
+    dg = tat.at_channel_mean_pow_backward(torch.ones(1, x.numel(), device=device), f, p).reshape(-1).cpu()
     torch.testing.assert_close(dg, xx.grad, rtol=3e-7, atol=0, equal_nan=True)
 
 
@@ -216,7 +281,7 @@ def test_distance_kernels_on_close_rows():
     from fastkd.triton import rkd as trkd
     x = features(7, 10, seed=51, offset=30.0)
     x[4] = x[1] + 1e-5 * features(10, seed=52)
-    q = trkd.sq_distances(x)
+    q = trkd.rkd_sq_distances(x)
     assert torch.equal(q, q.T) and torch.equal(q.diagonal(), torch.zeros(7))
     x64 = x.double()
     diff = x64[:, None, :] - x64[None, :, :]
@@ -226,37 +291,5 @@ def test_distance_kernels_on_close_rows():
     w = features(7, 7, seed=53)
     w = w + w.T
     want = (w.double()[:, :, None] * diff).sum(1)
-    got = trkd.weighted_diff(w, x).double()
+    got = trkd.rkd_weighted_diff(w, x).double()
     assert ((got - want).abs() / (w.double().abs()[:, :, None] * diff.abs()).sum(1)).max() < 8 * 2.0 ** -24
-
-
-@needs_interpreter
-def test_rkd_at_opcheck():
-    from fastkd.kernel_autograd import sq_hi_lo
-    from fastkd.triton import attention as tat
-    from fastkd.triton import rkd as trkd
-    x_s, x_t = features(5, 3, seed=32), features(5, 4, seed=33)
-    torch.library.opcheck(trkd.sq_distances_op, (x_s,))
-    torch.library.opcheck(trkd.weighted_diff_op, (trkd.sq_distances(x_s), x_s))
-    (qh_s, ql_s), (qh_t, ql_t) = sq_hi_lo(x_s), sq_hi_lo(x_t)
-    for unit_s, unit_t in ((False, False), (False, True)):
-        torch.library.opcheck(trkd.angle_sum_op, (qh_s, ql_s, qh_t, ql_t, unit_s, unit_t))
-        torch.library.opcheck(trkd.angle_weights_op, (qh_s, ql_s, qh_t, ql_t, unit_t))
-    f = features(2, 3, 4, 5, seed=34).requires_grad_()
-    f_cl = features(2, 3, 4, 5, seed=35).to(memory_format=torch.channels_last).requires_grad_()
-    for x in (f, f_cl):
-        for p in (1.0, 2.0, 3.0, 2.5):
-            torch.library.opcheck(tat.at_map_op, (x.abs().detach().requires_grad_() if p == 2.5 else x, p))
-        torch.library.opcheck(tat.at_map_backward_op, (features(2, 20, seed=36), x.detach(), 2.0))
-
-
-# --- from tests/test_cuda_backend.py -----------------------------------------------------------------------
-
-@gpu
-def test_opcheck_and_compile():
-    s, t = rand(4, 33, seed=11).requires_grad_(), rand(4, 33, seed=12).requires_grad_()
-    KF.kd_loss(s, t, backend="cuda")  # loads (and if needed builds) the extension
-    torch.library.opcheck(torch.ops.fastkd.cuda_kl_rows.default, (s, t, 2.0, False, None, None, -100))
-    torch.library.opcheck(torch.ops.fastkd.cuda_jsd_rows.default, (s, t, 0.5, 1.0, None, -100))
-    compiled = torch.compile(lambda s, t: KF.jsd_loss(s, t, beta=0.3, backend="cuda"), fullgraph=True)
-    torch.testing.assert_close(compiled(s, t), KF.jsd_loss(s, t, beta=0.3, backend="cuda"))

@@ -110,15 +110,22 @@ def test_kd_loss_module_ce_without_target_raises():
         L.KDLoss(ce_weight=0.1)(z_s, z_t)
 
 
+def token_logits(seed, with_labels, masked, ignore_index):
+    """Student and teacher logits (3, 5, 17) and, `with_labels`, labels whose positions `masked` are
+    `ignore_index` (else None)."""
+    z_s, z_t = rand(3, 5, 17, seed=seed, scale=2.0), rand(3, 5, 17, seed=seed + 1, scale=2.0)
+    labels = None
+    if with_labels:
+        labels = targets((3, 5), 17, seed=seed + 2)
+        labels[tuple(zip(*masked))] = ignore_index
+    return z_s, z_t, labels
+
+
 @pytest.mark.parametrize("direction", ["forward", "reverse"])
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("with_labels", [False, True])
 def test_kl_distillation_loss_module(direction, reduction, with_labels):
-    z_s, z_t = rand(3, 5, 17, seed=10, scale=2.0), rand(3, 5, 17, seed=11, scale=2.0)
-    labels = None
-    if with_labels:
-        labels = targets((3, 5), 17, seed=12)
-        labels[0, 1] = labels[2, 4] = labels[1, 0] = -7
+    z_s, z_t, labels = token_logits(10, with_labels, [(0, 1), (2, 4), (1, 0)], -7)
     mod = L.KLDistillationLoss(1.7, direction=direction, ignore_index=-7, reduction=reduction)
     got = mod(z_s, z_t, labels)
     want = KF.kl_div_loss(z_s, z_t, 1.7, direction=direction, labels=labels, ignore_index=-7, reduction=reduction)
@@ -136,11 +143,7 @@ def test_kl_distillation_loss_module_defaults():
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("with_labels", [False, True])
 def test_jsd_loss_module(beta, reduction, with_labels):
-    z_s, z_t = rand(3, 5, 17, seed=20, scale=2.0), rand(3, 5, 17, seed=21, scale=2.0)
-    labels = None
-    if with_labels:
-        labels = targets((3, 5), 17, seed=22)
-        labels[1, 2] = labels[2, 0] = -100
+    z_s, z_t, labels = token_logits(20, with_labels, [(1, 2), (2, 0)], -100)
     got = L.JSDLoss(beta, 2.0, reduction=reduction)(z_s, z_t, labels)
     want = KF.jsd_loss(z_s, z_t, beta=beta, temperature=2.0, labels=labels, reduction=reduction)
     assert_same(got, want, [z_s, z_t])

@@ -1,14 +1,15 @@
-"""Each reference against an independent formula written here, the way the popular implementations write it.
+"""Each reference against an independent formula, the way the popular implementations write it: here, or in
+tests/formulas.py where other tests measure against the same one (TRL's JSD, mdistiller's DKD).
 
 Nothing here calls back into fastkd for the expected value. Inputs are float64 and finite, where the
 popular formulas are exact; the NaN traps they have are covered in test_edge_cases.py.
 """
 import itertools
-import math
 
 import pytest
 import torch
 import torch.nn.functional as F
+from formulas import mdistiller_dkd, trl_generalized_jsd
 
 from fastkd import functional as KF
 
@@ -89,45 +90,13 @@ def test_forward_kl_differs_from_torchtune_cross_entropy_by_teacher_entropy():
     assert_same(KF.kl_div_loss(s, t), torchtune_value - teacher_entropy, [s])
 
 
-def trl_generalized_jsd(s, t, labels=None, beta=0.5, T=1.0):
-    """TRL's generalized_jsd_loss for finite logits, written as TRL writes it."""
-    s_log = F.log_softmax(s / T, dim=-1)
-    t_log = F.log_softmax(t / T, dim=-1)
-    if beta == 0:
-        jsd = F.kl_div(s_log, t_log, reduction="none", log_target=True)
-    elif beta == 1:
-        jsd = F.kl_div(t_log, s_log, reduction="none", log_target=True)
-    else:
-        mix = torch.logsumexp(torch.stack([s_log + math.log(1 - beta), t_log + math.log(beta)]), dim=0)
-        jsd = beta * F.kl_div(mix, t_log, reduction="none", log_target=True) \
-            + (1 - beta) * F.kl_div(mix, s_log, reduction="none", log_target=True)
-    if labels is not None:
-        mask = labels != -100
-        return jsd[mask].sum() / mask.sum()
-    return jsd.sum() / (jsd.size(0) * jsd.size(1))
-
-
 @pytest.mark.parametrize("beta", [0.0, 0.1, 0.5, 0.9, 1.0])
 @pytest.mark.parametrize("masked", [False, True])
 def test_jsd_loss_matches_trl(beta, masked):
     s, t = randn(3, 5, 17), randn(3, 5, 17, seed=1)
     labels = torch.tensor([[-100, 1, 2, 3, 4], [5, -100, -100, 1, 1], [0, 0, 0, 0, -100]]) if masked else None
     assert_same(KF.jsd_loss(s, t, beta=beta, temperature=1.5, labels=labels),
-                trl_generalized_jsd(s, t, labels, beta, T=1.5), [s, t])
-
-
-def mdistiller_dkd(logits_s, logits_t, target, alpha, beta, T):
-    """mdistiller's dkd_loss, with the -1000 * gt trick and the masked sums, as mdistiller writes it."""
-    gt = torch.zeros_like(logits_s).scatter_(1, target.unsqueeze(1), 1)
-    other = 1 - gt
-    p_s = F.softmax(logits_s / T, dim=1)
-    p_t = F.softmax(logits_t / T, dim=1)
-    b_s = torch.cat([(p_s * gt).sum(1, keepdim=True), (p_s * other).sum(1, keepdim=True)], 1)
-    b_t = torch.cat([(p_t * gt).sum(1, keepdim=True), (p_t * other).sum(1, keepdim=True)], 1)
-    tckd = F.kl_div(torch.log(b_s), b_t, reduction="sum") * T ** 2 / target.shape[0]
-    nckd = F.kl_div(F.log_softmax(logits_s / T - 1000.0 * gt, dim=1), F.softmax(logits_t / T - 1000.0 * gt, dim=1),
-                    reduction="sum") * T ** 2 / target.shape[0]
-    return alpha * tckd + beta * nckd
+                trl_generalized_jsd(s, t, beta, 1.5, labels), [s, t])
 
 
 @pytest.mark.parametrize("alpha,beta,T", [(1.0, 8.0, 4.0), (1.0, 0.5, 1.0), (0.3, 2.0, 2.5)])
