@@ -46,16 +46,12 @@
 // Accuracy below ~2^-100: the pair's low part is subnormal (flushed on the GPU), so the result is about fl(h),
 // within a few ulp (or a few 2^-149 for subnormal results); as in Triton.
 // Registers (nvcc 13.0, sm_80 and sm_90, -O3 --use_fast_math): 29-40 per thread, no spills, in all 48 kernels.
-#include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
-#include <torch/library.h>
 
-#include <cmath>
-#include <cstdint>
+#include "common.cuh"
 
-#include "device.cuh"
-
-namespace fastkd_attention {
+namespace fastkd {
+namespace {
 
 constexpr int kThreads = 256;
 constexpr int kAbsMask = 0x7fffffff;
@@ -271,7 +267,7 @@ __global__ void __launch_bounds__(kThreads) map_backward_kernel(const scalar_t* 
 // --- host ----------------------------------------------------------------------------------------------------
 
 // x^q as Triton's _pow_args: the kind of fraction (returned: 0 integer, 1 one half, 2 other) and the constants.
-static int pow_args(double q, Pow* out) {
+int pow_args(double q, Pow* out) {
   TORCH_CHECK_VALUE(std::isfinite(q), "attention transfer needs a finite power p, got ", q);
   const double a = std::fabs(q);
   double n = std::floor(a);
@@ -293,18 +289,18 @@ static int pow_args(double q, Pow* out) {
 }
 
 // As Triton's _channels_last: the channel stride is the unit one and the spatial one is not.
-static bool channels_last(const at::Tensor& f) {
+bool channels_last(const at::Tensor& f) {
   return f.stride(1) == 1 && f.size(1) > 1 && !(f.stride(3) == 1 && f.size(3) > 1);
 }
 
-static int64_t next_pow2(int64_t v) {
+int64_t next_pow2(int64_t v) {
   int64_t r = 1;
   while (r < v) r <<= 1;
   return r;
 }
 
 // Block shape (x, y) with x * y = kThreads; see Lanes.
-static dim3 block_shape(int64_t C, int64_t HW, bool cl) {
+dim3 block_shape(int64_t C, int64_t HW, bool cl) {
   if (cl) {
     const int64_t lanes = std::min<int64_t>(next_pow2(C), 32);  // channel lanes, a power of 2 within one warp
     return dim3(static_cast<unsigned>(lanes), static_cast<unsigned>(kThreads / lanes));
@@ -313,7 +309,7 @@ static dim3 block_shape(int64_t C, int64_t HW, bool cl) {
   return dim3(static_cast<unsigned>(positions), static_cast<unsigned>(kThreads / positions));
 }
 
-static Geometry geometry(const at::Tensor& f, const dim3& block, bool cl) {
+Geometry geometry(const at::Tensor& f, const dim3& block, bool cl) {
   Geometry g;
   g.C = f.size(1);
   g.HW = f.size(2) * f.size(3);
@@ -322,115 +318,112 @@ static Geometry geometry(const at::Tensor& f, const dim3& block, bool cl) {
   g.s_c = f.stride(1);
   g.s_h = f.stride(2);
   g.s_w = f.stride(3);
-  const int64_t per_block = cl ? block.y : block.x;
-  g.n_sblocks = (g.HW + per_block - 1) / per_block;
+  g.n_sblocks = cdiv(g.HW, cl ? block.y : block.x);
   return g;
 }
 
-static unsigned grid_size(int64_t B, const Geometry& g, const char* op) {
-  const int64_t blocks = B * g.n_sblocks;
-  TORCH_CHECK(blocks <= 2147483647LL, op, ": the map is too large for the CUDA kernel's grid");
-  return static_cast<unsigned>(blocks);
-}
-
-static void check_map(const at::Tensor& f, const char* op) {
-  TORCH_CHECK(fastkd::on_device(f), op, ": f must be a CUDA tensor");
+// A map f (B, C, H, W) of any floating-point dtype the kernels can read. Returns f.
+const at::Tensor& check_map(const char* op, const at::Tensor& f) {
+  TORCH_CHECK(on_device(f), op, ": f must be a CUDA tensor");
   TORCH_CHECK(f.dim() == 4, op, ": f must be (B, C, H, W), got ", f.sizes());
-  TORCH_CHECK(f.scalar_type() == at::kFloat || f.scalar_type() == at::kHalf || f.scalar_type() == at::kBFloat16 ||
-                  f.scalar_type() == at::kDouble,
-              op, ": f must be a floating-point tensor, got ", f.scalar_type());
+  TORCH_CHECK(kernel_dtype(f.scalar_type()) || f.scalar_type() == at::kDouble, op,
+              ": f must be a floating-point tensor, got ", f.scalar_type());
+  return f;
 }
 
-#define FASTKD_AT_FRAC_CASES(FRAC_VALUE, ...)                  \
-  switch (FRAC_VALUE) {                                        \
-    case 0: { constexpr int kFrac = 0; __VA_ARGS__(); break; } \
-    case 1: { constexpr int kFrac = 1; __VA_ARGS__(); break; } \
-    default: { constexpr int kFrac = 2; __VA_ARGS__(); break; } \
+// Calls f.template operator()<FRAC>() with the kind of fraction of pow_args.
+template <typename F>
+void dispatch_frac(int frac, F&& f) {
+  switch (frac) {
+    case 0:
+      f.template operator()<0>();
+      break;
+    case 1:
+      f.template operator()<1>();
+      break;
+    default:
+      f.template operator()<2>();
+  }
+}
+
+// A call of an attention-map operator on f, checked: the power its kernels raise f to (`power`: p forward,
+// p - 1 backward), their block over channels and positions, and their grid of B * n_sblocks blocks.
+struct MapLaunch : Launch {
+  at::ScalarType dtype;
+  Pow q;
+  int frac;
+  bool cl;
+  dim3 block;
+  Geometry g;
+  int64_t B;
+  float inv_c;
+
+  MapLaunch(const char* op_name, const at::Tensor& f, double power)
+      : Launch(op_name, check_map(op_name, f)),
+        dtype(f.scalar_type()),
+        frac(pow_args(power, &q)),  // first: a non-finite p is an error for any map, as Triton's
+        cl(channels_last(f)),
+        block(block_shape(f.size(1), f.size(2) * f.size(3), cl)),
+        g(geometry(f, block, cl)),
+        B(f.size(0)),
+        inv_c(static_cast<float>(1.0 / static_cast<double>(g.C))) {}
+
+  // Calls fn.template operator()<scalar_t, FRAC, CL>() with the kernels' template arguments.
+  template <typename F>
+  void dispatch(F&& fn) const {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "fastkd attention map", [&] {
+      dispatch_frac(frac, [&]<int FRAC>() {
+        dispatch_bool(cl, [&]<bool CL>() { fn.template operator()<scalar_t, FRAC, CL>(); });
+      });
+    });
   }
 
+  template <typename... P, typename... A>
+  void launch(void (*kernel)(P...), A&&... args) const {
+    Launch::launch(grid_x(op, B * g.n_sblocks), block, kernel, std::forward<A>(args)...);
+  }
+};
+
+}  // namespace
+
 // mean_c f^p of a (B, C, H, W) map as a float32 (B, H*W) tensor (Triton's map_forward).
-at::Tensor channel_mean_pow(const at::Tensor& f, double p) {
-  check_map(f, "cuda_at_channel_mean_pow");
-  Pow q;
-  const int frac = pow_args(p, &q);  // first: a non-finite p is an error for any map, as Triton's
-  const c10::cuda::CUDAGuard guard(f.device());
-  const int64_t B = f.size(0), C = f.size(1), HW = f.size(2) * f.size(3);
-  at::Tensor a = at::empty({B, HW}, f.options().dtype(at::kFloat));
+at::Tensor at_channel_mean_pow(const at::Tensor& f, double p) {
+  const MapLaunch L("fastkd::cuda_at_channel_mean_pow", f, p);
+  at::Tensor a = at::empty({L.B, L.g.HW}, f.options().dtype(at::kFloat));
   if (a.numel() == 0) return a;
-  TORCH_CHECK(C > 0, "cuda_at_channel_mean_pow: the mean over channels of a map with no channels");
-  const bool cl = channels_last(f);
-  const dim3 block = block_shape(C, HW, cl);
-  const Geometry g = geometry(f, block, cl);
-  const unsigned grid = grid_size(B, g, "cuda_at_channel_mean_pow");
-  const float inv_c = static_cast<float>(1.0 / static_cast<double>(C));
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, f.scalar_type(), "cuda_at_channel_mean_pow", [&] {
-    const scalar_t* fp = f.data_ptr<scalar_t>();
-    float* ap = a.data_ptr<float>();
-    FASTKD_AT_FRAC_CASES(frac, [&] {
-      if (cl) {
-        FASTKD_LAUNCH(grid, block, 0, stream, map_forward_kernel<scalar_t, kFrac, true>)(
-            fp, ap, g, inv_c, q);
-      } else {
-        FASTKD_LAUNCH(grid, block, 0, stream, map_forward_kernel<scalar_t, kFrac, false>)(
-            fp, ap, g, inv_c, q);
-      }
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
+  TORCH_CHECK(L.g.C > 0, L.op, ": the mean over channels of a map with no channels");
+  L.dispatch([&]<typename scalar_t, int FRAC, bool CL>() {
+    L.launch(map_forward_kernel<scalar_t, FRAC, CL>, data_of<scalar_t>(f), mutable_data_of<float>(a), L.g, L.inv_c,
+             L.q);
   });
   return a;
 }
 
 // p f^(p-1) / C * grad broadcast over channels, in f's dtype and layout (Triton's map_backward).
-at::Tensor channel_mean_pow_backward(const at::Tensor& grad_in, const at::Tensor& f, double p) {
-  check_map(f, "cuda_at_channel_mean_pow_backward");
-  Pow q;
-  const int frac = pow_args(p - 1.0, &q);  // the derivative p f^(p-1): the power q = p - 1 (p finite, checked)
-  const int64_t B = f.size(0), C = f.size(1), HW = f.size(2) * f.size(3);
-  TORCH_CHECK(fastkd::on_device(grad_in) && grad_in.device() == f.device(),
-              "cuda_at_channel_mean_pow_backward: grad must be on f's device (", f.device(), "), got ",
-              grad_in.device());
-  TORCH_CHECK(grad_in.dim() == 2 && grad_in.size(0) == B && grad_in.size(1) == HW,
-              "cuda_at_channel_mean_pow_backward: grad must be (B, H*W) = (", B, ", ", HW, "), got ",
-              grad_in.sizes());
-  TORCH_CHECK(at::isFloatingType(grad_in.scalar_type()),
-              "cuda_at_channel_mean_pow_backward: grad must be floating point, got ", grad_in.scalar_type());
-  const c10::cuda::CUDAGuard guard(f.device());
+at::Tensor at_channel_mean_pow_backward(const at::Tensor& grad_in, const at::Tensor& f, double p) {
+  // The derivative p f^(p-1): the power q = p - 1 (p finite, checked).
+  const MapLaunch L("fastkd::cuda_at_channel_mean_pow_backward", f, p - 1.0);
+  check_same_device(L.op, "grad", grad_in, "f", f);
+  TORCH_CHECK(grad_in.dim() == 2 && grad_in.size(0) == L.B && grad_in.size(1) == L.g.HW, L.op,
+              ": grad must be (B, H*W) = (", L.B, ", ", L.g.HW, "), got ", grad_in.sizes());
+  TORCH_CHECK(at::isFloatingType(grad_in.scalar_type()), L.op, ": grad must be floating point, got ",
+              grad_in.scalar_type());
   at::Tensor df = at::empty_like(f);
   if (df.numel() == 0) return df;
   const at::Tensor grad = grad_in.to(at::kFloat).contiguous();
-  const bool cl = channels_last(f);
-  const dim3 block = block_shape(C, HW, cl);
-  const Geometry g = geometry(f, block, cl);
-  const unsigned grid = grid_size(B, g, "cuda_at_channel_mean_pow_backward");
-  const float inv_c = static_cast<float>(1.0 / static_cast<double>(C));
   const float pf = static_cast<float>(p);
   const int zero = p == 0.0 ? 1 : 0;
-  const int64_t d_b = df.stride(0), d_c = df.stride(1), d_h = df.stride(2), d_w = df.stride(3);
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, f.scalar_type(), "cuda_at_channel_mean_pow_backward", [&] {
-    const scalar_t* fp = f.data_ptr<scalar_t>();
-    const float* gp = grad.data_ptr<float>();
-    scalar_t* dp = df.data_ptr<scalar_t>();
-    FASTKD_AT_FRAC_CASES(frac, [&] {
-      if (cl) {
-        FASTKD_LAUNCH(grid, block, 0, stream, map_backward_kernel<scalar_t, kFrac, true>)(
-            fp, gp, dp, g, d_b, d_c, d_h, d_w, inv_c, pf, zero, q);
-      } else {
-        FASTKD_LAUNCH(grid, block, 0, stream, map_backward_kernel<scalar_t, kFrac, false>)(
-            fp, gp, dp, g, d_b, d_c, d_h, d_w, inv_c, pf, zero, q);
-      }
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
+  L.dispatch([&]<typename scalar_t, int FRAC, bool CL>() {
+    L.launch(map_backward_kernel<scalar_t, FRAC, CL>, data_of<scalar_t>(f), data_of<float>(grad),
+             mutable_data_of<scalar_t>(df), L.g, df.stride(0), df.stride(1), df.stride(2), df.stride(3), L.inv_c, pf,
+             zero, L.q);
   });
   return df;
 }
 
-#undef FASTKD_AT_FRAC_CASES
-
-}  // namespace fastkd_attention
+}  // namespace fastkd
 
 TORCH_LIBRARY_IMPL(FASTKD_LIBRARY, FASTKD_DISPATCH_KEY, m) {
-  m.impl("cuda_at_channel_mean_pow", &fastkd_attention::channel_mean_pow);
-  m.impl("cuda_at_channel_mean_pow_backward", &fastkd_attention::channel_mean_pow_backward);
+  m.impl("cuda_at_channel_mean_pow", &fastkd::at_channel_mean_pow);
+  m.impl("cuda_at_channel_mean_pow_backward", &fastkd::at_channel_mean_pow_backward);
 }

@@ -1,8 +1,9 @@
-// What the CUDA row kernels share (the CUDA counterpart of fastkd/triton/rows.py): addressing the rows of
-// `(..., V)` views by strides, row statistics kept apart (the max M and the sum Z = sum exp(x - M), never
-// lse = M + log Z), the accurate element-wise helpers of rows.py (`exp_diff`, `expm1_small`, `log_ratio`),
-// warp-shuffle and block reductions, a row visitor with 16-byte vector loads, and the host-side checks and
-// dispatch.
+// What the CUDA kernels share. For the row kernels (the CUDA counterpart of fastkd/triton/rows.py): addressing
+// the rows of `(..., V)` views by strides, row statistics kept apart (the max M and the sum Z = sum exp(x - M),
+// never lse = M + log Z), the accurate element-wise helpers of rows.py (`exp_diff`, `expm1_small`,
+// `log_ratio`), a row visitor with 16-byte vector loads. For every kernel file: block reductions, and the host
+// side of an operator call: checks, grid limits, the launch context (`Launch`; `RowLaunch` and `RowBackward`
+// for the row operators) and the dispatch of dtypes and flags to template arguments.
 //
 // One thread block per row. The logit kernels take the row maxima first (pass 1: a per-thread max, then a
 // block max), then re-read the row for the sums against the final maxima (no rescaling, so no rescaling
@@ -16,7 +17,6 @@
 #pragma once
 
 #include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
 #include <torch/library.h>
 
 #include "device.cuh"
@@ -27,6 +27,7 @@
 #include <cstring>
 #include <optional>
 #include <tuple>
+#include <utility>
 
 namespace fastkd {
 
@@ -156,14 +157,20 @@ __device__ __forceinline__ Floats<N> block_reduce(Floats<N> s, Op op) {
   return result;
 }
 
+// r.v[i] = op(a.v[i], b.v[i]).
+template <int N, typename Op>
+__device__ __forceinline__ Floats<N> elementwise(const Floats<N>& a, const Floats<N>& b, Op op) {
+  Floats<N> r;
+#pragma unroll
+  for (int i = 0; i < N; ++i) r.v[i] = op(a.v[i], b.v[i]);
+  return r;
+}
+
 // Sums of N floats across a block.
 template <int N>
 __device__ __forceinline__ Floats<N> block_sum(Floats<N> s) {
   return block_reduce<N>(s, [](const Floats<N>& a, const Floats<N>& b) {
-    Floats<N> r;
-#pragma unroll
-    for (int i = 0; i < N; ++i) r.v[i] = a.v[i] + b.v[i];
-    return r;
+    return elementwise(a, b, [](float x, float y) { return x + y; });
   });
 }
 
@@ -171,11 +178,24 @@ __device__ __forceinline__ Floats<N> block_sum(Floats<N> s) {
 template <int N>
 __device__ __forceinline__ Floats<N> block_max(Floats<N> s) {
   return block_reduce<N>(s, [](const Floats<N>& a, const Floats<N>& b) {
-    Floats<N> r;
-#pragma unroll
-    for (int i = 0; i < N; ++i) r.v[i] = fmaxf(a.v[i], b.v[i]);
-    return r;
+    return elementwise(a, b, [](float x, float y) { return fmaxf(x, y); });
   });
+}
+
+// The sum of one float over a block of THREADS threads, in thread 0 only (0 in the others): the warps' sums by
+// shuffles, then thread 0 adds them in warp order. One barrier and no broadcast, for a result that one thread
+// writes; not block_sum's order of additions. `warp_sums`: THREADS / 32 floats of shared memory.
+template <int THREADS>
+__device__ __forceinline__ float block_sum_to_thread0(float v, float* warp_sums) {
+  for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_down_sync(0xffffffffu, v, offset);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  if (lane == 0) warp_sums[warp] = v;
+  __syncthreads();
+  float total = 0.0f;
+  if (threadIdx.x == 0) {
+    for (int w = 0; w < THREADS / 32; ++w) total += warp_sums[w];
+  }
+  return total;
 }
 
 // Row r of a `(..., V)` view starts at (r / inner_size) * outer + (r % inner_size) * inner (rows.py).
@@ -300,9 +320,182 @@ __device__ __forceinline__ void zero_row(T* __restrict__ out, int64_t n) {
   for (int64_t c = threadIdx.x; c < n; c += blockDim.x) out[c] = from_float<T>(0.0f);
 }
 
+// Pass 1 of a row kernel, one column: the running maxima of x = X * (1/T) and y = Y * (1/T) in m.v[0], m.v[1].
+template <int N>
+__device__ __forceinline__ void max_scaled(Floats<N>& m, float x_raw, float y_raw, float inv_temperature) {
+  m.v[0] = fmaxf(m.v[0], scaled(x_raw, inv_temperature));
+  m.v[1] = fmaxf(m.v[1], scaled(y_raw, inv_temperature));
+}
+
+// Pass 2 of KL(P || Q) between the softmaxes of a row pair, one column: with the shifted logits a = x - M_x,
+// b = y - M_y (P the x row where P_IS_X, else the y row), adds to s = [Z_x, Z_y, E, D, ..., n_inf]: e^a, e^b, the
+// P-weighted log-ratio e^p (p - q) (0 where e^p = 0 or q = -inf), exp_diff(p, q); then runs `more` (the
+// caller's other sums of the column), then counts in n_inf a term with e^p > 0 against q = -inf (KL = +inf).
+template <bool P_IS_X, int N, typename More>
+__device__ __forceinline__ void add_kl_terms(Floats<N>& s, float a, float b, More&& more) {
+  const float ea = exp_accurate(a);
+  const float eb = exp_accurate(b);
+  const float p = P_IS_X ? a : b, q = P_IS_X ? b : a;
+  const float ep = P_IS_X ? ea : eb, eq = P_IS_X ? eb : ea;
+  const bool q_masked = q == neg_inf();
+  s.v[0] += ea;
+  s.v[1] += eb;
+  s.v[2] += (ep > 0.0f && !q_masked) ? ep * (p - q) : 0.0f;
+  s.v[3] += exp_diff(p, q, ep, eq);
+  more();
+  s.v[N - 1] += (ep > 0.0f && q_masked) ? 1.0f : 0.0f;
+}
+
+// What the block of a backward row kernel works on: row `row` = blockIdx.x of x and y, of the forward's
+// statistics, and of the gradients it writes (contiguous rows; nullptr for those it does not write).
+template <typename TX, typename TY>
+struct BackwardRow {
+  int64_t row;
+  const TX* x;
+  const TY* y;
+  const float* stats;
+  TX* dx;
+  TY* dy;
+};
+
+// Calls body(BackwardRow) for the block's row (W statistics a row), unless the token is ignored
+// (labels[row] == ignore_index; none without labels): that one reads nothing and gets a zero gradient.
+template <int W, bool X_GRAD, bool Y_GRAD, typename TX, typename TY, typename F>
+__device__ __forceinline__ void for_backward_row(const TX* x_base, const TY* y_base, const float* stats, TX* dx_base,
+                                                 TY* dy_base, int64_t V, const RowLayout& xl, const RowLayout& yl,
+                                                 const int64_t* labels, int64_t ignore_index, F&& body) {
+  const int64_t row = blockIdx.x;
+  TX* dx = X_GRAD ? dx_base + row * V : nullptr;
+  TY* dy = Y_GRAD ? dy_base + row * V : nullptr;
+  if (labels != nullptr && labels[row] == ignore_index) {
+    if (X_GRAD) zero_row(dx, V);
+    if (Y_GRAD) zero_row(dy, V);
+    return;
+  }
+  body(BackwardRow<TX, TY>{row, x_base + row_offset(row, xl), y_base + row_offset(row, yl), stats + row * W, dx, dy});
+}
+
+// Row `row` of a (rows, N) float32 matrix (a forward's saved statistics): column i gets the i-th value.
+template <int N, typename... V>
+__device__ __forceinline__ void store_row(float* __restrict__ stats, int64_t row, V... values) {
+  static_assert(sizeof...(V) == N, "one value per column");
+  float* out = stats + row * N;
+  int i = 0;
+  ((out[i++] = values), ...);
+}
+
 // ------------------------------------------------------------------------------------------------------
 // Host helpers
 // ------------------------------------------------------------------------------------------------------
+
+inline int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Grid extents within CUDA's limits: 2^31 - 1 blocks along x, 65535 along y and z.
+inline unsigned grid_x(const char* op, int64_t blocks) {
+  TORCH_CHECK(blocks <= INT32_MAX, op, ": too large for one launch: ", blocks, " blocks along x (at most ",
+              INT32_MAX, ")");
+  return static_cast<unsigned>(blocks);
+}
+
+inline unsigned grid_yz(const char* op, int64_t blocks) {
+  TORCH_CHECK(blocks <= 65535, op, ": too large for one launch: ", blocks, " blocks along y or z (at most 65535)");
+  return static_cast<unsigned>(blocks);
+}
+
+// A float32 tensor the kernels can read.
+inline void check_float32(const char* op, const char* name, const at::Tensor& t) {
+  TORCH_CHECK(on_device(t), op, ": ", name, " must be a CUDA tensor");
+  TORCH_CHECK(t.scalar_type() == at::kFloat, op, ": ", name, " must be float32, got ", t.scalar_type());
+}
+
+inline void check_same_device(const char* op, const char* name, const at::Tensor& t, const char* other_name,
+                              const at::Tensor& other) {
+  TORCH_CHECK(t.device() == other.device(), op, ": ", name, " is on ", t.device(), ", ", other_name, " on ",
+              other.device());
+}
+
+template <typename T>
+inline const T* data_of(const at::Tensor& t) {
+  return static_cast<const T*>(t.const_data_ptr());
+}
+
+template <typename T>
+inline T* mutable_data_of(const at::Tensor& t) {
+  return static_cast<T*>(t.data_ptr());
+}
+
+// An optional input: nullptr when not given (an undefined tensor).
+template <typename T>
+inline const T* data_or_null(const at::Tensor& t) {
+  return t.defined() ? data_of<T>(t) : nullptr;
+}
+
+// Calls f.template operator()<B>() with the runtime flag b as a template argument.
+template <typename F>
+void dispatch_bool(bool b, F&& f) {
+  if (b) {
+    f.template operator()<true>();
+  } else {
+    f.template operator()<false>();
+  }
+}
+
+// Calls f.template operator()<X_GRAD, Y_GRAD>() for the gradients a backward kernel writes: the flags are
+// template arguments, so each kernel writes what it must without a branch per element, and no kernel is
+// instantiated for neither.
+template <typename F>
+void dispatch_grads(bool x_grad, bool y_grad, F&& f) {
+  if (x_grad && y_grad) {
+    f.template operator()<true, true>();
+  } else if (x_grad) {
+    f.template operator()<true, false>();
+  } else {
+    f.template operator()<false, true>();
+  }
+}
+
+// Calls f.template operator()<T>() with the kernel type of a float32, float16 or bfloat16 dtype (no double:
+// the checks reject it, and every kernel would be instantiated for it).
+template <typename F>
+void dispatch_kernel_dtype(at::ScalarType t, F&& f) {
+  switch (t) {
+    case at::kFloat:
+      f.template operator()<float>();
+      break;
+    case at::kHalf:
+      f.template operator()<at::Half>();
+      break;
+    case at::kBFloat16:
+      f.template operator()<at::BFloat16>();
+      break;
+    default:
+      TORCH_CHECK_TYPE(false, "fastkd: no kernel for ", t);
+  }
+}
+
+// Calls f.template operator()<TX, TY>() with the kernel types of two operands, which may differ.
+template <typename F>
+void dispatch_kernel_dtypes(at::ScalarType x, at::ScalarType y, F&& f) {
+  dispatch_kernel_dtype(x, [&]<typename TX>() {
+    dispatch_kernel_dtype(y, [&]<typename TY>() { f.template operator()<TX, TY>(); });
+  });
+}
+
+// One operator call: its device guard and stream, and its kernel launches, each checked.
+struct Launch {
+  const char* op;
+  c10::cuda::CUDAGuard guard;
+  cudaStream_t stream;
+
+  Launch(const char* op_name, const at::Tensor& on) : op(op_name), guard(on.device()),
+                                                       stream(at::cuda::getCurrentCUDAStream()) {}
+
+  template <typename... P, typename... A>
+  void launch(dim3 grid, dim3 block, void (*kernel)(P...), A&&... args) const {
+    FASTKD_LAUNCH(grid, block, 0, stream, kernel)(std::forward<A>(args)...);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+};
 
 // Threads per row block: enough to keep a vocabulary-sized row's loads in flight, few for short rows.
 inline int threads_for(int64_t V) {
@@ -317,8 +510,8 @@ inline bool kernel_dtype(at::ScalarType t) {
 }
 
 // Student and teacher logits: CUDA tensors on one device, float32/float16/bfloat16 (each may differ), the
-// same shape (..., V) with V > 0.
-inline void check_logits(const char* op, const at::Tensor& student, const at::Tensor& teacher) {
+// same shape (..., V) with V > 0. Returns the student.
+inline const at::Tensor& check_logits(const char* op, const at::Tensor& student, const at::Tensor& teacher) {
   TORCH_CHECK(on_device(student) && on_device(teacher), op, ": student and teacher must be CUDA tensors");
   TORCH_CHECK(student.device() == teacher.device(), op, ": student and teacher must be on the same device");
   TORCH_CHECK_TYPE(kernel_dtype(student.scalar_type()) && kernel_dtype(teacher.scalar_type()), op,
@@ -328,18 +521,7 @@ inline void check_logits(const char* op, const at::Tensor& student, const at::Te
   TORCH_CHECK(student.sizes() == teacher.sizes(), op, ": student and teacher shapes differ: ", student.sizes(),
               " and ", teacher.sizes());
   TORCH_CHECK(student.size(-1) > 0, op, ": the class dimension is empty");
-}
-
-// A gradient for `input`, in its shape and dtype, or an empty tensor when it is not asked for (the contract
-// of every backward operator here, as of the Triton launchers).
-inline at::Tensor input_gradient(const at::Tensor& input, bool wanted) {
-  return wanted ? at::empty(input.sizes(), input.options()) : at::empty({0}, input.options());
-}
-
-inline int64_t row_count(const at::Tensor& x) {
-  const int64_t rows = x.numel() / x.size(-1);
-  TORCH_CHECK(rows <= static_cast<int64_t>(INT32_MAX), "fastkd: too many rows for one launch: ", rows);
-  return rows;
+  return student;
 }
 
 // The view and layout addressing the rows of `(..., V)` (rows.py `row_layout`): one or two leading dims by
@@ -353,50 +535,116 @@ inline std::pair<at::Tensor, RowLayout> row_layout(const at::Tensor& input) {
   return {x, RowLayout{x.stride(0), x.stride(1), x.stride(2), std::max<int64_t>(x.size(1), 1)}};
 }
 
-// Per-row class indices (targets, labels) of any integer dtype as one contiguous int64 vector; O(rows).
-inline at::Tensor index_vector(const char* op, const char* name, const at::Tensor& t, const at::Tensor& like,
-                               int64_t rows) {
-  TORCH_CHECK(t.device() == like.device(), op, ": ", name, " must be on the logits' device");
-  TORCH_CHECK_TYPE(at::isIntegralType(t.scalar_type(), /*includeBool=*/false), op, ": ", name,
-                   " must be an integer tensor, got ", t.scalar_type());
-  TORCH_CHECK(t.numel() == rows, op, ": ", name, " must have one entry per row (", rows, "), got ", t.numel());
-  return t.reshape({-1}).to(at::kLong).contiguous();
-}
+// A call of a row operator over a student's and a teacher's logits (..., V) at a temperature, one block per
+// row. The kernels take the two as x and y (`x_student`: the student is x, else the teacher is); `x`, `y` are
+// their row views, made only where the call has work (`idle()` false; `work` false: a backward asked for no
+// gradient), and kept alive by the launch context.
+struct RowLaunch : Launch {
+  int64_t V, rows;
+  int threads;
+  at::TensorOptions floats;  // float32 on the logits' device
+  float inv_temperature;     // 1/T rounded once: the kernels take x = X * (1/T)
+  bool x_is_student;
+  at::Tensor x, y;
+  RowLayout xl{}, yl{};
 
-// A per-row float32 vector (an incoming gradient), contiguous.
-inline at::Tensor row_vector(const char* op, const char* name, const at::Tensor& t, const at::Tensor& like,
-                             int64_t rows) {
-  TORCH_CHECK(t.device() == like.device(), op, ": ", name, " must be on the logits' device");
-  TORCH_CHECK(t.numel() == rows, op, ": ", name, " must have one entry per row (", rows, "), got ", t.numel());
-  return t.reshape({-1}).to(at::kFloat).contiguous();
-}
+  RowLaunch(const char* op_name, const at::Tensor& student, const at::Tensor& teacher, double temperature,
+            bool x_student, bool work = true)
+      : Launch(op_name, check_logits(op_name, student, teacher)),
+        V(student.size(-1)),
+        rows(student.numel() / V),
+        threads(threads_for(V)),
+        floats(student.options().dtype(at::kFloat)),
+        inv_temperature(static_cast<float>(1.0 / temperature)),
+        x_is_student(x_student) {
+    grid_x(op, rows);
+    if (rows == 0 || !work) return;
+    std::tie(x, xl) = row_layout(x_is_student ? student : teacher);
+    std::tie(y, yl) = row_layout(x_is_student ? teacher : student);
+  }
 
-inline at::Tensor stats_matrix(const char* op, const at::Tensor& stats, const at::Tensor& like, int64_t rows,
-                               int64_t width) {
-  TORCH_CHECK(stats.device() == like.device(), op, ": stats must be on the logits' device");
-  TORCH_CHECK(stats.scalar_type() == at::kFloat && stats.dim() == 2 && stats.size(0) == rows &&
-                  stats.size(1) == width,
-              op, ": stats must be float32 of shape (", rows, ", ", width, "), got ", stats.scalar_type(), " ",
-              stats.sizes());
-  return stats.contiguous();
-}
+  bool idle() const { return !x.defined(); }
 
-template <typename T>
-inline const T* data_of(const at::Tensor& t) {
-  return static_cast<const T*>(t.const_data_ptr());
-}
+  // Per-row class indices (targets, labels) of any integer dtype as one contiguous int64 vector; O(rows).
+  at::Tensor indices(const char* name, const at::Tensor& t) const {
+    check_same_device(op, name, t, "the logits", x);
+    TORCH_CHECK_TYPE(at::isIntegralType(t.scalar_type(), /*includeBool=*/false), op, ": ", name,
+                     " must be an integer tensor, got ", t.scalar_type());
+    TORCH_CHECK(t.numel() == rows, op, ": ", name, " must have one entry per row (", rows, "), got ", t.numel());
+    return t.reshape({-1}).to(at::kLong).contiguous();
+  }
 
-template <typename T>
-inline T* mutable_data_of(const at::Tensor& t) {
-  return static_cast<T*>(t.data_ptr());
-}
+  // The same, or an undefined tensor where not given.
+  at::Tensor indices(const char* name, const std::optional<at::Tensor>& t) const {
+    return t.has_value() ? indices(name, *t) : at::Tensor();
+  }
+
+  // A per-row float32 vector (an incoming gradient), contiguous.
+  at::Tensor per_row(const char* name, const at::Tensor& t) const {
+    check_same_device(op, name, t, "the logits", x);
+    TORCH_CHECK(t.numel() == rows, op, ": ", name, " must have one entry per row (", rows, "), got ", t.numel());
+    return t.reshape({-1}).to(at::kFloat).contiguous();
+  }
+
+  // Calls f.template operator()<TX, TY>(x, y) with the operands' kernel types and data.
+  template <typename F>
+  void dispatch(F&& f) const {
+    dispatch_kernel_dtypes(x.scalar_type(), y.scalar_type(), [&]<typename TX, typename TY>() {
+      f.template operator()<TX, TY>(data_of<TX>(x), data_of<TY>(y));
+    });
+  }
+
+  // One block of `threads` per row.
+  template <typename... P, typename... A>
+  void launch(void (*kernel)(P...), A&&... args) const {
+    Launch::launch(static_cast<unsigned>(rows), threads, kernel, std::forward<A>(args)...);
+  }
+};
+
+// A call of a row operator's backward: also the forward's statistics (`width` floats a row; checked, contiguous,
+// made where the call has work), the input gradients, each in its input's shape and dtype where asked for,
+// else empty (the contract of every backward operator here, as of the Triton launchers), and the kernel's
+// X_GRAD, Y_GRAD.
+struct RowBackward : RowLaunch {
+  at::Tensor stats;
+  at::Tensor d_student, d_teacher;
+  bool x_grad, y_grad;
+
+  RowBackward(const char* op_name, const at::Tensor& student, const at::Tensor& teacher, double temperature,
+              bool x_student, const at::Tensor& saved_stats, int64_t width, bool student_grad, bool teacher_grad)
+      : RowLaunch(op_name, student, teacher, temperature, x_student, student_grad || teacher_grad),
+        d_student(gradient(student, student_grad)),
+        d_teacher(gradient(teacher, teacher_grad)),
+        x_grad(x_student ? student_grad : teacher_grad),
+        y_grad(x_student ? teacher_grad : student_grad) {
+    if (idle()) return;
+    check_same_device(op, "stats", saved_stats, "the logits", x);
+    TORCH_CHECK(saved_stats.scalar_type() == at::kFloat && saved_stats.dim() == 2 && saved_stats.size(0) == rows &&
+                    saved_stats.size(1) == width,
+                op, ": stats must be float32 of shape (", rows, ", ", width, "), got ", saved_stats.scalar_type(), " ",
+                saved_stats.sizes());
+    stats = saved_stats.contiguous();
+  }
+
+  std::tuple<at::Tensor, at::Tensor> gradients() const { return {d_student, d_teacher}; }
+
+  // Calls f.template operator()<TX, TY, X_GRAD, Y_GRAD>(x, y, dx, dy): the operands' kernel types and data, and
+  // the gradients written (nullptr for the other).
+  template <typename F>
+  void dispatch(F&& f) const {
+    RowLaunch::dispatch([&]<typename TX, typename TY>(const TX* x_data, const TY* y_data) {
+      dispatch_grads(x_grad, y_grad, [&]<bool X_GRAD, bool Y_GRAD>() {
+        TX* dx = X_GRAD ? mutable_data_of<TX>(x_is_student ? d_student : d_teacher) : nullptr;
+        TY* dy = Y_GRAD ? mutable_data_of<TY>(x_is_student ? d_teacher : d_student) : nullptr;
+        f.template operator()<TX, TY, X_GRAD, Y_GRAD>(x_data, y_data, dx, dy);
+      });
+    });
+  }
+
+ private:
+  static at::Tensor gradient(const at::Tensor& input, bool wanted) {
+    return wanted ? at::empty(input.sizes(), input.options()) : at::empty({0}, input.options());
+  }
+};
 
 }  // namespace fastkd
-
-// Dispatch over the three kernel dtypes only (AT_DISPATCH_FLOATING_TYPES_AND2 would also instantiate every
-// kernel for double, which the checks reject).
-#define FASTKD_DISPATCH_FLOATING(TYPE, NAME, ...)                  \
-  AT_DISPATCH_SWITCH(TYPE, NAME,                                   \
-                     AT_DISPATCH_CASE(at::ScalarType::Float, __VA_ARGS__) \
-                     AT_DISPATCH_CASE(at::ScalarType::Half, __VA_ARGS__)  \
-                     AT_DISPATCH_CASE(at::ScalarType::BFloat16, __VA_ARGS__))

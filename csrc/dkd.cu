@@ -23,7 +23,7 @@
 namespace fastkd {
 namespace {
 
-constexpr int kStats = 8;
+constexpr int kDkdRowsStats = 8;
 
 // log(1 + e^z) (dkd.py `softplus`): inf at +inf, 0 at -inf; log1pf is 1 ulp, exp_accurate ~2.5 ulp.
 __device__ __forceinline__ float softplus(float z) { return fmaxf(z, 0.0f) + log1pf(exp_accurate(-fabsf(z))); }
@@ -55,8 +55,7 @@ __global__ void __launch_bounds__(kMaxThreads)
   m.v[1] = neg_inf();
   visit_row(x_row, xl.col, y_row, yl.col, V, [&](int64_t c, float x_raw, float y_raw, float&, float&) {
     if (c == t) return;
-    m.v[0] = fmaxf(m.v[0], scaled(x_raw, inv_temperature));
-    m.v[1] = fmaxf(m.v[1], scaled(y_raw, inv_temperature));
+    max_scaled(m, x_raw, y_raw, inv_temperature);
   });
   m = block_max<2>(m);
   const float m_x = finite_or_zero(m.v[0]);
@@ -70,14 +69,7 @@ __global__ void __launch_bounds__(kMaxThreads)
     if (c == t) return;
     const float a = scaled(x_raw, inv_temperature) - m_x;
     const float b = scaled(y_raw, inv_temperature) - m_y;
-    const float ea = exp_accurate(a);
-    const float eb = exp_accurate(b);
-    const bool x_masked = a == neg_inf();
-    s.v[0] += ea;
-    s.v[1] += eb;
-    s.v[2] += (eb > 0.0f && !x_masked) ? eb * (b - a) : 0.0f;
-    s.v[3] += exp_diff(b, a, eb, ea);
-    s.v[4] += (eb > 0.0f && x_masked) ? 1.0f : 0.0f;
+    add_kl_terms</*P_IS_X=*/false>(s, a, b, [] {});  // NCKD = KL(p~ || q~): P is the teacher, y
   });
   s = block_sum<5>(s);
   if (threadIdx.x != 0) return;
@@ -107,15 +99,8 @@ __global__ void __launch_bounds__(kMaxThreads)
   }
   tckd_out[row] = tckd;
   nckd_out[row] = nckd;
-  float* out = stats + row * kStats;
-  out[0] = m_x;
-  out[1] = z_x;
-  out[2] = m_y;
-  out[3] = z_y;
-  out[4] = valid ? u_s : quiet_nan();
-  out[5] = valid ? u_t : quiet_nan();
-  out[6] = tckd;
-  out[7] = e_bar;
+  store_row<kDkdRowsStats>(stats, row, m_x, z_x, m_y, z_y, valid ? u_s : quiet_nan(), valid ? u_t : quiet_nan(), tckd,
+                           e_bar);
 }
 
 template <typename TX, typename TY, bool X_GRAD, bool Y_GRAD>
@@ -125,152 +110,92 @@ __global__ void __launch_bounds__(kMaxThreads)
                         const float* __restrict__ grad_tckd, const float* __restrict__ grad_nckd,
                         TX* __restrict__ dx_base, TY* __restrict__ dy_base, int64_t V, RowLayout xl, RowLayout yl,
                         float inv_temperature) {
-  const int64_t row = blockIdx.x;
-  TX* dx = X_GRAD ? dx_base + row * V : nullptr;
-  TY* dy = Y_GRAD ? dy_base + row * V : nullptr;
-  const TX* x_row = x_base + row_offset(row, xl);
-  const TY* y_row = y_base + row_offset(row, yl);
-  const float* st = stats + row * kStats;
-  const float m_x = st[0], z_x = st[1], m_y = st[2], z_y = st[3], u_s = st[4], u_t = st[5], tckd = st[6];
-  const float e_bar = st[7];
-  const int64_t t = target[row];
-  const bool valid = t >= 0 && t < V;
-  // d/dS = d/dx / T: the 1/T rides on the incoming gradients.
-  const float g_t = grad_tckd[row] * inv_temperature;
-  const float g_n = grad_nckd[row] * inv_temperature;
+  // No labels: no ignored token.
+  for_backward_row<kDkdRowsStats, X_GRAD, Y_GRAD>(x_base, y_base, stats, dx_base, dy_base, V, xl, yl, nullptr, 0,
+                                                  [&](const BackwardRow<TX, TY>& r) {
+    const float* st = r.stats;
+    const float m_x = st[0], z_x = st[1], m_y = st[2], z_y = st[3], u_s = st[4], u_t = st[5], tckd = st[6];
+    const float e_bar = st[7];
+    const int64_t t = target[r.row];
+    const bool valid = t >= 0 && t < V;
+    // d/dS = d/dx / T: the 1/T rides on the incoming gradients.
+    const float g_t = grad_tckd[r.row] * inv_temperature;
+    const float g_n = grad_nckd[r.row] * inv_temperature;
 
-  const BinarySplit split = binary_split(u_s, u_t);
-  const float bs_g = exp_accurate(split.log_bs_g);
-  const float bs_r = exp_accurate(split.log_bs_r);
-  const float bt_g = exp_accurate(split.log_bt_g);
-  const float bt_r = exp_accurate(split.log_bt_r);
-  // Student: the target column, and the factor of q~ on the others.
-  const float dx_target = g_t * (bs_g - bt_g);
-  const float q_factor = g_t * (bs_r - bt_r) + g_n;
-  // Teacher: the target column, and the factor of p~ (through R_y) on the others.
-  const float dy_target = g_t * (bt_g > 0.0f ? bt_g * ((split.log_bt_g - split.log_bs_g) - tckd) : 0.0f);
-  const float p_factor = g_t * (bt_r > 0.0f ? bt_r * ((split.log_bt_r - split.log_bs_r) - tckd) : 0.0f);
+    const BinarySplit split = binary_split(u_s, u_t);
+    const float bs_g = exp_accurate(split.log_bs_g);
+    const float bs_r = exp_accurate(split.log_bs_r);
+    const float bt_g = exp_accurate(split.log_bt_g);
+    const float bt_r = exp_accurate(split.log_bt_r);
+    // Student: the target column, and the factor of q~ on the others.
+    const float dx_target = g_t * (bs_g - bt_g);
+    const float q_factor = g_t * (bs_r - bt_r) + g_n;
+    // Teacher: the target column, and the factor of p~ (through R_y) on the others.
+    const float dy_target = g_t * (bt_g > 0.0f ? bt_g * ((split.log_bt_g - split.log_bs_g) - tckd) : 0.0f);
+    const float p_factor = g_t * (bt_r > 0.0f ? bt_r * ((split.log_bt_r - split.log_bs_r) - tckd) : 0.0f);
 
-  visit_row<X_GRAD, Y_GRAD>(x_row, xl.col, y_row, yl.col, dx, dy, V,
-                            [&](int64_t c, float x_raw, float y_raw, float& gx, float& gy) {
-    const bool is_target = c == t;
-    // The non-target distributions; 0 on the target column and where a logit is -inf (also when Z = 0,
-    // where exp(a) / Z would be NaN).
-    const float a = is_target ? neg_inf() : scaled(x_raw, inv_temperature) - m_x;
-    const float b = is_target ? neg_inf() : scaled(y_raw, inv_temperature) - m_y;
-    const float ea = exp_accurate(a);
-    const float eb = exp_accurate(b);
-    const float q = ea > 0.0f ? __fdiv_rn(ea, z_x) : 0.0f;
-    const float p = eb > 0.0f ? __fdiv_rn(eb, z_y) : 0.0f;
-    if (X_GRAD) {
-      const float d = is_target ? dx_target : q_factor * q - g_n * p;
-      gx = valid ? d : quiet_nan();
-    }
-    if (Y_GRAD) {
-      // The same `b - a` as the forward's Ebar: exactly 0 for a one-hot p~.
-      const float nckd_term = p > 0.0f ? p * ((b - a) - e_bar) : 0.0f;
-      const float d = is_target ? dy_target : p_factor * p + g_n * nckd_term;
-      gy = valid ? d : quiet_nan();
-    }
+    visit_row<X_GRAD, Y_GRAD>(r.x, xl.col, r.y, yl.col, r.dx, r.dy, V,
+                              [&](int64_t c, float x_raw, float y_raw, float& gx, float& gy) {
+      const bool is_target = c == t;
+      // The non-target distributions; 0 on the target column and where a logit is -inf (also when Z = 0,
+      // where exp(a) / Z would be NaN).
+      const float a = is_target ? neg_inf() : scaled(x_raw, inv_temperature) - m_x;
+      const float b = is_target ? neg_inf() : scaled(y_raw, inv_temperature) - m_y;
+      const float ea = exp_accurate(a);
+      const float eb = exp_accurate(b);
+      const float q = ea > 0.0f ? __fdiv_rn(ea, z_x) : 0.0f;
+      const float p = eb > 0.0f ? __fdiv_rn(eb, z_y) : 0.0f;
+      if (X_GRAD) {
+        const float d = is_target ? dx_target : q_factor * q - g_n * p;
+        gx = valid ? d : quiet_nan();
+      }
+      if (Y_GRAD) {
+        // The same `b - a` as the forward's Ebar: exactly 0 for a one-hot p~.
+        const float nckd_term = p > 0.0f ? p * ((b - a) - e_bar) : 0.0f;
+        const float d = is_target ? dy_target : p_factor * p + g_n * nckd_term;
+        gy = valid ? d : quiet_nan();
+      }
+    });
   });
 }
 
-template <typename TX, typename TY, bool X_GRAD, bool Y_GRAD>
-void launch_dkd_backward(int64_t rows, int threads, cudaStream_t stream, const at::Tensor& x, const at::Tensor& y,
-                         const at::Tensor& target, const at::Tensor& stats, const at::Tensor& grad_tckd,
-                         const at::Tensor& grad_nckd, const at::Tensor& dx, const at::Tensor& dy, int64_t V,
-                         const RowLayout& xl, const RowLayout& yl, float inv_temperature) {
-  FASTKD_LAUNCH(static_cast<unsigned>(rows), threads, 0, stream, dkd_backward_kernel<TX, TY, X_GRAD, Y_GRAD>)(
-      data_of<TX>(x), data_of<TY>(y), data_of<int64_t>(target), data_of<float>(stats), data_of<float>(grad_tckd),
-      data_of<float>(grad_nckd), X_GRAD ? mutable_data_of<TX>(dx) : nullptr,
-      Y_GRAD ? mutable_data_of<TY>(dy) : nullptr, V, xl, yl, inv_temperature);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
+}  // namespace
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> dkd_rows_cuda(const at::Tensor& student, const at::Tensor& teacher,
-                                                             const at::Tensor& target, double temperature) {
-  constexpr const char* op = "fastkd::cuda_dkd_rows";
-  check_logits(op, student, teacher);
-  const at::cuda::CUDAGuard guard(student.device());
-  const int64_t V = student.size(-1);
-  const int64_t rows = row_count(student);
-  const auto options = student.options().dtype(at::kFloat);
-  at::Tensor tckd = at::empty({rows}, options);
-  at::Tensor nckd = at::empty({rows}, options);
-  at::Tensor stats = at::empty({rows, kStats}, options);
-  if (rows == 0) return {tckd, nckd, stats};
-  at::Tensor target_v = index_vector(op, "target", target, student, rows);
-  const auto x_layout = row_layout(student);
-  const auto y_layout = row_layout(teacher);
-  const at::Tensor& x = x_layout.first;
-  const at::Tensor& y = y_layout.first;
-  const RowLayout xl = x_layout.second;
-  const RowLayout yl = y_layout.second;
-  const float inv_temperature = static_cast<float>(1.0 / temperature);
-  const int threads = threads_for(V);
-  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  FASTKD_DISPATCH_FLOATING(x.scalar_type(), "cuda_dkd_rows", [&] {
-    using TX = scalar_t;
-    FASTKD_DISPATCH_FLOATING(y.scalar_type(), "cuda_dkd_rows", [&] {
-      using TY = scalar_t;
-      FASTKD_LAUNCH(static_cast<unsigned>(rows), threads, 0, stream, dkd_forward_kernel<TX, TY>)(
-          data_of<TX>(x), data_of<TY>(y), data_of<int64_t>(target_v), mutable_data_of<float>(tckd),
-          mutable_data_of<float>(nckd), mutable_data_of<float>(stats), V, xl, yl, inv_temperature);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
+std::tuple<at::Tensor, at::Tensor, at::Tensor> dkd_rows(const at::Tensor& student, const at::Tensor& teacher,
+                                                        const at::Tensor& target, double temperature) {
+  const RowLaunch L("fastkd::cuda_dkd_rows", student, teacher, temperature, /*x_student=*/true);
+  at::Tensor tckd = at::empty({L.rows}, L.floats);
+  at::Tensor nckd = at::empty({L.rows}, L.floats);
+  at::Tensor stats = at::empty({L.rows, kDkdRowsStats}, L.floats);
+  if (L.idle()) return {tckd, nckd, stats};
+  const at::Tensor target_v = L.indices("target", target);
+  L.dispatch([&]<typename TX, typename TY>(const TX* x, const TY* y) {
+    L.launch(dkd_forward_kernel<TX, TY>, x, y, data_of<int64_t>(target_v), mutable_data_of<float>(tckd),
+             mutable_data_of<float>(nckd), mutable_data_of<float>(stats), L.V, L.xl, L.yl, L.inv_temperature);
   });
   return {tckd, nckd, stats};
 }
 
-std::tuple<at::Tensor, at::Tensor> dkd_rows_backward_cuda(const at::Tensor& grad_tckd, const at::Tensor& grad_nckd,
-                                                          const at::Tensor& student, const at::Tensor& teacher,
-                                                          const at::Tensor& stats, const at::Tensor& target,
-                                                          double temperature, bool student_grad,
-                                                          bool teacher_grad) {
-  constexpr const char* op = "fastkd::cuda_dkd_rows_backward";
-  check_logits(op, student, teacher);
-  const at::cuda::CUDAGuard guard(student.device());
-  const int64_t V = student.size(-1);
-  const int64_t rows = row_count(student);
-  at::Tensor d_student = input_gradient(student, student_grad);
-  at::Tensor d_teacher = input_gradient(teacher, teacher_grad);
-  if (rows == 0 || !(student_grad || teacher_grad)) return {d_student, d_teacher};
-  at::Tensor stats_c = stats_matrix(op, stats, student, rows, kStats);
-  at::Tensor target_v = index_vector(op, "target", target, student, rows);
-  at::Tensor grad_tckd_v = row_vector(op, "grad_tckd", grad_tckd, student, rows);
-  at::Tensor grad_nckd_v = row_vector(op, "grad_nckd", grad_nckd, student, rows);
-  const auto x_layout = row_layout(student);
-  const auto y_layout = row_layout(teacher);
-  const at::Tensor& x = x_layout.first;
-  const at::Tensor& y = y_layout.first;
-  const RowLayout xl = x_layout.second;
-  const RowLayout yl = y_layout.second;
-  const float inv_temperature = static_cast<float>(1.0 / temperature);
-  const int threads = threads_for(V);
-  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  FASTKD_DISPATCH_FLOATING(x.scalar_type(), "cuda_dkd_rows_backward", [&] {
-    using TX = scalar_t;
-    FASTKD_DISPATCH_FLOATING(y.scalar_type(), "cuda_dkd_rows_backward", [&] {
-      using TY = scalar_t;
-      if (student_grad && teacher_grad) {
-        launch_dkd_backward<TX, TY, true, true>(rows, threads, stream, x, y, target_v, stats_c, grad_tckd_v,
-                                                grad_nckd_v, d_student, d_teacher, V, xl, yl, inv_temperature);
-      } else if (student_grad) {
-        launch_dkd_backward<TX, TY, true, false>(rows, threads, stream, x, y, target_v, stats_c, grad_tckd_v,
-                                                 grad_nckd_v, d_student, d_teacher, V, xl, yl, inv_temperature);
-      } else {
-        launch_dkd_backward<TX, TY, false, true>(rows, threads, stream, x, y, target_v, stats_c, grad_tckd_v,
-                                                 grad_nckd_v, d_student, d_teacher, V, xl, yl, inv_temperature);
-      }
-    });
+std::tuple<at::Tensor, at::Tensor> dkd_rows_backward(const at::Tensor& grad_tckd, const at::Tensor& grad_nckd,
+                                                     const at::Tensor& student, const at::Tensor& teacher,
+                                                     const at::Tensor& stats, const at::Tensor& target,
+                                                     double temperature, bool student_grad, bool teacher_grad) {
+  const RowBackward L("fastkd::cuda_dkd_rows_backward", student, teacher, temperature, /*x_student=*/true, stats,
+                      kDkdRowsStats, student_grad, teacher_grad);
+  if (L.idle()) return L.gradients();
+  const at::Tensor target_v = L.indices("target", target);
+  const at::Tensor grad_tckd_v = L.per_row("grad_tckd", grad_tckd);
+  const at::Tensor grad_nckd_v = L.per_row("grad_nckd", grad_nckd);
+  L.dispatch([&]<typename TX, typename TY, bool X_GRAD, bool Y_GRAD>(const TX* x, const TY* y, TX* dx, TY* dy) {
+    L.launch(dkd_backward_kernel<TX, TY, X_GRAD, Y_GRAD>, x, y, data_of<int64_t>(target_v), data_of<float>(L.stats),
+             data_of<float>(grad_tckd_v), data_of<float>(grad_nckd_v), dx, dy, L.V, L.xl, L.yl, L.inv_temperature);
   });
-  return {d_student, d_teacher};
+  return L.gradients();
 }
 
-}  // namespace
 }  // namespace fastkd
 
 TORCH_LIBRARY_IMPL(FASTKD_LIBRARY, FASTKD_DISPATCH_KEY, m) {
-  m.impl("cuda_dkd_rows", &fastkd::dkd_rows_cuda);
-  m.impl("cuda_dkd_rows_backward", &fastkd::dkd_rows_backward_cuda);
+  m.impl("cuda_dkd_rows", &fastkd::dkd_rows);
+  m.impl("cuda_dkd_rows_backward", &fastkd::dkd_rows_backward);
 }

@@ -26,7 +26,7 @@
 namespace fastkd {
 namespace {
 
-constexpr int kStats = 7;
+constexpr int kJsdRowsStats = 7;
 
 struct MixtureLogRatios {
   float lp_m, lq_m;  // log p - log m, log q - log m; each meaningful only where its own probability is > 0
@@ -57,6 +57,38 @@ __device__ __forceinline__ float x_minus_log1p_x(float w) {
   return __fdiv_rn(2.0f * s2, 1.0f - s) - 2.0f * (s2 * s) * r;
 }
 
+template <typename TX, typename TY, bool X_GRAD, bool Y_GRAD>
+__global__ void __launch_bounds__(kMaxThreads)
+    jsd_backward_kernel(const TX* __restrict__ x_base, const TY* __restrict__ y_base,
+                        const int64_t* __restrict__ labels, const float* __restrict__ stats,
+                        const float* __restrict__ grad, TX* __restrict__ dx_base, TY* __restrict__ dy_base,
+                        int64_t V, RowLayout xl, RowLayout yl, float inv_temperature, float beta,
+                        float one_minus_beta, int64_t ignore_index) {
+  for_backward_row<kJsdRowsStats, X_GRAD, Y_GRAD>(x_base, y_base, stats, dx_base, dy_base, V, xl, yl, labels,
+                                                  ignore_index, [&](const BackwardRow<TX, TY>& r) {
+    const float* st = r.stats;
+    const float m_x = st[0], z_x = st[1], m_y = st[2], z_y = st[3], l_yx = st[4], kl_p = st[5], kl_q = st[6];
+    // d/dS = d/dx / T: the 1/T rides on the incoming gradient, and so do the mixture weights.
+    const float g = grad[r.row] * inv_temperature;
+    const float g_x = g * one_minus_beta;
+    const float g_y = g * beta;
+    visit_row<X_GRAD, Y_GRAD>(r.x, xl.col, r.y, yl.col, r.dx, r.dy, V,
+                              [&](int64_t, float x_raw, float y_raw, float& gx, float& gy) {
+      const float a = scaled(x_raw, inv_temperature) - m_x;
+      const float b = scaled(y_raw, inv_temperature) - m_y;
+      const MixtureLogRatios r = mixture_log_ratios(a, b, l_yx, beta, one_minus_beta);
+      if (X_GRAD) {
+        const float ea = exp_accurate(a);
+        gx = (ea > 0.0f ? __fdiv_rn(ea, z_x) * (r.lq_m - kl_q) : 0.0f) * g_x;
+      }
+      if (Y_GRAD) {
+        const float eb = exp_accurate(b);
+        gy = (eb > 0.0f ? __fdiv_rn(eb, z_y) * (r.lp_m - kl_p) : 0.0f) * g_y;
+      }
+    });
+  });
+}
+
 template <typename TX, typename TY>
 __global__ void __launch_bounds__(kMaxThreads)
     jsd_forward_kernel(const TX* __restrict__ x_base, const TY* __restrict__ y_base,
@@ -75,8 +107,7 @@ __global__ void __launch_bounds__(kMaxThreads)
   m.v[0] = neg_inf();
   m.v[1] = neg_inf();
   visit_row(x_row, xl.col, y_row, yl.col, n_cols, [&](int64_t, float x_raw, float y_raw, float&, float&) {
-    m.v[0] = fmaxf(m.v[0], scaled(x_raw, inv_temperature));
-    m.v[1] = fmaxf(m.v[1], scaled(y_raw, inv_temperature));
+    max_scaled(m, x_raw, y_raw, inv_temperature);
   });
   m = block_max<2>(m);
   float m_x = finite_or_zero(m.v[0]);
@@ -130,67 +161,7 @@ __global__ void __launch_bounds__(kMaxThreads)
     loss = m_x = z_x = m_y = z_y = l_yx = kl_p = kl_q = 0.0f;
   }
   loss_out[row] = loss;
-  float* out = stats + row * kStats;
-  out[0] = m_x;
-  out[1] = z_x;
-  out[2] = m_y;
-  out[3] = z_y;
-  out[4] = l_yx;
-  out[5] = kl_p;
-  out[6] = kl_q;
-}
-
-template <typename TX, typename TY, bool X_GRAD, bool Y_GRAD>
-__global__ void __launch_bounds__(kMaxThreads)
-    jsd_backward_kernel(const TX* __restrict__ x_base, const TY* __restrict__ y_base,
-                        const int64_t* __restrict__ labels, const float* __restrict__ stats,
-                        const float* __restrict__ grad, TX* __restrict__ dx_base, TY* __restrict__ dy_base,
-                        int64_t V, RowLayout xl, RowLayout yl, float inv_temperature, float beta,
-                        float one_minus_beta, int64_t ignore_index) {
-  const int64_t row = blockIdx.x;
-  TX* dx = X_GRAD ? dx_base + row * V : nullptr;
-  TY* dy = Y_GRAD ? dy_base + row * V : nullptr;
-  if (labels != nullptr && labels[row] == ignore_index) {
-    // An ignored token reads nothing and gets a zero gradient.
-    if (X_GRAD) zero_row(dx, V);
-    if (Y_GRAD) zero_row(dy, V);
-    return;
-  }
-  const TX* x_row = x_base + row_offset(row, xl);
-  const TY* y_row = y_base + row_offset(row, yl);
-  const float* st = stats + row * kStats;
-  const float m_x = st[0], z_x = st[1], m_y = st[2], z_y = st[3], l_yx = st[4], kl_p = st[5], kl_q = st[6];
-  // d/dS = d/dx / T: the 1/T rides on the incoming gradient, and so do the mixture weights.
-  const float g = grad[row] * inv_temperature;
-  const float g_x = g * one_minus_beta;
-  const float g_y = g * beta;
-  visit_row<X_GRAD, Y_GRAD>(x_row, xl.col, y_row, yl.col, dx, dy, V,
-                            [&](int64_t, float x_raw, float y_raw, float& gx, float& gy) {
-    const float a = scaled(x_raw, inv_temperature) - m_x;
-    const float b = scaled(y_raw, inv_temperature) - m_y;
-    const MixtureLogRatios r = mixture_log_ratios(a, b, l_yx, beta, one_minus_beta);
-    if (X_GRAD) {
-      const float ea = exp_accurate(a);
-      gx = (ea > 0.0f ? __fdiv_rn(ea, z_x) * (r.lq_m - kl_q) : 0.0f) * g_x;
-    }
-    if (Y_GRAD) {
-      const float eb = exp_accurate(b);
-      gy = (eb > 0.0f ? __fdiv_rn(eb, z_y) * (r.lp_m - kl_p) : 0.0f) * g_y;
-    }
-  });
-}
-
-template <typename TX, typename TY, bool X_GRAD, bool Y_GRAD>
-void launch_jsd_backward(int64_t rows, int threads, cudaStream_t stream, const at::Tensor& x, const at::Tensor& y,
-                         const int64_t* labels, const at::Tensor& stats, const at::Tensor& grad,
-                         const at::Tensor& dx, const at::Tensor& dy, int64_t V, const RowLayout& xl,
-                         const RowLayout& yl, float inv_temperature, float beta, float one_minus_beta,
-                         int64_t ignore_index) {
-  FASTKD_LAUNCH(static_cast<unsigned>(rows), threads, 0, stream, jsd_backward_kernel<TX, TY, X_GRAD, Y_GRAD>)(
-      data_of<TX>(x), data_of<TY>(y), labels, data_of<float>(stats), data_of<float>(grad),
-      X_GRAD ? mutable_data_of<TX>(dx) : nullptr, Y_GRAD ? mutable_data_of<TY>(dy) : nullptr, V, xl, yl,
-      inv_temperature, beta, one_minus_beta, ignore_index);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  store_row<kJsdRowsStats>(stats, row, m_x, z_x, m_y, z_y, l_yx, kl_p, kl_q);
 }
 
 void check_beta(double beta) {
@@ -198,101 +169,50 @@ void check_beta(double beta) {
                     "the JSD kernels take 0 < beta < 1 (0 and 1 are the KL kernels), got beta=", beta);
 }
 
-std::tuple<at::Tensor, at::Tensor> jsd_rows_cuda(const at::Tensor& student, const at::Tensor& teacher, double beta,
-                                                 double temperature, const std::optional<at::Tensor>& labels,
-                                                 int64_t ignore_index) {
-  constexpr const char* op = "fastkd::cuda_jsd_rows";
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> jsd_rows(const at::Tensor& student, const at::Tensor& teacher, double beta,
+                                            double temperature, const std::optional<at::Tensor>& labels,
+                                            int64_t ignore_index) {
   check_beta(beta);
-  check_logits(op, student, teacher);
-  const at::cuda::CUDAGuard guard(student.device());
-  const int64_t V = student.size(-1);
-  const int64_t rows = row_count(student);
-  const auto options = student.options().dtype(at::kFloat);
-  at::Tensor loss = at::empty({rows}, options);
-  at::Tensor stats = at::empty({rows, kStats}, options);
-  if (rows == 0) return {loss, stats};
-  at::Tensor labels_v = labels.has_value() ? index_vector(op, "labels", *labels, student, rows) : at::Tensor();
-  const auto x_layout = row_layout(student);
-  const auto y_layout = row_layout(teacher);
-  const at::Tensor& x = x_layout.first;
-  const at::Tensor& y = y_layout.first;
-  const RowLayout xl = x_layout.second;
-  const RowLayout yl = y_layout.second;
-  const float inv_temperature = static_cast<float>(1.0 / temperature);
+  const RowLaunch L("fastkd::cuda_jsd_rows", student, teacher, temperature, /*x_student=*/true);
+  at::Tensor loss = at::empty({L.rows}, L.floats);
+  at::Tensor stats = at::empty({L.rows, kJsdRowsStats}, L.floats);
+  if (L.idle()) return {loss, stats};
+  const at::Tensor labels_v = L.indices("labels", labels);
   const float beta_f = static_cast<float>(beta);
   const float one_minus_beta = static_cast<float>(1.0 - beta);
-  const int threads = threads_for(V);
-  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  FASTKD_DISPATCH_FLOATING(x.scalar_type(), "cuda_jsd_rows", [&] {
-    using TX = scalar_t;
-    FASTKD_DISPATCH_FLOATING(y.scalar_type(), "cuda_jsd_rows", [&] {
-      using TY = scalar_t;
-      FASTKD_LAUNCH(static_cast<unsigned>(rows), threads, 0, stream, jsd_forward_kernel<TX, TY>)(
-          data_of<TX>(x), data_of<TY>(y), labels_v.defined() ? data_of<int64_t>(labels_v) : nullptr,
-          mutable_data_of<float>(loss), mutable_data_of<float>(stats), V, xl, yl, inv_temperature, beta_f,
-          one_minus_beta, ignore_index);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
+  L.dispatch([&]<typename TX, typename TY>(const TX* x, const TY* y) {
+    L.launch(jsd_forward_kernel<TX, TY>, x, y, data_or_null<int64_t>(labels_v), mutable_data_of<float>(loss),
+             mutable_data_of<float>(stats), L.V, L.xl, L.yl, L.inv_temperature, beta_f, one_minus_beta,
+             ignore_index);
   });
   return {loss, stats};
 }
 
-std::tuple<at::Tensor, at::Tensor> jsd_rows_backward_cuda(const at::Tensor& grad_loss, const at::Tensor& student,
-                                                          const at::Tensor& teacher, const at::Tensor& stats,
-                                                          double beta, double temperature,
-                                                          const std::optional<at::Tensor>& labels,
-                                                          int64_t ignore_index, bool student_grad,
-                                                          bool teacher_grad) {
-  constexpr const char* op = "fastkd::cuda_jsd_rows_backward";
+std::tuple<at::Tensor, at::Tensor> jsd_rows_backward(const at::Tensor& grad_loss, const at::Tensor& student,
+                                                     const at::Tensor& teacher, const at::Tensor& stats, double beta,
+                                                     double temperature, const std::optional<at::Tensor>& labels,
+                                                     int64_t ignore_index, bool student_grad, bool teacher_grad) {
   check_beta(beta);
-  check_logits(op, student, teacher);
-  const at::cuda::CUDAGuard guard(student.device());
-  const int64_t V = student.size(-1);
-  const int64_t rows = row_count(student);
-  at::Tensor d_student = input_gradient(student, student_grad);
-  at::Tensor d_teacher = input_gradient(teacher, teacher_grad);
-  if (rows == 0 || !(student_grad || teacher_grad)) return {d_student, d_teacher};
-  at::Tensor stats_c = stats_matrix(op, stats, student, rows, kStats);
-  at::Tensor grad_v = row_vector(op, "grad_loss", grad_loss, student, rows);
-  at::Tensor labels_v = labels.has_value() ? index_vector(op, "labels", *labels, student, rows) : at::Tensor();
-  const auto x_layout = row_layout(student);
-  const auto y_layout = row_layout(teacher);
-  const at::Tensor& x = x_layout.first;
-  const at::Tensor& y = y_layout.first;
-  const RowLayout xl = x_layout.second;
-  const RowLayout yl = y_layout.second;
-  const float inv_temperature = static_cast<float>(1.0 / temperature);
+  const RowBackward L("fastkd::cuda_jsd_rows_backward", student, teacher, temperature, /*x_student=*/true, stats,
+                      kJsdRowsStats, student_grad, teacher_grad);
+  if (L.idle()) return L.gradients();
+  const at::Tensor grad_v = L.per_row("grad_loss", grad_loss);
+  const at::Tensor labels_v = L.indices("labels", labels);
   const float beta_f = static_cast<float>(beta);
   const float one_minus_beta = static_cast<float>(1.0 - beta);
-  const int threads = threads_for(V);
-  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  const int64_t* labels_p = labels_v.defined() ? data_of<int64_t>(labels_v) : nullptr;
-  FASTKD_DISPATCH_FLOATING(x.scalar_type(), "cuda_jsd_rows_backward", [&] {
-    using TX = scalar_t;
-    FASTKD_DISPATCH_FLOATING(y.scalar_type(), "cuda_jsd_rows_backward", [&] {
-      using TY = scalar_t;
-      if (student_grad && teacher_grad) {
-        launch_jsd_backward<TX, TY, true, true>(rows, threads, stream, x, y, labels_p, stats_c, grad_v, d_student,
-                                                d_teacher, V, xl, yl, inv_temperature, beta_f, one_minus_beta,
-                                                ignore_index);
-      } else if (student_grad) {
-        launch_jsd_backward<TX, TY, true, false>(rows, threads, stream, x, y, labels_p, stats_c, grad_v,
-                                                 d_student, d_teacher, V, xl, yl, inv_temperature, beta_f,
-                                                 one_minus_beta, ignore_index);
-      } else {
-        launch_jsd_backward<TX, TY, false, true>(rows, threads, stream, x, y, labels_p, stats_c, grad_v,
-                                                 d_student, d_teacher, V, xl, yl, inv_temperature, beta_f,
-                                                 one_minus_beta, ignore_index);
-      }
-    });
+  L.dispatch([&]<typename TX, typename TY, bool X_GRAD, bool Y_GRAD>(const TX* x, const TY* y, TX* dx, TY* dy) {
+    L.launch(jsd_backward_kernel<TX, TY, X_GRAD, Y_GRAD>, x, y, data_or_null<int64_t>(labels_v),
+             data_of<float>(L.stats), data_of<float>(grad_v), dx, dy, L.V, L.xl, L.yl, L.inv_temperature, beta_f,
+             one_minus_beta, ignore_index);
   });
-  return {d_student, d_teacher};
+  return L.gradients();
 }
 
-}  // namespace
 }  // namespace fastkd
 
 TORCH_LIBRARY_IMPL(FASTKD_LIBRARY, FASTKD_DISPATCH_KEY, m) {
-  m.impl("cuda_jsd_rows", &fastkd::jsd_rows_cuda);
-  m.impl("cuda_jsd_rows_backward", &fastkd::jsd_rows_backward_cuda);
+  m.impl("cuda_jsd_rows", &fastkd::jsd_rows);
+  m.impl("cuda_jsd_rows_backward", &fastkd::jsd_rows_backward);
 }

@@ -25,7 +25,7 @@
 namespace fastkd {
 namespace {
 
-constexpr int kStats = 7;
+constexpr int kKlRowsStats = 7;
 
 template <typename TX, typename TY>
 __global__ void __launch_bounds__(kMaxThreads)
@@ -45,8 +45,7 @@ __global__ void __launch_bounds__(kMaxThreads)
   Floats<3> m;
   m.v[0] = neg_inf(); m.v[1] = neg_inf(); m.v[2] = neg_inf();
   visit_row(x_row, xl.col, y_row, yl.col, n_cols, [&](int64_t, float x_raw, float y_raw, float&, float&) {
-    m.v[0] = fmaxf(m.v[0], scaled(x_raw, inv_temperature));
-    m.v[1] = fmaxf(m.v[1], scaled(y_raw, inv_temperature));
+    max_scaled(m, x_raw, y_raw, inv_temperature);
     m.v[2] = fmaxf(m.v[2], y_raw);
   });
   m = block_max<3>(m);
@@ -61,15 +60,10 @@ __global__ void __launch_bounds__(kMaxThreads)
   visit_row(x_row, xl.col, y_row, yl.col, n_cols, [&](int64_t, float x_raw, float y_raw, float&, float&) {
     const float a = scaled(x_raw, inv_temperature) - m_x;
     const float b = scaled(y_raw, inv_temperature) - m_y;
-    const float ea = exp_accurate(a);
-    const float eb = exp_accurate(b);
-    const bool y_masked = b == neg_inf();
-    s.v[0] += ea;
-    s.v[1] += eb;
-    s.v[2] += (ea > 0.0f && !y_masked) ? ea * (a - b) : 0.0f;
-    s.v[3] += exp_diff(a, b, ea, eb);
-    if (has_ce) s.v[4] += exp_accurate(y_raw - m_s);
-    s.v[5] += (ea > 0.0f && y_masked) ? 1.0f : 0.0f;
+    // Z_s for CE. y_raw captured by value: by reference, it changed nvcc's register allocation of the kernel.
+    add_kl_terms<true>(s, a, b, [&s, has_ce, y_raw, m_s] {
+      if (has_ce) s.v[4] += exp_accurate(y_raw - m_s);
+    });
   });
   s = block_sum<6>(s);
   if (threadIdx.x != 0) return;
@@ -89,14 +83,7 @@ __global__ void __launch_bounds__(kMaxThreads)
     kl = m_x = z_x = m_y = z_y = e_bar = m_s = z_s = 0.0f;
   }
   kl_out[row] = kl;
-  float* out = stats + row * kStats;
-  out[0] = m_x;
-  out[1] = z_x;
-  out[2] = m_y;
-  out[3] = z_y;
-  out[4] = e_bar;
-  out[5] = m_s;
-  out[6] = z_s;
+  store_row<kKlRowsStats>(stats, row, m_x, z_x, m_y, z_y, e_bar, m_s, z_s);
 }
 
 template <typename TX, typename TY, bool X_GRAD, bool Y_GRAD>
@@ -106,155 +93,79 @@ __global__ void __launch_bounds__(kMaxThreads)
                        const float* __restrict__ stats, const float* __restrict__ grad_kl,
                        const float* __restrict__ grad_ce, TX* __restrict__ dx_base, TY* __restrict__ dy_base,
                        int64_t V, RowLayout xl, RowLayout yl, float inv_temperature, int64_t ignore_index) {
-  const int64_t row = blockIdx.x;
-  TX* dx = X_GRAD ? dx_base + row * V : nullptr;
-  TY* dy = Y_GRAD ? dy_base + row * V : nullptr;
-  if (labels != nullptr && labels[row] == ignore_index) {
-    // An ignored token reads nothing and gets a zero gradient.
-    if (X_GRAD) zero_row(dx, V);
-    if (Y_GRAD) zero_row(dy, V);
-    return;
-  }
-  const TX* x_row = x_base + row_offset(row, xl);
-  const TY* y_row = y_base + row_offset(row, yl);
-  const float* st = stats + row * kStats;
-  const float m_x = st[0], z_x = st[1], m_y = st[2], z_y = st[3], e_bar = st[4], m_s = st[5], z_s = st[6];
-  // d/dX = d/dx / T: the 1/T rides on the incoming gradient.
-  const float g_kl = grad_kl[row] * inv_temperature;
-  const bool has_ce = grad_ce != nullptr;
-  const float g_ce = has_ce ? grad_ce[row] : 0.0f;
-  const int64_t t = has_ce ? target[row] : -1;
-  visit_row<X_GRAD, Y_GRAD>(x_row, xl.col, y_row, yl.col, dx, dy, V,
-                            [&](int64_t c, float x_raw, float y_raw, float& gx, float& gy) {
-    const float a = scaled(x_raw, inv_temperature) - m_x;
-    const float b = scaled(y_raw, inv_temperature) - m_y;
-    const float ea = exp_accurate(a);
-    const float p = __fdiv_rn(ea, z_x);
-    if (Y_GRAD) {
-      float d = (__fdiv_rn(exp_accurate(b), z_y) - p) * g_kl;
-      if (has_ce) d += g_ce * (__fdiv_rn(exp_accurate(y_raw - m_s), z_s) - (c == t ? 1.0f : 0.0f));
-      gy = d;
-    }
-    // The same `a - b` as the forward's E: exactly 0 for a one-hot p.
-    if (X_GRAD) gx = (ea > 0.0f ? p * ((a - b) - e_bar) : 0.0f) * g_kl;
+  for_backward_row<kKlRowsStats, X_GRAD, Y_GRAD>(x_base, y_base, stats, dx_base, dy_base, V, xl, yl, labels,
+                                                 ignore_index, [&](const BackwardRow<TX, TY>& r) {
+    const float* st = r.stats;
+    const float m_x = st[0], z_x = st[1], m_y = st[2], z_y = st[3], e_bar = st[4], m_s = st[5], z_s = st[6];
+    // d/dX = d/dx / T: the 1/T rides on the incoming gradient.
+    const float g_kl = grad_kl[r.row] * inv_temperature;
+    const bool has_ce = grad_ce != nullptr;
+    const float g_ce = has_ce ? grad_ce[r.row] : 0.0f;
+    const int64_t t = has_ce ? target[r.row] : -1;
+    visit_row<X_GRAD, Y_GRAD>(r.x, xl.col, r.y, yl.col, r.dx, r.dy, V,
+                              [&](int64_t c, float x_raw, float y_raw, float& gx, float& gy) {
+      const float a = scaled(x_raw, inv_temperature) - m_x;
+      const float b = scaled(y_raw, inv_temperature) - m_y;
+      const float ea = exp_accurate(a);
+      const float p = __fdiv_rn(ea, z_x);
+      if (Y_GRAD) {
+        float d = (__fdiv_rn(exp_accurate(b), z_y) - p) * g_kl;
+        if (has_ce) d += g_ce * (__fdiv_rn(exp_accurate(y_raw - m_s), z_s) - (c == t ? 1.0f : 0.0f));
+        gy = d;
+      }
+      // The same `a - b` as the forward's E: exactly 0 for a one-hot p.
+      if (X_GRAD) gx = (ea > 0.0f ? p * ((a - b) - e_bar) : 0.0f) * g_kl;
+    });
   });
 }
 
-template <typename TX, typename TY, bool X_GRAD, bool Y_GRAD>
-void launch_kl_backward(int64_t rows, int threads, cudaStream_t stream, const at::Tensor& x, const at::Tensor& y,
-                        const int64_t* labels, const int64_t* target, const at::Tensor& stats,
-                        const at::Tensor& grad_kl, const float* grad_ce, const at::Tensor& dx, const at::Tensor& dy,
-                        int64_t V, const RowLayout& xl, const RowLayout& yl, float inv_temperature,
-                        int64_t ignore_index) {
-  FASTKD_LAUNCH(static_cast<unsigned>(rows), threads, 0, stream, kl_backward_kernel<TX, TY, X_GRAD, Y_GRAD>)(
-      data_of<TX>(x), data_of<TY>(y), labels, target, data_of<float>(stats), data_of<float>(grad_kl), grad_ce,
-      X_GRAD ? mutable_data_of<TX>(dx) : nullptr, Y_GRAD ? mutable_data_of<TY>(dy) : nullptr, V, xl, yl,
-      inv_temperature, ignore_index);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
+}  // namespace
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> kl_rows_cuda(const at::Tensor& student, const at::Tensor& teacher,
-                                                            double temperature, bool reverse,
-                                                            const std::optional<at::Tensor>& target,
-                                                            const std::optional<at::Tensor>& labels,
-                                                            int64_t ignore_index) {
-  constexpr const char* op = "fastkd::cuda_kl_rows";
-  check_logits(op, student, teacher);
-  const at::cuda::CUDAGuard guard(student.device());
-  const int64_t V = student.size(-1);
-  const int64_t rows = row_count(student);
-  const auto options = student.options().dtype(at::kFloat);
-  at::Tensor kl = at::empty({rows}, options);
-  at::Tensor ce = at::empty({target.has_value() ? rows : 0}, options);
-  at::Tensor stats = at::empty({rows, kStats}, options);
-  if (rows == 0) return {kl, ce, stats};
-  at::Tensor target_v = target.has_value() ? index_vector(op, "target", *target, student, rows) : at::Tensor();
-  at::Tensor labels_v = labels.has_value() ? index_vector(op, "labels", *labels, student, rows) : at::Tensor();
-  const auto x_layout = row_layout(reverse ? student : teacher);
-  const auto y_layout = row_layout(reverse ? teacher : student);
-  const at::Tensor& x = x_layout.first;
-  const at::Tensor& y = y_layout.first;
-  const RowLayout xl = x_layout.second;
-  const RowLayout yl = y_layout.second;
-  const float inv_temperature = static_cast<float>(1.0 / temperature);
-  const int threads = threads_for(V);
-  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  FASTKD_DISPATCH_FLOATING(x.scalar_type(), "cuda_kl_rows", [&] {
-    using TX = scalar_t;
-    FASTKD_DISPATCH_FLOATING(y.scalar_type(), "cuda_kl_rows", [&] {
-      using TY = scalar_t;
-      FASTKD_LAUNCH(static_cast<unsigned>(rows), threads, 0, stream, kl_forward_kernel<TX, TY>)(
-          data_of<TX>(x), data_of<TY>(y), labels_v.defined() ? data_of<int64_t>(labels_v) : nullptr,
-          target_v.defined() ? data_of<int64_t>(target_v) : nullptr, mutable_data_of<float>(kl),
-          target_v.defined() ? mutable_data_of<float>(ce) : nullptr, mutable_data_of<float>(stats), V, xl, yl,
-          inv_temperature, ignore_index);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
+std::tuple<at::Tensor, at::Tensor, at::Tensor> kl_rows(const at::Tensor& student, const at::Tensor& teacher,
+                                                       double temperature, bool reverse,
+                                                       const std::optional<at::Tensor>& target,
+                                                       const std::optional<at::Tensor>& labels, int64_t ignore_index) {
+  const RowLaunch L("fastkd::cuda_kl_rows", student, teacher, temperature, /*x_student=*/reverse);
+  at::Tensor kl = at::empty({L.rows}, L.floats);
+  at::Tensor ce = at::empty({target.has_value() ? L.rows : 0}, L.floats);
+  at::Tensor stats = at::empty({L.rows, kKlRowsStats}, L.floats);
+  if (L.idle()) return {kl, ce, stats};
+  const at::Tensor target_v = L.indices("target", target);
+  const at::Tensor labels_v = L.indices("labels", labels);
+  L.dispatch([&]<typename TX, typename TY>(const TX* x, const TY* y) {
+    L.launch(kl_forward_kernel<TX, TY>, x, y, data_or_null<int64_t>(labels_v), data_or_null<int64_t>(target_v),
+             mutable_data_of<float>(kl), target_v.defined() ? mutable_data_of<float>(ce) : nullptr,
+             mutable_data_of<float>(stats), L.V, L.xl, L.yl, L.inv_temperature, ignore_index);
   });
   return {kl, ce, stats};
 }
 
-std::tuple<at::Tensor, at::Tensor> kl_rows_backward_cuda(
-    const at::Tensor& grad_kl, const std::optional<at::Tensor>& grad_ce, const at::Tensor& student,
-    const at::Tensor& teacher, const at::Tensor& stats, double temperature, bool reverse,
-    const std::optional<at::Tensor>& target, const std::optional<at::Tensor>& labels, int64_t ignore_index,
-    bool student_grad, bool teacher_grad) {
-  constexpr const char* op = "fastkd::cuda_kl_rows_backward";
-  check_logits(op, student, teacher);
-  const at::cuda::CUDAGuard guard(student.device());
-  const int64_t V = student.size(-1);
-  const int64_t rows = row_count(student);
-  at::Tensor d_student = input_gradient(student, student_grad);
-  at::Tensor d_teacher = input_gradient(teacher, teacher_grad);
-  if (rows == 0 || !(student_grad || teacher_grad)) return {d_student, d_teacher};
-  at::Tensor stats_c = stats_matrix(op, stats, student, rows, kStats);
-  at::Tensor grad_kl_v = row_vector(op, "grad_kl", grad_kl, student, rows);
+std::tuple<at::Tensor, at::Tensor> kl_rows_backward(const at::Tensor& grad_kl, const std::optional<at::Tensor>& grad_ce,
+                                                    const at::Tensor& student, const at::Tensor& teacher,
+                                                    const at::Tensor& stats, double temperature, bool reverse,
+                                                    const std::optional<at::Tensor>& target,
+                                                    const std::optional<at::Tensor>& labels, int64_t ignore_index,
+                                                    bool student_grad, bool teacher_grad) {
+  const RowBackward L("fastkd::cuda_kl_rows_backward", student, teacher, temperature, /*x_student=*/reverse, stats,
+                      kKlRowsStats, student_grad, teacher_grad);
+  if (L.idle()) return L.gradients();
+  const at::Tensor grad_kl_v = L.per_row("grad_kl", grad_kl);
   // The CE term needs the target; without an incoming CE gradient it contributes nothing (a zero gradient).
   const bool has_ce = target.has_value() && grad_ce.has_value();
-  at::Tensor target_v = has_ce ? index_vector(op, "target", *target, student, rows) : at::Tensor();
-  at::Tensor grad_ce_v = has_ce ? row_vector(op, "grad_ce", *grad_ce, student, rows) : at::Tensor();
-  at::Tensor labels_v = labels.has_value() ? index_vector(op, "labels", *labels, student, rows) : at::Tensor();
-  const auto x_layout = row_layout(reverse ? student : teacher);
-  const auto y_layout = row_layout(reverse ? teacher : student);
-  const at::Tensor& x = x_layout.first;
-  const at::Tensor& y = y_layout.first;
-  const RowLayout xl = x_layout.second;
-  const RowLayout yl = y_layout.second;
-  const at::Tensor& dx = reverse ? d_student : d_teacher;
-  const at::Tensor& dy = reverse ? d_teacher : d_student;
-  const bool x_grad = reverse ? student_grad : teacher_grad;
-  const bool y_grad = reverse ? teacher_grad : student_grad;
-  const float inv_temperature = static_cast<float>(1.0 / temperature);
-  const int threads = threads_for(V);
-  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  const int64_t* labels_p = labels_v.defined() ? data_of<int64_t>(labels_v) : nullptr;
-  const int64_t* target_p = has_ce ? data_of<int64_t>(target_v) : nullptr;
-  const float* grad_ce_p = has_ce ? data_of<float>(grad_ce_v) : nullptr;
-  FASTKD_DISPATCH_FLOATING(x.scalar_type(), "cuda_kl_rows_backward", [&] {
-    using TX = scalar_t;
-    FASTKD_DISPATCH_FLOATING(y.scalar_type(), "cuda_kl_rows_backward", [&] {
-      using TY = scalar_t;
-      if (x_grad && y_grad) {
-        launch_kl_backward<TX, TY, true, true>(rows, threads, stream, x, y, labels_p, target_p, stats_c, grad_kl_v,
-                                               grad_ce_p, dx, dy, V, xl, yl, inv_temperature, ignore_index);
-      } else if (x_grad) {
-        launch_kl_backward<TX, TY, true, false>(rows, threads, stream, x, y, labels_p, target_p, stats_c,
-                                                grad_kl_v, grad_ce_p, dx, dy, V, xl, yl, inv_temperature,
-                                                ignore_index);
-      } else {
-        launch_kl_backward<TX, TY, false, true>(rows, threads, stream, x, y, labels_p, target_p, stats_c,
-                                                grad_kl_v, grad_ce_p, dx, dy, V, xl, yl, inv_temperature,
-                                                ignore_index);
-      }
-    });
+  const at::Tensor target_v = has_ce ? L.indices("target", *target) : at::Tensor();
+  const at::Tensor grad_ce_v = has_ce ? L.per_row("grad_ce", *grad_ce) : at::Tensor();
+  const at::Tensor labels_v = L.indices("labels", labels);
+  L.dispatch([&]<typename TX, typename TY, bool X_GRAD, bool Y_GRAD>(const TX* x, const TY* y, TX* dx, TY* dy) {
+    L.launch(kl_backward_kernel<TX, TY, X_GRAD, Y_GRAD>, x, y, data_or_null<int64_t>(labels_v),
+             data_or_null<int64_t>(target_v), data_of<float>(L.stats), data_of<float>(grad_kl_v),
+             data_or_null<float>(grad_ce_v), dx, dy, L.V, L.xl, L.yl, L.inv_temperature, ignore_index);
   });
-  return {d_student, d_teacher};
+  return L.gradients();
 }
 
-}  // namespace
 }  // namespace fastkd
 
 TORCH_LIBRARY_IMPL(FASTKD_LIBRARY, FASTKD_DISPATCH_KEY, m) {
-  m.impl("cuda_kl_rows", &fastkd::kl_rows_cuda);
-  m.impl("cuda_kl_rows_backward", &fastkd::kl_rows_backward_cuda);
+  m.impl("cuda_kl_rows", &fastkd::kl_rows);
+  m.impl("cuda_kl_rows_backward", &fastkd::kl_rows_backward);
 }

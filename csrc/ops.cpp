@@ -1,8 +1,9 @@
-// The CUDA C++ backend's operators: one schema per op, mirroring the Triton backend's `fastkd::<op>` one for
-// one (same arguments, outputs and semantics), under the prefix `cuda_`. The CUDA implementations are
-// registered beside each kernel (TORCH_LIBRARY_IMPL(fastkd, CUDA, ...)); the fake (shape) implementations
-// and autograd are registered from Python (fastkd/cuda/ops.py), as for the Triton ops. The CPU stand-in
-// build defines the same schemas under its own library (library.h).
+// The CUDA C++ backend's operators: `fastkd::cuda_<op>`, one schema per op, the schema of its one declaration
+// in fastkd/kernel_ops.py (from which both backends register; tests/test_kernel_ops.py checks these strings
+// against it). Each op's implementation is the C++ function `fastkd::<op>`, registered beside its kernels
+// (TORCH_LIBRARY_IMPL(fastkd, CUDA, ...)); the fake (shape) implementations and autograd are registered from
+// Python, by fastkd/kernel_ops.py, as for the Triton ops. The CPU stand-in build defines the same schemas under
+// its own library (library.h).
 #include <Python.h>
 #include <torch/library.h>
 

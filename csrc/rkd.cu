@@ -12,15 +12,10 @@
 // threads, 2 x 2 pairs each) and loops over the third, staging rows of Qh, Ql and r through shared memory.
 // The forward visits k > j only (the sum is symmetric in j, k; the launcher doubles it), the column pass only
 // tiles with k's block >= j's (U is symmetric). Matrices are float32, B x B, symmetric and contiguous.
-#include <ATen/ATen.h>
-#include <torch/library.h>
+#include "common.cuh"
 
-#include <algorithm>
-#include <cstdint>
-
-#include "device.cuh"
-
-namespace fastkd_rkd {
+namespace fastkd {
+namespace {
 
 constexpr int kTile = 32;     // pairs per tile side
 constexpr int kChunk = 16;    // third indices staged in shared memory per step (2 x 6 rows: 24 KB)
@@ -57,17 +52,63 @@ __device__ __forceinline__ float angle(float qh_jk, float ql_jk, float qh_ij, fl
   return n2 * half_r_ij * r_ik;
 }
 
-// Sum over the block (kThreads threads); the result is valid in thread 0.
-__device__ __forceinline__ float block_sum(float v, float* warp_sums) {
-  for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_down_sync(0xffffffffu, v, offset);
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  if (lane == 0) warp_sums[warp] = v;
-  __syncthreads();
-  float total = 0.0f;
-  if (threadIdx.x == 0) {
-    for (int w = 0; w < kThreads / 32; ++w) total += warp_sums[w];
+// A block's 16 x 16 threads over a tile: thread (tx, ty) holds the R x R elements (i0 + ty + 16 a, j0 + tx + 16 b).
+// Calls f(a, b, i, j, inside) for each, inside: (i, j) in [0, n_i) x [0, n_j); where INSIDE_ONLY (the stores of
+// a tile's results), for the inside ones only.
+template <int R, bool INSIDE_ONLY, typename F>
+__device__ __forceinline__ void for_each_element(int64_t i0, int64_t j0, int64_t n_i, int64_t n_j, int tx, int ty,
+                                                 F&& f) {
+#pragma unroll
+  for (int a = 0; a < R; ++a) {
+    const int64_t i = i0 + ty + kSide * a;
+    if (INSIDE_ONLY && i >= n_i) continue;
+#pragma unroll
+    for (int b = 0; b < R; ++b) {
+      const int64_t j = j0 + tx + kSide * b;
+      if (!INSIDE_ONLY) {
+        f(a, b, i, j, i < n_i && j < n_j);
+      } else if (j < n_j) {
+        f(a, b, i, j, true);
+      }
+    }
   }
-  return total;
+}
+
+// Calls f(r, c) for each element of a ROWS x COLS stage in shared memory, spread over the block's threads.
+template <int ROWS, int COLS, typename F>
+__device__ __forceinline__ void for_each_staged(F&& f) {
+  for (int e = threadIdx.x; e < ROWS * COLS; e += kThreads) f(e / COLS, e % COLS);
+}
+
+// A row-major float32 matrix: element (r, c) at p[r * ld + c], read as 0 outside rows x cols.
+struct Matrix {
+  const float* __restrict__ p;
+  int64_t ld, rows, cols;
+};
+
+// Rows row0 + [0, ROWS) of two matrices staged in shared memory, columns a_col0 + [0, COLS) of a and b_col0 +
+// [0, COLS) of b.
+template <int ROWS, int COLS>
+__device__ __forceinline__ void stage_tiles(float (&sa)[ROWS][COLS], Matrix a, int64_t a_col0,
+                                            float (&sb)[ROWS][COLS], Matrix b, int64_t b_col0, int64_t row0) {
+  for_each_staged<ROWS, COLS>([&](int r, int c) {
+    const int64_t k = row0 + r, ca = a_col0 + c, cb = b_col0 + c;
+    sa[r][c] = (k < a.rows && ca < a.cols) ? a.p[k * a.ld + ca] : 0.0f;
+    sb[r][c] = (k < b.rows && cb < b.cols) ? b.p[k * b.ld + cb] : 0.0f;
+  });
+}
+
+// A loop over [begin, end) in chunks of CHUNK staged in shared memory: stage(k0) fills the stage for the chunk at
+// k0, then body(k0, steps) reads its steps = min(CHUNK, end - k0) entries, a barrier on either side. The bounds
+// must be the same for the whole block (the barriers).
+template <int CHUNK, typename Stage, typename Body>
+__device__ __forceinline__ void over_chunks(int64_t begin, int64_t end, Stage&& stage, Body&& body) {
+  for (int64_t k0 = begin; k0 < end; k0 += CHUNK) {
+    stage(k0);
+    __syncthreads();
+    body(k0, static_cast<int>(std::min<int64_t>(CHUNK, end - k0)));
+    __syncthreads();
+  }
 }
 
 // d2_ij = sum_d (x_di - x_dj)^2 directly, x given transposed (D, B). A 64 x 64 tile per block, 4 x 4 per
@@ -83,20 +124,10 @@ __global__ void __launch_bounds__(kThreads) sq_dist_kernel(const float* __restri
   const int tid = threadIdx.x, tx = tid % kSide, ty = tid / kSide;
   const int64_t i0 = static_cast<int64_t>(blockIdx.y) * kDistTile;
   const int64_t j0 = static_cast<int64_t>(blockIdx.x) * kDistTile;
-  float acc[4][4];
-#pragma unroll
-  for (int a = 0; a < 4; ++a)
-#pragma unroll
-    for (int b = 0; b < 4; ++b) acc[a][b] = 0.0f;
-  for (int64_t d0 = 0; d0 < D; d0 += kDistChunk) {
-    for (int e = tid; e < kDistChunk * kDistTile; e += kThreads) {
-      const int dd = e / kDistTile, c = e % kDistTile;
-      const int64_t d = d0 + dd, i = i0 + c, j = j0 + c;
-      sx_i[dd][c] = (d < D && i < B) ? xt[d * B + i] : 0.0f;
-      sx_j[dd][c] = (d < D && j < B) ? xt[d * B + j] : 0.0f;
-    }
-    __syncthreads();
-    const int steps = static_cast<int>(std::min<int64_t>(kDistChunk, D - d0));
+  float acc[4][4] = {};
+  const Matrix xt_m{xt, B, D, B};
+  over_chunks<kDistChunk>(0, D, [&](int64_t d0) { stage_tiles(sx_i, xt_m, i0, sx_j, xt_m, j0, d0); },
+                          [&](int64_t, int steps) {
     for (int dd = 0; dd < steps; ++dd) {
       float xi[4], xj[4];
 #pragma unroll
@@ -111,18 +142,10 @@ __global__ void __launch_bounds__(kThreads) sq_dist_kernel(const float* __restri
           acc[a][b] = __fmaf_rn(diff, diff, acc[a][b]);
         }
     }
-    __syncthreads();
-  }
-#pragma unroll
-  for (int a = 0; a < 4; ++a) {
-    const int64_t i = i0 + ty + kSide * a;
-    if (i >= B) continue;
-#pragma unroll
-    for (int b = 0; b < 4; ++b) {
-      const int64_t j = j0 + tx + kSide * b;
-      if (j < B) out[i * B + j] = acc[a][b];
-    }
-  }
+  });
+  for_each_element<4, true>(i0, j0, B, B, tx, ty, [&](int a, int b, int64_t i, int64_t j, bool) {
+    out[i * B + j] = acc[a][b];
+  });
 }
 
 // out_md = sum_k W_mk (x_md - x_kd), the differences formed first (the matmul form rowsum(W) x - W x cancels
@@ -137,25 +160,12 @@ __global__ void __launch_bounds__(kThreads) weighted_diff_kernel(const float* __
   const int64_t m0 = static_cast<int64_t>(blockIdx.y) * kTile;
   const int64_t d0 = static_cast<int64_t>(blockIdx.x) * kTile;
   float xm[2][2], acc[2][2];
-#pragma unroll
-  for (int a = 0; a < 2; ++a) {
-    const int64_t m = m0 + ty + kSide * a;
-#pragma unroll
-    for (int b = 0; b < 2; ++b) {
-      const int64_t d = d0 + tx + kSide * b;
-      xm[a][b] = (m < B && d < D) ? x[m * D + d] : 0.0f;
-      acc[a][b] = 0.0f;
-    }
-  }
-  for (int64_t k0 = 0; k0 < B; k0 += kChunk) {
-    for (int e = tid; e < kChunk * kTile; e += kThreads) {
-      const int kk = e / kTile, c = e % kTile;
-      const int64_t k = k0 + kk, m = m0 + c, d = d0 + c;
-      sw[kk][c] = (k < B && m < B) ? w[k * B + m] : 0.0f;
-      sx[kk][c] = (k < B && d < D) ? x[k * D + d] : 0.0f;
-    }
-    __syncthreads();
-    const int steps = static_cast<int>(std::min<int64_t>(kChunk, B - k0));
+  for_each_element<2, false>(m0, d0, B, D, tx, ty, [&](int a, int b, int64_t m, int64_t d, bool inside) {
+    xm[a][b] = inside ? x[m * D + d] : 0.0f;
+    acc[a][b] = 0.0f;
+  });
+  const Matrix w_m{w, B, B, B}, x_m{x, D, B, D};
+  over_chunks<kChunk>(0, B, [&](int64_t k0) { stage_tiles(sw, w_m, m0, sx, x_m, d0, k0); }, [&](int64_t, int steps) {
     for (int kk = 0; kk < steps; ++kk) {
 #pragma unroll
       for (int a = 0; a < 2; ++a) {
@@ -164,18 +174,10 @@ __global__ void __launch_bounds__(kThreads) weighted_diff_kernel(const float* __
         for (int b = 0; b < 2; ++b) acc[a][b] = __fmaf_rn(wk, xm[a][b] - sx[kk][tx + kSide * b], acc[a][b]);
       }
     }
-    __syncthreads();
-  }
-#pragma unroll
-  for (int a = 0; a < 2; ++a) {
-    const int64_t m = m0 + ty + kSide * a;
-    if (m >= B) continue;
-#pragma unroll
-    for (int b = 0; b < 2; ++b) {
-      const int64_t d = d0 + tx + kSide * b;
-      if (d < D) out[m * D + d] = acc[a][b];
-    }
-  }
+  });
+  for_each_element<2, true>(m0, d0, B, D, tx, ty, [&](int a, int b, int64_t m, int64_t d, bool) {
+    out[m * D + d] = acc[a][b];
+  });
 }
 
 // One side's matrices.
@@ -192,19 +194,19 @@ struct PairTile {
 
 __device__ __forceinline__ void load_pair_tile(PairTile& t, Side m, int64_t B, int64_t i0, int64_t j0, int tx,
                                                int ty) {
-#pragma unroll
-  for (int a = 0; a < 2; ++a) {
-    const int64_t i = i0 + ty + kSide * a;
-#pragma unroll
-    for (int b = 0; b < 2; ++b) {
-      const int64_t j = j0 + tx + kSide * b;
-      const bool v = i < B && j < B;
-      const int64_t o = i * B + j;
-      t.qh_ij[a][b] = v ? m.qh[o] : 0.0f;
-      t.ql_ij[a][b] = v ? m.ql[o] : 0.0f;
-      t.r_ij[a][b] = inv_norm(t.qh_ij[a][b]);
-    }
-  }
+  for_each_element<2, false>(i0, j0, B, B, tx, ty, [&](int a, int b, int64_t i, int64_t j, bool v) {
+    const int64_t o = i * B + j;
+    t.qh_ij[a][b] = v ? m.qh[o] : 0.0f;
+    t.ql_ij[a][b] = v ? m.ql[o] : 0.0f;
+    t.r_ij[a][b] = inv_norm(t.qh_ij[a][b]);
+  });
+}
+
+// Qh, Ql of one side at offset o into staged arrays at [s][c], 0 where not valid.
+__device__ __forceinline__ void stage_pair(float (&qh)[kChunk][kTile], float (&ql)[kChunk][kTile], int s, int c, Side m,
+                                           bool valid, int64_t o) {
+  qh[s][c] = valid ? m.qh[o] : 0.0f;
+  ql[s][c] = valid ? m.ql[o] : 0.0f;
 }
 
 // Shared rows k in [k0, k0 + kChunk) of one side: Qh[k, i], Ql[k, i], r[k, i], Qh[k, j], Ql[k, j] (row k of a
@@ -216,24 +218,35 @@ struct RowStage {
 
 __device__ __forceinline__ void stage_rows(RowStage& st, Side m, int64_t B, int64_t i0, int64_t j0, int64_t k0,
                                            int64_t k_end) {
-  for (int e = threadIdx.x; e < kChunk * kTile; e += kThreads) {
-    const int kk = e / kTile, c = e % kTile;
+  for_each_staged<kChunk, kTile>([&](int kk, int c) {
     const int64_t k = k0 + kk, i = i0 + c, j = j0 + c;
     const bool kin = k < k_end;
     const bool vi = kin && i < B, vj = kin && j < B;
     const int64_t oi = k * B + i, oj = k * B + j;
-    st.qh_i[kk][c] = vi ? m.qh[oi] : 0.0f;
-    st.ql_i[kk][c] = vi ? m.ql[oi] : 0.0f;
+    stage_pair(st.qh_i, st.ql_i, kk, c, m, vi, oi);
     st.r_i[kk][c] = inv_norm(st.qh_i[kk][c]);
-    st.qh_j[kk][c] = vj ? m.qh[oj] : 0.0f;
-    st.ql_j[kk][c] = vj ? m.ql[oj] : 0.0f;
-  }
+    stage_pair(st.qh_j, st.ql_j, kk, c, m, vj, oj);
+  });
 }
 
 // j0 - k0 as an int that compares with the staged steps kk in [0, kChunk) exactly as the 64-bit j - k would,
 // for every column j0 + c, c in [0, kTile): clamped to [-kTile, kChunk].
 __device__ __forceinline__ int relative_step(int64_t j0, int64_t k0) {
   return static_cast<int>(std::min<int64_t>(std::max<int64_t>(j0 - k0, -kTile), kChunk));
+}
+
+// The k loop of the kernels over tiles (i, j): both sides' rows k of [k_begin, k_end) staged kChunk at a time,
+// body(rel, steps) for each chunk of `steps` staged rows (rel: relative_step of the chunk).
+template <typename Body>
+__device__ __forceinline__ void over_staged_rows(RowStage& st_s, RowStage& st_t, Side ms, Side mt, int64_t B,
+                                                 int64_t i0, int64_t j0, int64_t k_begin, int64_t k_end,
+                                                 Body&& body) {
+  over_chunks<kChunk>(k_begin, k_end, [&](int64_t k0) {
+    stage_rows(st_s, ms, B, i0, j0, k0, k_end);
+    stage_rows(st_t, mt, B, i0, j0, k0, k_end);
+  }, [&](int64_t k0, int steps) {
+    body(relative_step(j0, k0), steps);
+  });
 }
 
 // A of the pair (a, b) of this thread's 2 x 2 at staged step kk.
@@ -261,12 +274,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) angle_forward_kernel(Sid
   load_pair_tile(ts, ms, B, i0, j0, tx, ty);
   load_pair_tile(tt, mt, B, i0, j0, tx, ty);
   float acc = 0.0f;
-  for (int64_t k0 = k_begin; k0 < k_end; k0 += kChunk) {  // block-uniform bounds: the barriers are safe
-    stage_rows(st_s, ms, B, i0, j0, k0, k_end);
-    stage_rows(st_t, mt, B, i0, j0, k0, k_end);
-    __syncthreads();
-    const int steps = static_cast<int>(std::min<int64_t>(kChunk, k_end - k0));
-    const int rel = relative_step(j0, k0);
+  over_staged_rows(st_s, st_t, ms, mt, B, i0, j0, k_begin, k_end, [&](int rel, int steps) {
     for (int kk = 0; kk < steps; ++kk) {
 #pragma unroll
       for (int a = 0; a < 2; ++a)
@@ -277,9 +285,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) angle_forward_kernel(Sid
           acc += kk > rel + tx + kSide * b ? h : 0.0f;  // k > j only
         }
     }
-    __syncthreads();
-  }
-  const float total = block_sum(acc, warp_sums);
+  });
+  const float total = block_sum_to_thread0<kThreads>(acc, warp_sums);
   if (tid == 0) {
     const int64_t slot = (static_cast<int64_t>(blockIdx.z) * gridDim.y + blockIdx.y) * gridDim.x + blockIdx.x;
     partial[slot] = total;
@@ -298,17 +305,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) angle_rows_kernel(Side m
   PairTile ts, tt;
   load_pair_tile(ts, ms, B, i0, j0, tx, ty);
   load_pair_tile(tt, mt, B, i0, j0, tx, ty);
-  float acc_s[2][2], acc_t[2][2];
-#pragma unroll
-  for (int a = 0; a < 2; ++a)
-#pragma unroll
-    for (int b = 0; b < 2; ++b) acc_s[a][b] = acc_t[a][b] = 0.0f;
-  for (int64_t k0 = 0; k0 < B; k0 += kChunk) {
-    stage_rows(st_s, ms, B, i0, j0, k0, B);
-    stage_rows(st_t, mt, B, i0, j0, k0, B);
-    __syncthreads();
-    const int steps = static_cast<int>(std::min<int64_t>(kChunk, B - k0));
-    const int rel = relative_step(j0, k0);
+  float acc_s[2][2] = {}, acc_t[2][2] = {};
+  over_staged_rows(st_s, st_t, ms, mt, B, i0, j0, 0, B, [&](int rel, int steps) {
     for (int kk = 0; kk < steps; ++kk) {
 #pragma unroll
       for (int a = 0; a < 2; ++a)
@@ -321,22 +319,13 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) angle_rows_kernel(Side m
           acc_t[a][b] += c * a_s;
         }
     }
-    __syncthreads();
-  }
-#pragma unroll
-  for (int a = 0; a < 2; ++a) {
-    const int64_t i = i0 + ty + kSide * a;
-    if (i >= B) continue;
-#pragma unroll
-    for (int b = 0; b < 2; ++b) {
-      const int64_t j = j0 + tx + kSide * b;
-      if (j >= B) continue;
-      const float r = ts.r_ij[a][b];
-      const bool live = __fsqrt_rn(fmaxf(ts.qh_ij[a][b], 0.0f)) > 1e-12f;
-      s_out[i * B + j] = acc_s[a][b] * r;
-      e_out[i * B + j] = live ? -(r * r) * acc_t[a][b] : 0.0f;
-    }
-  }
+  });
+  for_each_element<2, true>(i0, j0, B, B, tx, ty, [&](int a, int b, int64_t i, int64_t j, bool) {
+    const float r = ts.r_ij[a][b];
+    const bool live = __fsqrt_rn(fmaxf(ts.qh_ij[a][b], 0.0f)) > 1e-12f;
+    s_out[i * B + j] = acc_s[a][b] * r;
+    e_out[i * B + j] = live ? -(r * r) * acc_t[a][b] : 0.0f;
+  });
 }
 
 // Backward pass 2, tile (j, k) = (blockIdx.y, blockIdx.x) with k's block >= j's, loop over the apex i:
@@ -349,18 +338,15 @@ struct ApexStage {
 
 __device__ __forceinline__ void stage_apexes(ApexStage& st, Side m, int64_t B, int64_t i0, int64_t j0,
                                              int64_t k0) {
-  for (int e = threadIdx.x; e < kChunk * kTile; e += kThreads) {
-    const int ii = e / kTile, c = e % kTile;
+  for_each_staged<kChunk, kTile>([&](int ii, int c) {
     const int64_t i = i0 + ii, j = j0 + c, k = k0 + c;
     const bool vj = i < B && j < B, vk = i < B && k < B;
     const int64_t oj = i * B + j, ok = i * B + k;
-    st.qh_j[ii][c] = vj ? m.qh[oj] : 0.0f;
-    st.ql_j[ii][c] = vj ? m.ql[oj] : 0.0f;
+    stage_pair(st.qh_j, st.ql_j, ii, c, m, vj, oj);
     st.r_j[ii][c] = inv_norm(st.qh_j[ii][c]);
-    st.qh_k[ii][c] = vk ? m.qh[ok] : 0.0f;
-    st.ql_k[ii][c] = vk ? m.ql[ok] : 0.0f;
+    stage_pair(st.qh_k, st.ql_k, ii, c, m, vk, ok);
     st.r_k[ii][c] = inv_norm(st.qh_k[ii][c]);
-  }
+  });
 }
 
 template <bool UNIT>
@@ -377,25 +363,17 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) angle_cols_kernel(Side m
   const int64_t j0 = static_cast<int64_t>(blockIdx.y) * kTile;
   const int64_t k0 = static_cast<int64_t>(blockIdx.x) * kTile;
   float hs_jk[2][2], ls_jk[2][2], ht_jk[2][2], lt_jk[2][2], acc[2][2];
-#pragma unroll
-  for (int a = 0; a < 2; ++a) {
-    const int64_t j = j0 + ty + kSide * a;
-#pragma unroll
-    for (int b = 0; b < 2; ++b) {
-      const int64_t k = k0 + tx + kSide * b;
-      const bool v = j < B && k < B;
-      hs_jk[a][b] = v ? ms.qh[j * B + k] : 0.0f;
-      ls_jk[a][b] = v ? ms.ql[j * B + k] : 0.0f;
-      ht_jk[a][b] = v ? mt.qh[j * B + k] : 0.0f;
-      lt_jk[a][b] = v ? mt.ql[j * B + k] : 0.0f;
-      acc[a][b] = 0.0f;
-    }
-  }
-  for (int64_t i0 = 0; i0 < B; i0 += kChunk) {
+  for_each_element<2, false>(j0, k0, B, B, tx, ty, [&](int a, int b, int64_t j, int64_t k, bool v) {
+    hs_jk[a][b] = v ? ms.qh[j * B + k] : 0.0f;
+    ls_jk[a][b] = v ? ms.ql[j * B + k] : 0.0f;
+    ht_jk[a][b] = v ? mt.qh[j * B + k] : 0.0f;
+    lt_jk[a][b] = v ? mt.ql[j * B + k] : 0.0f;
+    acc[a][b] = 0.0f;
+  });
+  over_chunks<kChunk>(0, B, [&](int64_t i0) {
     stage_apexes(st_s, ms, B, i0, j0, k0);
     stage_apexes(st_t, mt, B, i0, j0, k0);
-    __syncthreads();
-    const int steps = static_cast<int>(std::min<int64_t>(kChunk, B - i0));
+  }, [&](int64_t, int steps) {
     for (int ii = 0; ii < steps; ++ii) {
 #pragma unroll
       for (int a = 0; a < 2; ++a)
@@ -407,44 +385,27 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) angle_cols_kernel(Side m
           acc[a][b] += clamp1(a_s - a_t) * (st_s.r_j[ii][cj] * st_s.r_k[ii][ck]);
         }
     }
-    __syncthreads();
-  }
-#pragma unroll
-  for (int a = 0; a < 2; ++a) {
-    const int64_t j = j0 + ty + kSide * a;
-    if (j >= B) continue;
-#pragma unroll
-    for (int b = 0; b < 2; ++b) {
-      const int64_t k = k0 + tx + kSide * b;
-      if (k >= B) continue;
-      const float u = j == k ? 0.0f : acc[a][b];
-      u_out[j * B + k] = u;
-      u_out[k * B + j] = u;
-    }
-  }
+  });
+  for_each_element<2, true>(j0, k0, B, B, tx, ty, [&](int a, int b, int64_t j, int64_t k, bool) {
+    const float u = j == k ? 0.0f : acc[a][b];
+    u_out[j * B + k] = u;
+    u_out[k * B + j] = u;
+  });
 }
 
 // --- host ----------------------------------------------------------------------------------------------------
 
-static int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-static void check_grid(int64_t n, const char* what) {
-  TORCH_CHECK(n <= 65535, what, ": the batch is too large for the CUDA kernels' grid (", n, " tiles per side)");
-}
-
-static void check_float_on_device(const at::Tensor& t, const char* op, const char* name) {
-  TORCH_CHECK(fastkd::on_device(t), op, ": ", name, " must be a CUDA tensor");
-  TORCH_CHECK(t.scalar_type() == at::kFloat, op, ": ", name, " must be float32, got ", t.scalar_type());
-}
-
-// The four B x B matrices of the angle kernels (Qh, Ql of each side), checked and made contiguous.
+// The four B x B matrices of the angle kernels (Qh, Ql of each side), checked and made contiguous, and the
+// grid of their 32 x 32 tiles.
 struct Matrices {
   at::Tensor m[4];
+  int64_t B;
+  unsigned tiles;  // per side
   Side side(int s) const { return Side{m[2 * s].data_ptr<float>(), m[2 * s + 1].data_ptr<float>()}; }
 };
 
-static Matrices matrices(const at::Tensor& qh_s, const at::Tensor& ql_s, const at::Tensor& qh_t, const at::Tensor& ql_t,
-                         const char* op) {
+Matrices matrices(const char* op, const at::Tensor& qh_s, const at::Tensor& ql_s, const at::Tensor& qh_t,
+                  const at::Tensor& ql_t) {
   const at::Tensor* all[] = {&qh_s, &ql_s, &qh_t, &ql_t};
   const char* names[] = {"qh_s", "ql_s", "qh_t", "ql_t"};
   TORCH_CHECK(qh_s.dim() == 2 && qh_s.size(0) == qh_s.size(1), op, ": qh_s must be a square matrix, got ",
@@ -452,128 +413,105 @@ static Matrices matrices(const at::Tensor& qh_s, const at::Tensor& ql_s, const a
   Matrices out;
   for (int n = 0; n < 4; ++n) {
     const at::Tensor& m = *all[n];
-    check_float_on_device(m, op, names[n]);
-    TORCH_CHECK(m.device() == qh_s.device(), op, ": ", names[n], " is on ", m.device(), ", qh_s on ", qh_s.device());
+    check_float32(op, names[n], m);
+    check_same_device(op, names[n], m, "qh_s", qh_s);
     TORCH_CHECK(m.sizes() == qh_s.sizes(), op, ": ", names[n], " has shape ", m.sizes(), ", qh_s ", qh_s.sizes());
     out.m[n] = m.contiguous();
   }
+  out.B = qh_s.size(0);
+  out.tiles = grid_yz(op, cdiv(out.B, kTile));
   return out;
 }
 
+}  // namespace
+
 // |x_i - x_j|^2, B x B float32, from float32 rows (B, D), computed directly (Triton's sq_distances).
-at::Tensor sq_distances(const at::Tensor& x) {
-  check_float_on_device(x, "cuda_rkd_sq_distances", "x");
-  TORCH_CHECK(x.dim() == 2, "cuda_rkd_sq_distances: x must be (B, D), got ", x.sizes());
-  const c10::cuda::CUDAGuard guard(x.device());
+at::Tensor rkd_sq_distances(const at::Tensor& x) {
+  constexpr const char* op = "fastkd::cuda_rkd_sq_distances";
+  check_float32(op, "x", x);
+  TORCH_CHECK(x.dim() == 2, op, ": x must be (B, D), got ", x.sizes());
+  const Launch L(op, x);
   const int64_t B = x.size(0), D = x.size(1);
   at::Tensor out = at::empty({B, B}, x.options());
   if (B == 0) return out;
   const at::Tensor xt = x.t().contiguous();  // (D, B): the tile's rows are contiguous
-  const int64_t n = cdiv(B, kDistTile);
-  check_grid(n, "cuda_rkd_sq_distances");
-  const dim3 grid(static_cast<unsigned>(n), static_cast<unsigned>(n));
-  FASTKD_LAUNCH(grid, kThreads, 0, at::cuda::getCurrentCUDAStream(), sq_dist_kernel)(
-      xt.data_ptr<float>(), out.data_ptr<float>(), B, D);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const unsigned n = grid_yz(op, cdiv(B, kDistTile));
+  L.launch(dim3(n, n), kThreads, sq_dist_kernel, data_of<float>(xt), mutable_data_of<float>(out), B, D);
   return out;
 }
 
 // out_m = sum_k w_mk (x_m - x_k), (B, D) float32, for a symmetric float32 w (Triton's weighted_diff).
-at::Tensor weighted_diff(const at::Tensor& w_in, const at::Tensor& x_in) {
-  check_float_on_device(w_in, "cuda_rkd_weighted_diff", "w");
-  check_float_on_device(x_in, "cuda_rkd_weighted_diff", "x");
-  TORCH_CHECK(x_in.dim() == 2, "cuda_rkd_weighted_diff: x must be (B, D), got ", x_in.sizes());
+at::Tensor rkd_weighted_diff(const at::Tensor& w_in, const at::Tensor& x_in) {
+  constexpr const char* op = "fastkd::cuda_rkd_weighted_diff";
+  check_float32(op, "w", w_in);
+  check_float32(op, "x", x_in);
+  TORCH_CHECK(x_in.dim() == 2, op, ": x must be (B, D), got ", x_in.sizes());
   const int64_t B = x_in.size(0), D = x_in.size(1);
-  TORCH_CHECK(w_in.dim() == 2 && w_in.size(0) == B && w_in.size(1) == B, "cuda_rkd_weighted_diff: w must be (", B,
-              ", ", B, "), got ", w_in.sizes());
-  TORCH_CHECK(w_in.device() == x_in.device(), "cuda_rkd_weighted_diff: w is on ", w_in.device(), ", x on ",
-              x_in.device());
-  const c10::cuda::CUDAGuard guard(x_in.device());
+  TORCH_CHECK(w_in.dim() == 2 && w_in.size(0) == B && w_in.size(1) == B, op, ": w must be (", B, ", ", B,
+              "), got ", w_in.sizes());
+  check_same_device(op, "w", w_in, "x", x_in);
+  const Launch L(op, x_in);
   const at::Tensor w = w_in.contiguous(), x = x_in.contiguous();
   at::Tensor out = at::empty({B, D}, x.options());
   if (B == 0 || D == 0) return out;
-  const int64_t rows = cdiv(B, kTile), cols = cdiv(D, kTile);
-  check_grid(rows, "cuda_rkd_weighted_diff");
-  TORCH_CHECK(cols <= 2147483647, "cuda_rkd_weighted_diff: the rows are too long (", D, ")");
-  const dim3 grid(static_cast<unsigned>(cols), static_cast<unsigned>(rows));
-  FASTKD_LAUNCH(grid, kThreads, 0, at::cuda::getCurrentCUDAStream(), weighted_diff_kernel)(
-      w.data_ptr<float>(), x.data_ptr<float>(), out.data_ptr<float>(), B, D);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const dim3 grid(grid_x(op, cdiv(D, kTile)), grid_yz(op, cdiv(B, kTile)));
+  L.launch(grid, kThreads, weighted_diff_kernel, data_of<float>(w), data_of<float>(x), mutable_data_of<float>(out), B,
+           D);
   return out;
 }
 
 // sum_{i, j != k} Huber(A^s_ijk - A^t_ijk), a 0-d float32 tensor (Triton's angle_sum): one partial per block,
 // summed by at::sum (deterministic) and doubled. The k range is split over gridDim.z when the (i, j) tiles alone
 // are too few.
-at::Tensor angle_sum(const at::Tensor& qh_s, const at::Tensor& ql_s, const at::Tensor& qh_t, const at::Tensor& ql_t,
-                     bool unit_s, bool unit_t) {
-  const Matrices m = matrices(qh_s, ql_s, qh_t, ql_t, "cuda_rkd_angle_sum");
-  const at::Tensor& q_s = m.m[0];
-  const c10::cuda::CUDAGuard guard(q_s.device());
-  const int64_t B = q_s.size(0);
-  if (B == 0) return at::zeros({}, q_s.options());
-  const int64_t n = cdiv(B, kTile);
-  check_grid(n, "cuda_rkd_angle_sum");
+at::Tensor rkd_angle_sum(const at::Tensor& qh_s, const at::Tensor& ql_s, const at::Tensor& qh_t,
+                         const at::Tensor& ql_t, bool unit_s, bool unit_t) {
+  constexpr const char* op = "fastkd::cuda_rkd_angle_sum";
+  const Matrices m = matrices(op, qh_s, ql_s, qh_t, ql_t);
+  const Launch L(op, qh_s);
+  const int64_t B = m.B, n = m.tiles;
+  if (B == 0) return at::zeros({}, m.m[0].options());
   const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   const int64_t max_split = cdiv(B, kMinSlice);
   const int64_t split = std::max<int64_t>(1, std::min<int64_t>(max_split, cdiv(2 * sms, n * n)));
   const int64_t k_per = cdiv(B, split);  // the last staged chunk of a slice may be partial
   const int64_t slices = cdiv(B, k_per);
-  at::Tensor partial = at::empty({slices * n * n}, q_s.options());
-  const dim3 grid(static_cast<unsigned>(n), static_cast<unsigned>(n), static_cast<unsigned>(slices));
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  const Side ms = m.side(0), mt = m.side(1);
-  float* out = partial.data_ptr<float>();
-  if (unit_s && unit_t) {
-    FASTKD_LAUNCH(grid, kThreads, 0, stream, angle_forward_kernel<true, true>)(ms, mt, out, B, k_per);
-  } else if (unit_s) {
-    FASTKD_LAUNCH(grid, kThreads, 0, stream, angle_forward_kernel<true, false>)(ms, mt, out, B, k_per);
-  } else if (unit_t) {
-    FASTKD_LAUNCH(grid, kThreads, 0, stream, angle_forward_kernel<false, true>)(ms, mt, out, B, k_per);
-  } else {
-    FASTKD_LAUNCH(grid, kThreads, 0, stream, angle_forward_kernel<false, false>)(ms, mt, out, B, k_per);
-  }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  at::Tensor partial = at::empty({slices * n * n}, m.m[0].options());
+  const dim3 grid(m.tiles, m.tiles, static_cast<unsigned>(slices));
+  dispatch_bool(unit_s, [&]<bool UNIT_S>() {
+    dispatch_bool(unit_t, [&]<bool UNIT_T>() {
+      L.launch(grid, kThreads, angle_forward_kernel<UNIT_S, UNIT_T>, m.side(0), m.side(1),
+               mutable_data_of<float>(partial), B, k_per);
+    });
+  });
   return 2.0 * at::sum(partial);
 }
 
 // W, (B, B) float32: the sum's gradient is weighted_diff(W, x_s) (Triton's angle_weights).
-at::Tensor angle_weights(const at::Tensor& qh_s, const at::Tensor& ql_s, const at::Tensor& qh_t, const at::Tensor& ql_t,
-                         bool unit_t) {
-  const Matrices m = matrices(qh_s, ql_s, qh_t, ql_t, "cuda_rkd_angle_weights");
-  const at::Tensor& q_s = m.m[0];
-  const c10::cuda::CUDAGuard guard(q_s.device());
-  const int64_t B = q_s.size(0);
-  at::Tensor s = at::empty({B, B}, q_s.options());
-  at::Tensor e = at::empty({B, B}, q_s.options());
-  at::Tensor u = at::empty({B, B}, q_s.options());
+at::Tensor rkd_angle_weights(const at::Tensor& qh_s, const at::Tensor& ql_s, const at::Tensor& qh_t,
+                             const at::Tensor& ql_t, bool unit_t) {
+  constexpr const char* op = "fastkd::cuda_rkd_angle_weights";
+  const Matrices m = matrices(op, qh_s, ql_s, qh_t, ql_t);
+  const Launch L(op, qh_s);
+  const int64_t B = m.B;
+  at::Tensor s = at::empty({B, B}, m.m[0].options());
+  at::Tensor e = at::empty({B, B}, m.m[0].options());
+  at::Tensor u = at::empty({B, B}, m.m[0].options());
   if (B > 0) {
-    const int64_t n = cdiv(B, kTile);
-    check_grid(n, "cuda_rkd_angle_weights");
-    const dim3 grid(static_cast<unsigned>(n), static_cast<unsigned>(n));
-    const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-    const Side ms = m.side(0), mt = m.side(1);
-    if (unit_t) {
-      FASTKD_LAUNCH(grid, kThreads, 0, stream, angle_rows_kernel<true>)(ms, mt, s.data_ptr<float>(),
-                                                                       e.data_ptr<float>(), B);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      FASTKD_LAUNCH(grid, kThreads, 0, stream, angle_cols_kernel<true>)(ms, mt, u.data_ptr<float>(), B);
-    } else {
-      FASTKD_LAUNCH(grid, kThreads, 0, stream, angle_rows_kernel<false>)(ms, mt, s.data_ptr<float>(),
-                                                                        e.data_ptr<float>(), B);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      FASTKD_LAUNCH(grid, kThreads, 0, stream, angle_cols_kernel<false>)(ms, mt, u.data_ptr<float>(), B);
-    }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    const dim3 grid(m.tiles, m.tiles);
+    dispatch_bool(unit_t, [&]<bool UNIT_T>() {
+      L.launch(grid, kThreads, angle_rows_kernel<UNIT_T>, m.side(0), m.side(1), mutable_data_of<float>(s),
+               mutable_data_of<float>(e), B);
+      L.launch(grid, kThreads, angle_cols_kernel<UNIT_T>, m.side(0), m.side(1), mutable_data_of<float>(u), B);
+    });
   }
   return 2.0 * ((e + e.t()) + (s + s.t()) - u);
 }
 
-}  // namespace fastkd_rkd
+}  // namespace fastkd
 
 TORCH_LIBRARY_IMPL(FASTKD_LIBRARY, FASTKD_DISPATCH_KEY, m) {
-  m.impl("cuda_rkd_sq_distances", &fastkd_rkd::sq_distances);
-  m.impl("cuda_rkd_weighted_diff", &fastkd_rkd::weighted_diff);
-  m.impl("cuda_rkd_angle_sum", &fastkd_rkd::angle_sum);
-  m.impl("cuda_rkd_angle_weights", &fastkd_rkd::angle_weights);
+  m.impl("cuda_rkd_sq_distances", &fastkd::rkd_sq_distances);
+  m.impl("cuda_rkd_weighted_diff", &fastkd::rkd_weighted_diff);
+  m.impl("cuda_rkd_angle_sum", &fastkd::rkd_angle_sum);
+  m.impl("cuda_rkd_angle_weights", &fastkd::rkd_angle_weights);
 }
