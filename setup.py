@@ -52,8 +52,9 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["fastkd", "fastkd.*"]),
     package_data={"fastkd.data": ["*.gz", "*.md"]},
-    install_requires=["torch>=2.11"],
-    extras_require={"test": ["pytest>=7", "numpy", "ninja"], "bench": ["matplotlib", "pytest-benchmark"]},
+    # numpy: torch imports it when present and warns "Failed to initialize NumPy" when it is not.
+    install_requires=["torch>=2.11", "numpy"],
+    extras_require={"test": ["pytest>=7", "ninja"], "bench": ["matplotlib", "pytest-benchmark"]},
     entry_points={"console_scripts": ["fastkd = fastkd.__main__:main"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,

@@ -5,7 +5,8 @@ Examples:
     python -m bench                                       # the full suite (needs a CUDA GPU)
     python -m bench --losses kd,jsd --shapes llm --peers eager,compile,liger,triton --passes fwd+bwd
     python -m bench --resume --budget-min 8               # go on where the last run at this commit stopped
-    python -m bench report                                # bench/results/README.md and plots from the CSV
+    python -m bench report                                # README.md and plots beside the newest of
+                                                          # bench/results/results.csv and quick.csv
 """
 from __future__ import annotations
 
@@ -82,8 +83,12 @@ def main(argv=None) -> int:
     rows = run(cases, args.peers, args.passes, device, args.quick, args.out, resume=args.resume,
                budget_min=args.budget_min)
     ok = sum(r["status"].startswith("ok") for r in rows)
-    print(f"{len(rows)} rows ({ok} timed) appended to {args.out}; `python -m bench report --csv {args.out}` "
-          f"makes the tables")
+    print(f"{len(rows)} rows ({ok} timed) appended to {args.out}; `python -m bench report` (the newest results) "
+          f"or `python -m bench report --csv {args.out}` makes the tables")
+    from .report import cpu_quick_note
+    note = cpu_quick_note(rows)
+    if note:
+        print(note)
     # A fastkd backend that disagrees with its own reference is a bug, not a data point.
     bad = sorted({f"{r['peer']} {r['loss']} {r['shape']} {r['dtype']}" for r in rows
                   if r["peer"] in ("triton", "cuda") and r["status"].startswith(("mismatch", "error"))})

@@ -76,7 +76,7 @@ class Case:
         return n
 
     def min_bytes(self, pass_: str) -> int:
-        """The floor of performance.md: bytes that any implementation of this pass must move.
+        """The floor of docs/performance.md: bytes that any implementation of this pass must move.
 
         Logit losses (and RKD): forward reads s and t (2x), the backward writes ds (1x; the fused design
         computes the gradient while it reads s and t), forward + backward 3 x elem size x elements.

@@ -39,7 +39,9 @@ def build(peer: str, case, device, quick: bool = False):
         return _liger(case, device)
     if peer in FASTKD_BACKENDS:
         try:
-            resolve(loss.op, peer, torch.device(device))
+            # resolve() takes the loss's input tensors (their device and dtype decide); an empty float32
+            # tensor on the case's device stands for them.
+            resolve(loss.op, peer, torch.empty(0, device=device))
         except BackendUnavailableError as err:
             raise Unavailable(str(err)) from None
         return functools.partial(getattr(functional, loss.op), backend=peer, **loss.kwargs)

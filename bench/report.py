@@ -15,7 +15,7 @@ from pathlib import Path
 
 from .cases import PASSES, parse_shape
 from .peers import PEERS
-from .results import DEFAULT_OUT, read_rows
+from .results import DEFAULT_OUT, QUICK_OUT, read_rows
 
 LOSS_ORDER = ("kd", "kl_forward", "kl_reverse", "jsd", "dkd", "rkd", "at")
 
@@ -72,7 +72,8 @@ def markdown(rows) -> str:
                 f"liger-kernel {newest['liger'] or 'not installed'}; copy bandwidth {_fmt(copy, '.0f')} GB/s.", ""]
         if mode == "quick" or device.startswith("cpu"):
             out += ["A smoke run of the code paths at tiny shapes, not a performance result (CPU timings; Triton "
-                    "kernels, when present, ran in Triton's interpreter).", ""]
+                    "kernels, when present, ran in Triton's interpreter). One shape per loss and dtype: the plots "
+                    "are single points per peer.", ""]
         by_case = defaultdict(dict)
         for row in sec:
             by_case[(row["loss"], row["shape"], row["dtype"], row["pass"])][row["peer"]] = row
@@ -161,7 +162,8 @@ def plots(rows, out_dir, pass_="fwd+bwd") -> list[Path]:
             ax_m.text(0.5, 0.5, "no memory counter on this device", ha="center", va="center",
                       transform=ax_m.transAxes)
         ax_t.legend(fontsize=7)
-        fig.suptitle(f"{loss} {dtype} on {device} ({mode})")
+        single = all(len(points) == 1 for points in series.values())
+        fig.suptitle(f"{loss} {dtype} on {device} ({mode})" + (": one shape, single points" if single else ""))
         fig.tight_layout()
         path = out_dir / f"{_slug(device)}_{mode}_{loss}_{dtype}.png"
         fig.savefig(path, dpi=100)
@@ -174,17 +176,47 @@ def _slug(text):
     return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower()
 
 
+def default_csv() -> Path | None:
+    """The newest of the files `python -m bench` (results.csv) and `python -m bench --quick` (quick.csv)
+    write by default: a report right after either run reads that run's file. None when neither exists."""
+    present = [Path(c) for c in (DEFAULT_OUT, QUICK_OUT) if Path(c).is_file()]
+    return max(present, key=lambda c: c.stat().st_mtime) if present else None
+
+
+def cpu_quick_note(rows) -> str | None:
+    """What a CPU smoke run's plots show, said where they are written: on a CPU, --quick times eager (the
+    reference) only, unless Triton's interpreter is on, at one shape per loss and dtype, so each plot is
+    one point per peer, not a curve."""
+    cpu = [r for r in rows if r["device"].startswith("cpu") and _num(r["median_ms"]) is not None]
+    if not cpu:
+        return None
+    peers = sorted({r["peer"] for r in cpu})
+    return (f"note: the CPU rows time {', '.join(peers)} only (torch.compile is skipped in --quick on a CPU, the "
+            f"kernels need a GPU or TRITON_INTERPRET=1) at one tiny shape per loss and dtype: their plots are single "
+            f"points per peer, a check that the code runs, not a performance curve. Run `python -m bench` on a GPU "
+            f"for curves, or `python -m bench.cpu_reference` for the reference against plain PyTorch on this CPU.")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench report", description=__doc__)
-    p.add_argument("--csv", default=str(DEFAULT_OUT), help="rows to read (default %(default)s)")
+    p.add_argument("--csv", default=None, help=f"rows to read (default: the newer of {DEFAULT_OUT} and {QUICK_OUT}, "
+                                               f"which `python -m bench` and `python -m bench --quick` write)")
     p.add_argument("--md", default=None, help="Markdown to write (default: README.md beside the CSV)")
     p.add_argument("--plots", default=None, help="folder for PNG plots (default: plots/ beside the CSV)")
     p.add_argument("--no-plots", action="store_true")
     args = p.parse_args(argv)
-    csv_path = Path(args.csv)
-    if not csv_path.exists():
-        print(f"error: {csv_path} does not exist; run `python -m bench` (or --quick) first", file=sys.stderr)
-        return 2
+    if args.csv is None:
+        csv_path = default_csv()
+        if csv_path is None:
+            print(f"error: no results yet: neither {DEFAULT_OUT} nor {QUICK_OUT} exists; run `python -m bench` "
+                  f"(GPU) or `python -m bench --quick` (any machine) first, or pass --csv", file=sys.stderr)
+            return 2
+        print(f"reading {csv_path}")
+    else:
+        csv_path = Path(args.csv)
+        if not csv_path.exists():
+            print(f"error: {csv_path} does not exist; pass the CSV that `python -m bench --out` wrote", file=sys.stderr)
+            return 2
     rows = read_rows(csv_path)
     if not rows:
         print(f"error: {csv_path} has no rows", file=sys.stderr)
@@ -198,6 +230,9 @@ def main(argv=None) -> int:
     md_path.parent.mkdir(parents=True, exist_ok=True)
     md_path.write_text(text)
     print(f"wrote {md_path} ({len(rows)} rows)" + (f" and {len(pngs)} plots" if pngs else ""))
+    note = cpu_quick_note(rows)
+    if note:
+        print(note)
     return 0
 
 

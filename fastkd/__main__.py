@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
+import os
 import platform
 import sys
 
@@ -27,10 +28,28 @@ def info() -> None:
             print(f"device cuda:{i}: {torch.cuda.get_device_name(i)} (sm_{major}{minor})")
     else:
         print("device cpu only (no CUDA device visible)")
-    print(f"default backend: {fastkd.default_backend()} (set FASTKD_BACKEND to change)")
+    print(f"default backend: {default_backend_line()}")
     for name, status in fastkd.available_backends().items():
         print(f"backend {name}: {'yes' if status.available else 'no'} - {status.reason}")
     print(f"CUDA extension: {cuda_extension_status()}")
+
+
+def backend_env_error() -> str | None:
+    """Why FASTKD_BACKEND is unusable, or None when it is unset or valid."""
+    try:
+        fastkd.default_backend()
+    except ValueError:
+        allowed = ", ".join(("auto",) + fastkd.BACKENDS)
+        return (f"FASTKD_BACKEND={os.environ.get('FASTKD_BACKEND')!r} is invalid: allowed values are {allowed} "
+                f"(unset means auto); every loss called without backend= raises until it is fixed")
+    return None
+
+
+def default_backend_line() -> str:
+    error = backend_env_error()
+    if error is not None:
+        return f"none - {error}"
+    return f"{fastkd.default_backend()} (set FASTKD_BACKEND to change)"
 
 
 def cuda_extension_ops() -> list[str]:
@@ -40,11 +59,25 @@ def cuda_extension_ops() -> list[str]:
 
 
 def cuda_extension_status() -> str:
-    if importlib.util.find_spec("fastkd._C") is None:
-        return ("not built ahead of time; backend='cuda' compiles it on first use (needs nvcc), or build it with "
-                "`python -m fastkd build-cuda` or FASTKD_BUILD_CUDA=1 pip install --no-build-isolation -e .")
-    importlib.import_module("fastkd._C")
-    return f"built ahead of time, {torch.ops.fastkd.cuda_build_info()}, ops: {', '.join(cuda_extension_ops())}"
+    """Where the CUDA extension is: built ahead of time (`fastkd._C`), or by `build-cuda` or a first
+    backend='cuda' call into torch's extension cache, or not at all."""
+    if importlib.util.find_spec("fastkd._C") is not None:
+        importlib.import_module("fastkd._C")
+        return f"built ahead of time, {torch.ops.fastkd.cuda_build_info()}, ops: {', '.join(cuda_extension_ops())}"
+    from .cuda import build
+    how_to = ("backend='cuda' compiles it on first use (needs nvcc), or build it with `python -m fastkd build-cuda` "
+              "or FASTKD_BUILD_CUDA=1 pip install --no-build-isolation -e .")
+    library = build.library_path()
+    if not library.is_file():
+        return f"not built; {how_to}"
+    if build.cached_library() is None:
+        return f"built just in time at {library}, but older than the sources in csrc/: rebuilt on first use; {how_to}"
+    try:
+        torch.ops.load_library(str(library))
+    except (OSError, RuntimeError) as err:
+        return f"built just in time at {library}, but it does not load here: {err}"
+    return (f"built just in time at {library} (torch's extension cache), {torch.ops.fastkd.cuda_build_info()}, "
+            f"ops: {', '.join(cuda_extension_ops())}")
 
 
 def build_cuda(arch: str | None, verbose: bool) -> int:
@@ -61,8 +94,10 @@ def build_cuda(arch: str | None, verbose: bool) -> int:
         return 1
     ops = cuda_extension_ops()
     print(f"built and loaded {path}: {torch.ops.fastkd.cuda_build_info()}, {len(ops)} ops: {', '.join(ops)}")
-    from .cuda import losses  # registers the fakes, the autograd and the losses, as the first use does
-    print(f"registered as backend 'cuda' for: {', '.join(sorted(losses.LOSSES))}")
+    from . import cuda, kernel_losses
+    cuda.register()  # the fakes and the autograd, as the first use does
+    print(f"registered as backend 'cuda' for: {', '.join(sorted(kernel_losses.LOSSES))}")
+    print("cached there for later processes (fastkd.cuda.build.cached_library); `python -m fastkd info` reports it")
     return 0
 
 
@@ -93,7 +128,12 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--backend", default=None, choices=("auto",) + fastkd.BACKENDS)
     demo.add_argument("--epochs-teacher", type=int, default=None)
     demo.add_argument("--epochs-student", type=int, default=None)
+    demo.add_argument("--threads", type=int, default=None,
+                      help="CPU threads for torch (default: torch's, the core count); on a CPU the numbers depend on it")
     args = parser.parse_args(argv)
+    if args.command == "demo" and args.backend is None and backend_env_error() is not None:
+        print(f"error: {backend_env_error()}", file=sys.stderr)
+        return 2
     if args.command == "info":
         info()
     elif args.command == "build-cuda":
@@ -102,6 +142,10 @@ def main(argv: list[str] | None = None) -> int:
         return kernels(args.arch)
     else:
         from . import demo as demo_module
+        if args.threads is not None:
+            if args.threads < 1:
+                parser.error(f"--threads must be at least 1, got {args.threads}")
+            torch.set_num_threads(args.threads)
         demo_module.run(quick=args.quick, seed=args.seed, device=args.device, backend=args.backend,
                         epochs_teacher=args.epochs_teacher, epochs_student=args.epochs_student)
     return 0

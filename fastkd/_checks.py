@@ -132,7 +132,9 @@ def check_features(student_name: str, student: object, teacher_name: str, teache
         raise ValueError(f"{student_name} and {teacher_name} must have the same batch size, "
                          f"got {student.shape[0]} and {teacher.shape[0]}")
     if student.shape[0] < min_batch:
-        raise ValueError(f"this loss needs a batch of at least {min_batch} samples, got {student.shape[0]}")
+        raise ValueError(f"{student_name} and {teacher_name} must hold a batch of at least {min_batch} samples, got "
+                         f"{student.shape[0]} ({student_name} has shape {tuple(student.shape)}): this loss relates "
+                         f"the samples of a batch to each other")
     if same_shape and student.shape != teacher.shape:
         raise ValueError(f"{student_name} and {teacher_name} must have the same shape, "
                          f"got {tuple(student.shape)} and {tuple(teacher.shape)}")

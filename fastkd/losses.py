@@ -1,6 +1,7 @@
 """The losses as `torch.nn.Module`s: constructor arguments are the options of `fastkd.functional`."""
 from __future__ import annotations
 
+from numbers import Integral
 from typing import Sequence
 
 import torch
@@ -268,12 +269,17 @@ class ConvRegressor(nn.Module):
     The convolution is chosen as RepDistiller's `ConvReg`: stride 2 (3x3) when the student is twice the
     teacher's height, a transposed convolution when it is half, otherwise a valid convolution with a
     `(1 + H_s - H_t, 1 + W_s - W_t)` kernel (1x1 for equal sizes).
+
+    Args:
+        student_shape: the student maps' shape `(B, C_s, H_s, W_s)` (a `torch.Size` or any 4 ints; B is unused).
+        teacher_shape: the teacher maps' shape `(B, C_t, H_t, W_t)`.
+        use_relu: end with a ReLU (RepDistiller's default), or return the batch-normed convolution.
     """
 
-    def __init__(self, student_shape: Sequence[int], teacher_shape: Sequence[int], use_relu: bool = True):
+    def __init__(self, student_shape: Sequence[int], teacher_shape: Sequence[int], use_relu: bool = True) -> None:
         super().__init__()
-        _, c_s, h_s, w_s = student_shape
-        _, c_t, h_t, w_t = teacher_shape
+        _, c_s, h_s, w_s = _map_shape("student_shape", student_shape)
+        _, c_t, h_t, w_t = _map_shape("teacher_shape", teacher_shape)
         if h_s == 2 * h_t:
             self.conv = nn.Conv2d(c_s, c_t, kernel_size=3, stride=2, padding=1)
         elif 2 * h_s == h_t:
@@ -286,6 +292,21 @@ class ConvRegressor(nn.Module):
         self.bn = nn.BatchNorm2d(c_t)
         self.use_relu = use_relu
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Student maps `(B, C_s, H_s, W_s)` to `(B, C_t, H_t, W_t)`."""
         x = self.bn(self.conv(x))
         return torch.relu(x) if self.use_relu else x
+
+
+def _map_shape(name: str, shape: object) -> tuple[int, int, int, int]:
+    """A `(batch, channels, height, width)` shape of positive ints (a tensor's `.shape`, a tuple or a list)."""
+    if isinstance(shape, torch.Tensor) or not isinstance(shape, Sequence) or len(shape) != 4:
+        raise ValueError(f"{name} must be a 4-d map shape (batch, channels, height, width), got {shape!r}")
+    if not all(isinstance(d, Integral) and not isinstance(d, bool) and d > 0 for d in shape):
+        raise ValueError(f"{name} must hold 4 positive ints (batch, channels, height, width), got {tuple(shape)}")
+    return tuple(int(d) for d in shape)
+
+
+def __dir__() -> list[str]:
+    # dir() and tab completion list the public API, not this module's imports and helpers.
+    return sorted(__all__)

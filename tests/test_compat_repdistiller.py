@@ -442,7 +442,7 @@ def build_criterion(distill, lib, feat_s, feat_t):
     raise AssertionError(distill)
 
 
-# RepDistiller's `-b` weight for each loss (semantics.md).
+# RepDistiller's `-b` weight for each loss (docs/semantics.md).
 BETA = {"kd": 0.0, "hint": 100, "attention": 1000, "similarity": 3000, "correlation": 0.02, "rkd": 1,
         "pkt": 30000, "fsp": 50, "nst": 50}
 

@@ -235,8 +235,10 @@ for _name, (_fn, _min_batch, _s, _t) in PAIR_FNS.items():
                                 lambda f=_fn, s=_s, t=_t: f(s, t, backend="nope")),
     })
     if _min_batch == 2:
+        # The message names the argument and its shape, not just "this loss".
         FEATURE_ERRORS[f"{_name}-batch-of-one"] = err(
-            ValueError, "at least 2 samples, got 1", lambda f=_fn, s=_s, t=_t: f(s[:1], t[:1]))
+            ValueError, r"f_s and f_t must hold a batch of at least 2 samples, got 1 \(f_s has shape \(1, 8\)\)",
+            lambda f=_fn, s=_s, t=_t: f(s[:1], t[:1]))
     if _name != "hint_loss":  # FitNets on (B,) features is meaningful; the others need a feature dim
         FEATURE_ERRORS[f"{_name}-1d"] = err(ValueError, "f_s must have at least",
                                             lambda f=_fn: f(x(4), x(4)))
@@ -520,8 +522,10 @@ MODULE_FORWARD_ERRORS = {
     "MutualLearningLoss-tensor": err(TypeError, "logits must be a list or tuple",
                                      lambda: L.MutualLearningLoss()(torch.stack([S, T]), Y)),
     "MutualLearningLoss-one": err(ValueError, "at least 2 students", lambda: L.MutualLearningLoss()([S], Y)),
-    "RKDLoss-batch-of-one": err(ValueError, "at least 2 samples", lambda: L.RKDLoss()(x(1, 8), x(1, 8))),
-    "CCLoss-batch-of-one": err(ValueError, "at least 2 samples", lambda: L.CCLoss()(x(1, 8), x(1, 8))),
+    "RKDLoss-batch-of-one": err(ValueError, r"f_s and f_t must hold .*at least 2 samples.*f_s has shape \(1, 8\)",
+                                lambda: L.RKDLoss()(x(1, 8), x(1, 8))),
+    "CCLoss-batch-of-one": err(ValueError, r"f_s and f_t must hold .*at least 2 samples.*f_s has shape \(1, 8\)",
+                               lambda: L.CCLoss()(x(1, 8), x(1, 8))),
     "CCLoss-shape": err(ValueError, "same shape", lambda: L.CCLoss()(x(4, 8), x(4, 6))),
     "AttentionTransferLoss-3d": err(ValueError, "at least 4 dimensions",
                                     lambda: L.AttentionTransferLoss()(x(2, 3, 16), x(2, 3, 16))),

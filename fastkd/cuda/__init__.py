@@ -33,20 +33,33 @@ def _load(build: bool) -> str | None:
     try:
         importlib.import_module("fastkd._C")
     except ImportError:
-        if not build:
-            return ("the CUDA extension is not built: name backend='cuda' once to compile it just in time, or "
-                    "install with FASTKD_BUILD_CUDA=1")
         from . import build as builder
-        print("fastkd: compiling the CUDA extension for this GPU (once; cached afterwards)...", file=sys.stderr)
         try:
-            builder.build()
-        except Exception as err:  # the compiler's output is in the message
-            _load_error = f"building the CUDA extension failed: {err}"
+            # A library that `python -m fastkd build-cuda` or an earlier backend="cuda" call left in torch's
+            # extension cache: load it without a compiler before calling the extension "not built".
+            cached = builder.load_cached()
+        except OSError as err:
+            _load_error = f"loading the cached CUDA extension failed: {err}"
             return _load_error
-    global KERNELS
+        if cached is None:
+            if not build:
+                return ("the CUDA extension is not built: name backend='cuda' once to compile it just in time, run "
+                        "`python -m fastkd build-cuda`, or install with FASTKD_BUILD_CUDA=1")
+            print("fastkd: compiling the CUDA extension for this GPU (once; cached afterwards)...", file=sys.stderr)
+            try:
+                builder.build()
+            except Exception as err:  # the compiler's output is in the message
+                _load_error = f"building the CUDA extension failed: {err}"
+                return _load_error
+    register()
+    return None
+
+
+def register() -> None:
+    """Make the loaded extension's operators the backend's `KERNELS`, with the declared fakes and autograd."""
+    global KERNELS, _loaded
     KERNELS = kernel_ops.register("cuda")
     _loaded = True
-    return None
 
 
 def unavailable_reason(device: torch.device | None, build: bool = False) -> str | None:

@@ -5,6 +5,9 @@
    compiles with `torch.utils.cpp_extension.load` into a cache folder and loads it.
 3. CMake: `CMakeLists.txt` (find_package(Torch)) compiles the same `csrc/sources.txt`.
 
+A just-in-time build stays in torch's extension cache (`library_path()`); `cached_library()` finds it there
+from a later process, and `load_cached()` loads it without starting a compiler.
+
 Architectures: `FASTKD_CUDA_ARCH` (for example "8.0;9.0"), else `TORCH_CUDA_ARCH_LIST`, else the visible
 GPUs' own, else sm_80 and sm_90 (a machine without a GPU, such as CI).
 """
@@ -12,6 +15,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 from pathlib import Path
 
 CSRC = Path(__file__).resolve().parents[2] / "csrc"
@@ -91,3 +95,53 @@ def build(verbose: bool = False, build_directory: str | None = None, only: list[
         is_python_module=False, verbose=verbose)
     directory = build_directory or cpp_extension._get_build_directory(name, verbose)
     return str(Path(directory) / f"{name}.so")
+
+
+def build_directory(name: str = NAME) -> Path:
+    """The folder `build()` compiles into by default: torch's extension cache, by the rule of
+    `torch.utils.cpp_extension._get_build_directory` (the same in torch 2.11 to 2.14), computed without
+    creating it or importing cpp_extension, whose import warns on a machine without a CUDA runtime."""
+    root = os.environ.get("TORCH_EXTENSIONS_DIR")
+    if root is None:
+        import torch
+        import torch._appdirs
+        if torch.version.hip is not None:
+            accelerator = "rocm" + torch.version.hip.replace(".", "")
+        elif torch.version.cuda is not None:
+            accelerator = "cu" + torch.version.cuda.replace(".", "")
+        else:
+            accelerator = "cpu"
+        python = f"py{sys.version_info.major}{sys.version_info.minor}{getattr(sys, 'abiflags', '')}"
+        cache = os.path.realpath(torch._appdirs.user_cache_dir(appname="torch_extensions"))
+        root = os.path.join(cache, f"{python}_{accelerator}")
+    return Path(root) / name
+
+
+def library_path(name: str = NAME) -> Path:
+    """Where a just-in-time build leaves the library (it may not exist)."""
+    return build_directory(name) / f"{name}.so"
+
+
+def cached_library(name: str = NAME, csrc: Path = CSRC) -> Path | None:
+    """The library a just-in-time build left, if it is newer than every file of csrc/ it was built from
+    (the CPU stand-in aside); None otherwise, or without the sources."""
+    library = library_path(name)
+    if not library.is_file():
+        return None
+    try:
+        inputs = [p for p in csrc.rglob("*") if p.is_file() and "standin" not in p.relative_to(csrc).parts]
+    except OSError:
+        return None
+    if not inputs or any(p.stat().st_mtime > library.stat().st_mtime for p in inputs):
+        return None
+    return library
+
+
+def load_cached(name: str = NAME) -> str | None:
+    """Load the library of an earlier just-in-time build (no compiler); its path, or None when there is none."""
+    library = cached_library(name)
+    if library is None:
+        return None
+    import torch
+    torch.ops.load_library(str(library))
+    return str(library)

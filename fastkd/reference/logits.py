@@ -2,29 +2,46 @@
 
 These are the definitions every kernel is checked against. Conventions shared by all of them:
 - Logits are `(..., C)`; every leading position is a row (a sample, or a token of a language model).
-- Arithmetic runs in float32 for float16/bfloat16 inputs (float64 stays float64) and the loss comes back
-  in that dtype; gradients reach the inputs in their own dtype.
+- Arithmetic runs in the wider of the two inputs' dtypes and at least float32 (`compute_dtype`): float32
+  for float16/bfloat16 inputs, float64 as soon as one input is float64. The student and the teacher may have
+  different floating dtypes (a float32 student against a bfloat16 teacher computes in float32). The loss
+  comes back in that dtype; gradients reach each input in its own dtype.
 - A probability of exactly 0 contributes 0 to a divergence and a zero gradient, also where the other
   distribution's log-probability is -inf (masked vocabulary). PyTorch's pointwise `kl_div` is NaN there.
 - The teacher is not detached: it gets a gradient when it requires one (mutual learning).
+
+KL and JSD (and KD's KL term) are defined per row by `divergence_rows`. When only the student needs a
+gradient, the usual distillation, `row_divergence` computes the same rows and, in the same forward pass,
+the student's gradient from its closed form (`(p_s - p_t) / T` for the forward KL), and keeps only that
+for the backward pass: one `(rows, C)` tensor where autograd through the formula keeps the
+log-probabilities, the probabilities and a mask. On a CPU that makes the reference no slower and no larger
+than the plain formula (`python -m bench.cpu_reference`). That path is differentiable once (no double
+backward through `create_graph`); a teacher that needs a gradient takes autograd through the formula.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 NEG_INF = float("-inf")
 
 
-def compute_dtype(t: torch.Tensor) -> torch.dtype:
-    return torch.promote_types(t.dtype, torch.float32)
+def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """The dtype the arithmetic runs in: the widest of the inputs' floating dtypes, at least float32."""
+    dtype = torch.float32
+    for t in tensors:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
 
 
-def log_probs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """`log_softmax(logits / T)` over the last dim, in float32 or wider."""
-    return torch.log_softmax(logits.to(compute_dtype(logits)) / temperature, dim=-1)
+def log_probs(logits: torch.Tensor, temperature: float, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """`log_softmax(logits / T)` over the last dim, in `dtype` (default: float32 or wider)."""
+    dtype = compute_dtype(logits) if dtype is None else dtype
+    if temperature == 1.0:
+        # log_softmax upcasts as it reads: no float32 copy of 16-bit logits.
+        return torch.log_softmax(logits, dim=-1, dtype=dtype)
+    return torch.log_softmax(logits.to(dtype) / temperature, dim=-1)
 
 
 def kl_rows(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
@@ -68,54 +85,6 @@ def masked_reduce(per_row: torch.Tensor, labels: torch.Tensor | None, ignore_ind
     return reduce_rows(per_row, reduction, keep.sum().clamp(min=1), classes)
 
 
-def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 4.0, *,
-            reduction: str = "batchmean", target: torch.Tensor | None = None, ce_weight: float = 0.0,
-            kd_weight: float = 1.0) -> torch.Tensor:
-    """Hinton et al.'s distillation loss with an optional hard-label term.
-
-    `loss = ce_weight * CE(z_s, y) + kd_weight * T^2 * KL(softmax(z_t / T) || softmax(z_s / T))`
-
-    With the defaults this is RepDistiller's `DistillKL(T)`, mdistiller's `kd_loss` and
-    Knowledge-Distillation-Zoo's `SoftTarget`: `T^2 / B * sum_{b,c} kl_div(log_softmax(z_s/T), softmax(z_t/T))`.
-    RepDistiller's and mdistiller's training default adds the hard term as `ce_weight=0.1, kd_weight=0.9`.
-
-    Shapes: logits `(..., C)`, target `(...)` class indices. Reductions apply to each term as PyTorch does:
-    the KL term as `F.kl_div` ("batchmean": sum / rows, "mean": sum / (rows * C), "sum", "none": per row);
-    the CE term as `F.cross_entropy` ("batchmean" and "mean" both average over rows).
-    The CE term uses the raw student logits (no temperature), in float32 or wider.
-    """
-    rows = student_logits.numel() // student_logits.shape[-1]
-    classes = student_logits.shape[-1]
-    kl = kl_rows(log_probs(teacher_logits, temperature), log_probs(student_logits, temperature))
-    loss = (kd_weight * temperature * temperature) * reduce_rows(kl, reduction, rows, classes)
-    if target is not None and ce_weight != 0.0:
-        logits = student_logits.to(compute_dtype(student_logits))
-        ce = F.cross_entropy(logits.reshape(rows, classes), target.reshape(rows).long(), reduction="none")
-        ce_reduction = "batchmean" if reduction == "mean" else reduction
-        loss = loss + ce_weight * reduce_rows(ce.reshape(kl.shape), ce_reduction, rows, classes)
-    return loss
-
-
-def kl_div_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0, *,
-                direction: str = "forward", labels: torch.Tensor | None = None, ignore_index: int = -100,
-                reduction: str = "batchmean") -> torch.Tensor:
-    """KL divergence between the tempered distributions of two logit tensors, per token, masked.
-
-    direction "forward": `KL(p_t || p_s)` (mean-seeking, the usual KD direction);
-    direction "reverse": `KL(p_s || p_t)` (mode-seeking, as in MiniLLM / GKD).
-    `p = softmax(logits / T)`; no `T^2` factor (TRL and torchtune apply none; `kd_loss` does).
-    Tokens whose label equals `ignore_index` are left out; "batchmean" divides by the number of
-    remaining tokens (at least 1), so an all-ignored batch gives 0 with a zero gradient.
-    Teacher log-probabilities may be passed as logits: `log_softmax` leaves them unchanged.
-    Unlike torchtune's `ForwardKLLoss`, which returns the cross-entropy `-sum p_t log p_s` (KL plus the
-    teacher entropy), this is the KL itself; the gradients are the same.
-    """
-    log_ps = log_probs(student_logits, temperature)
-    log_pt = log_probs(teacher_logits, temperature)
-    per_token = kl_rows(log_pt, log_ps) if direction == "forward" else kl_rows(log_ps, log_pt)
-    return masked_reduce(per_token, labels, ignore_index, reduction, student_logits.shape[-1])
-
-
 def log_mixture(log_p: torch.Tensor, log_q: torch.Tensor, weight_q: float) -> torch.Tensor:
     """`log((1 - w) p + w q)` from log-probabilities, for 0 < w < 1; -inf where both are -inf.
 
@@ -136,6 +105,157 @@ def log_mixture(log_p: torch.Tensor, log_q: torch.Tensor, weight_q: float) -> to
     return torch.where(both_zero, NEG_INF, mixed)
 
 
+def divergence_rows(log_ps: torch.Tensor, log_pt: torch.Tensor, kind: str, beta: float = 0.5) -> torch.Tensor:
+    """The definition, per row, from log-probabilities: "forward" `KL(p_t || p_s)`, "reverse" `KL(p_s || p_t)`,
+    "jsd" `beta * KL(p_t || m) + (1 - beta) * KL(p_s || m)` with `m = beta p_t + (1 - beta) p_s`, 0 < beta < 1."""
+    if kind == "forward":
+        return kl_rows(log_pt, log_ps)
+    if kind == "reverse":
+        return kl_rows(log_ps, log_pt)
+    log_m = log_mixture(log_ps, log_pt, beta)
+    return beta * kl_rows(log_pt, log_m) + (1.0 - beta) * kl_rows(log_ps, log_m)
+
+
+# The fused path: `divergence_rows` and the student's gradient in one forward pass, for the usual
+# distillation (the teacher needs no gradient). Autograd through the formula keeps the log-probabilities,
+# the probabilities and a mask for the backward pass; this keeps one (rows, C) tensor, the gradient, and
+# works in place, dropping each full-size tensor (250 MB in float32 at 4 x 512 x 32000) once it is spent.
+# The arithmetic of the value is the formula's, operation for operation.
+
+def _log_mixture_(log_p: torch.Tensor, log_q: torch.Tensor, weight_q: float) -> torch.Tensor:
+    """`log_mixture` without autograd, in fewer full-size temporaries; the same values."""
+    p_is_lo = log_p < log_q
+    hi = torch.maximum(log_p, log_q)
+    mixed = torch.minimum(log_p, log_q).sub_(hi).expm1_()
+    mixed.mul_(torch.where(p_is_lo, hi.new_tensor(1.0 - weight_q), hi.new_tensor(weight_q)))
+    del p_is_lo
+    # Where both are -inf, hi is -inf and lo - hi NaN: the mixture is -inf there.
+    return mixed.log1p_().add_(hi).masked_fill_(hi == NEG_INF, NEG_INF)
+
+
+def _kl_rows_(log_p: torch.Tensor, log_q: torch.Tensor, temperature: float, grad: str | None):
+    """`kl_rows(log_p, log_q)`, overwriting `log_p` (and `log_q` for grad "q"), and the gradient asked for:
+    with `d = where(p > 0, log p - log q, 0)`, `KL = sum_c p_c d_c`, `p = softmax(z_p / T)`, `q = softmax(z_q / T)`:
+
+        grad "p": dKL/dz_p = p * (d - KL) / T;        grad "q": dKL/dz_q = (q - p) / T.
+    """
+    p = log_p.exp()
+    d = log_p.sub_(log_q)
+    d.masked_fill_(p == 0, 0.0)
+    if grad != "p":
+        kl = d.mul_(p).sum(-1)
+        return kl, log_q.exp_().sub_(p).div_(temperature) if grad == "q" else None
+    kl = (p * d).sum(-1)
+    return kl, d.sub_(kl.unsqueeze(-1)).mul_(p).div_(temperature)
+
+
+def _jsd_rows_(log_ps: torch.Tensor, log_pt: torch.Tensor, beta: float, temperature: float, grad: bool):
+    """The JSD rows of `divergence_rows`, overwriting both arguments, and the student's gradient if `grad`.
+    As `sum_c m_c = 1`, `dJSD/dp_s = (1 - beta) (log p_s - log m)`; through the softmax,
+
+        dJSD/dz_s = (1 - beta) * p_s * (d_s - KL(p_s || m)) / T,   d_s = where(p_s > 0, log p_s - log m, 0).
+    """
+    log_m = _log_mixture_(log_ps, log_pt, beta)
+    kl_s, dz_s = _kl_rows_(log_ps, log_m, temperature, "p" if grad else None)
+    del log_ps  # without a gradient it is spent
+    kl_t, _ = _kl_rows_(log_pt, log_m, temperature, None)
+    return beta * kl_t + (1.0 - beta) * kl_s, None if dz_s is None else dz_s.mul_(1.0 - beta)
+
+
+def _fused_rows(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float, kind: str,
+                beta: float, grad: bool):
+    """`divergence_rows` of the two logit tensors, and the student's gradient d(row)/d(z_s) if `grad`."""
+    dtype = compute_dtype(student_logits, teacher_logits)
+    # The log-probabilities go straight into the call, which then holds the only reference to each.
+    if kind == "jsd":
+        return _jsd_rows_(log_probs(student_logits, temperature, dtype), log_probs(teacher_logits, temperature, dtype),
+                          beta, temperature, grad)
+    if kind == "reverse":
+        return _kl_rows_(log_probs(student_logits, temperature, dtype), log_probs(teacher_logits, temperature, dtype),
+                         temperature, "p" if grad else None)
+    return _kl_rows_(log_probs(teacher_logits, temperature, dtype), log_probs(student_logits, temperature, dtype),
+                     temperature, "q" if grad else None)
+
+
+class _StudentDivergence(torch.autograd.Function):
+    """`_fused_rows` under autograd, for a student that needs a gradient and a teacher that does not."""
+
+    @staticmethod
+    def forward(ctx, student_logits, teacher_logits, temperature, kind, beta):
+        rows, dz_s = _fused_rows(student_logits, teacher_logits, temperature, kind, beta, True)
+        ctx.student_dtype = student_logits.dtype
+        ctx.save_for_backward(dz_s)
+        return rows
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_rows):
+        dz_s, = ctx.saved_tensors
+        # Rounded once into the student's dtype, with no second full-size temporary.
+        grad = torch.empty(dz_s.shape, dtype=ctx.student_dtype, device=dz_s.device)
+        return torch.mul(dz_s, grad_rows.unsqueeze(-1), out=grad), None, None, None, None
+
+
+def row_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float, kind: str,
+                   beta: float = 0.5) -> torch.Tensor:
+    """`divergence_rows` of `log_softmax(logits / T)` in `compute_dtype`, by the fused path unless the teacher
+    needs a gradient too (a teacher that trains, a peer not detached): autograd runs through the formula then."""
+    grad = torch.is_grad_enabled()
+    if grad and teacher_logits.requires_grad:
+        dtype = compute_dtype(student_logits, teacher_logits)
+        return divergence_rows(log_probs(student_logits, temperature, dtype),
+                               log_probs(teacher_logits, temperature, dtype), kind, beta)
+    if grad and student_logits.requires_grad:
+        return _StudentDivergence.apply(student_logits, teacher_logits, temperature, kind, beta)
+    return _fused_rows(student_logits, teacher_logits, temperature, kind, beta, False)[0]
+
+
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 4.0, *,
+            reduction: str = "batchmean", target: torch.Tensor | None = None, ce_weight: float = 0.0,
+            kd_weight: float = 1.0) -> torch.Tensor:
+    """Hinton et al.'s distillation loss with an optional hard-label term.
+
+    `loss = ce_weight * CE(z_s, y) + kd_weight * T^2 * KL(softmax(z_t / T) || softmax(z_s / T))`
+
+    With the defaults this is RepDistiller's `DistillKL(T)`, mdistiller's `kd_loss` and
+    Knowledge-Distillation-Zoo's `SoftTarget`: `T^2 / B * sum_{b,c} kl_div(log_softmax(z_s/T), softmax(z_t/T))`.
+    RepDistiller's and mdistiller's training default adds the hard term as `ce_weight=0.1, kd_weight=0.9`.
+
+    Shapes: logits `(..., C)`, target `(...)` class indices. Reductions apply to each term as PyTorch does:
+    the KL term as `F.kl_div` ("batchmean": sum / rows, "mean": sum / (rows * C), "sum", "none": per row);
+    the CE term as `F.cross_entropy` ("batchmean" and "mean" both average over rows).
+    The CE term uses the raw student logits (no temperature), in float32 or wider.
+    """
+    rows = student_logits.numel() // student_logits.shape[-1]
+    classes = student_logits.shape[-1]
+    kl = row_divergence(student_logits, teacher_logits, temperature, "forward")
+    loss = (kd_weight * temperature * temperature) * reduce_rows(kl, reduction, rows, classes)
+    if target is not None and ce_weight != 0.0:
+        logits = student_logits.to(kl.dtype)
+        ce = F.cross_entropy(logits.reshape(rows, classes), target.reshape(rows).long(), reduction="none")
+        ce_reduction = "batchmean" if reduction == "mean" else reduction
+        loss = loss + ce_weight * reduce_rows(ce.reshape(kl.shape), ce_reduction, rows, classes)
+    return loss
+
+
+def kl_div_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0, *,
+                direction: str = "forward", labels: torch.Tensor | None = None, ignore_index: int = -100,
+                reduction: str = "batchmean") -> torch.Tensor:
+    """KL divergence between the tempered distributions of two logit tensors, per token, masked.
+
+    direction "forward": `KL(p_t || p_s)` (mean-seeking, the usual KD direction);
+    direction "reverse": `KL(p_s || p_t)` (mode-seeking, as in MiniLLM / GKD).
+    `p = softmax(logits / T)`; no `T^2` factor (TRL and torchtune apply none; `kd_loss` does).
+    Tokens whose label equals `ignore_index` are left out; "batchmean" divides by the number of
+    remaining tokens (at least 1), so an all-ignored batch gives 0 with a zero gradient.
+    Teacher log-probabilities may be passed as logits: `log_softmax` leaves them unchanged.
+    Unlike torchtune's `ForwardKLLoss`, which returns the cross-entropy `-sum p_t log p_s` (KL plus the
+    teacher entropy), this is the KL itself; the gradients are the same.
+    """
+    per_token = row_divergence(student_logits, teacher_logits, temperature, direction)
+    return masked_reduce(per_token, labels, ignore_index, reduction, student_logits.shape[-1])
+
+
 def jsd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, beta: float = 0.5,
              temperature: float = 1.0, labels: torch.Tensor | None = None, ignore_index: int = -100,
              reduction: str = "batchmean") -> torch.Tensor:
@@ -147,15 +267,8 @@ def jsd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, beta
     Masking and reductions as in `kl_div_loss`; "batchmean" is the mean over unmasked tokens, which is
     TRL's for 3-d logits. Finite for every beta, also when both probabilities underflow to 0.
     """
-    log_ps = log_probs(student_logits, temperature)
-    log_pt = log_probs(teacher_logits, temperature)
-    if beta == 0.0:
-        per_token = kl_rows(log_pt, log_ps)
-    elif beta == 1.0:
-        per_token = kl_rows(log_ps, log_pt)
-    else:
-        log_m = log_mixture(log_ps, log_pt, beta)
-        per_token = beta * kl_rows(log_pt, log_m) + (1.0 - beta) * kl_rows(log_ps, log_m)
+    kind = "forward" if beta == 0.0 else "reverse" if beta == 1.0 else "jsd"
+    per_token = row_divergence(student_logits, teacher_logits, temperature, kind, beta)
     return masked_reduce(per_token, labels, ignore_index, reduction, student_logits.shape[-1])
 
 
@@ -183,8 +296,9 @@ def dkd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target:
     rows, classes = student_logits.shape
     target = target.long()
     is_target = F.one_hot(target, classes).bool()
-    log_ps = log_probs(student_logits, temperature)
-    log_pt = log_probs(teacher_logits, temperature)
+    dtype = compute_dtype(student_logits, teacher_logits)
+    log_ps = log_probs(student_logits, temperature, dtype)
+    log_pt = log_probs(teacher_logits, temperature, dtype)
     tckd = kl_rows(target_vs_rest_log_probs(log_pt, target, is_target),
                    target_vs_rest_log_probs(log_ps, target, is_target))
     loss = alpha * tckd.sum()
@@ -206,7 +320,7 @@ def kl_div(input: torch.Tensor, target: torch.Tensor, *, reduction: str = "mean"
     for any input where t = 0); here that term is 0. A negative or NaN target, and a NaN or +inf input,
     still give NaN, as in PyTorch. Arithmetic in float32 or wider.
     """
-    dtype = torch.promote_types(compute_dtype(input), target.dtype)
+    dtype = compute_dtype(input, target)
     input = input.to(dtype)
     if log_target:
         log_t = target.to(dtype)
