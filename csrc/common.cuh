@@ -2,12 +2,15 @@
 // the rows of `(..., V)` views by strides, row statistics kept apart (the max M and the sum Z = sum exp(x - M),
 // never lse = M + log Z), the accurate element-wise helpers of rows.py (`exp_diff`, `expm1_small`,
 // `log_ratio`), a row visitor with 16-byte vector loads. For every kernel file: block reductions, and the host
-// side of an operator call: checks, grid limits, the launch context (`Launch`; `RowLaunch` and `RowBackward`
-// for the row operators) and the dispatch of dtypes and flags to template arguments.
+// side of an operator call: checks, grid limits, the launch context (`Launch`; `RowLaunch` and `RowCall` for the
+// row operators, with their per-row weights `RowWeights`) and the dispatch of dtypes and flags to template
+// arguments.
 //
-// One thread block per row. The logit kernels take the row maxima first (pass 1: a per-thread max, then a
-// block max), then re-read the row for the sums against the final maxima (no rescaling, so no rescaling
-// error): each thread sums over the columns it visits, and the per-thread sums are added across the block.
+// One thread block per row, one launch per call. The logit kernels take the row maxima first (pass 1: a
+// per-thread max, then a block max), then re-read the row for the sums against the final maxima (no rescaling,
+// so no rescaling error): each thread sums over the columns it visits, and the per-thread sums are added across
+// the block (every thread gets them). Where a gradient is asked for, a last pass re-reads the row and writes it,
+// weighted, from those statistics (`write_row_gradients`); the backward only scales it (rows.cu).
 //
 // Precision under nvcc's --use_fast_math (which maps expf/logf/x/y to __expf/__logf/__fdividef and flushes
 // subnormals to zero): every rounding that the accuracy analysis of rows.py relies on is made explicit here.
@@ -346,42 +349,33 @@ __device__ __forceinline__ void add_kl_terms(Floats<N>& s, float a, float b, Mor
   s.v[N - 1] += (ep > 0.0f && q_masked) ? 1.0f : 0.0f;
 }
 
-// What the block of a backward row kernel works on: row `row` = blockIdx.x of x and y, of the forward's
-// statistics, and of the gradients it writes (contiguous rows; nullptr for those it does not write).
-template <typename TX, typename TY>
-struct BackwardRow {
-  int64_t row;
-  const TX* x;
-  const TY* y;
-  const float* stats;
-  TX* dx;
-  TY* dy;
+// The per-row weights of a row operator's gradient (float32, any stride: often an expanded 0-stride view of one
+// number): weight i of row r is data[i][r * stride[i]], 1 where data[i] is nullptr (not given). Read by a block
+// only when it writes a gradient.
+struct RowWeights {
+  const float* data[2];
+  int64_t stride[2];
+
+  __device__ __forceinline__ float at(int i, int64_t row) const {
+    return data[i] == nullptr ? 1.0f : data[i][row * stride[i]];
+  }
 };
 
-// Calls body(BackwardRow) for the block's row (W statistics a row), unless the token is ignored
-// (labels[row] == ignore_index; none without labels): that one reads nothing and gets a zero gradient.
-template <int W, bool X_GRAD, bool Y_GRAD, typename TX, typename TY, typename F>
-__device__ __forceinline__ void for_backward_row(const TX* x_base, const TY* y_base, const float* stats, TX* dx_base,
-                                                 TY* dy_base, int64_t V, const RowLayout& xl, const RowLayout& yl,
-                                                 const int64_t* labels, int64_t ignore_index, F&& body) {
-  const int64_t row = blockIdx.x;
-  TX* dx = X_GRAD ? dx_base + row * V : nullptr;
-  TY* dy = Y_GRAD ? dy_base + row * V : nullptr;
-  if (labels != nullptr && labels[row] == ignore_index) {
-    if (X_GRAD) zero_row(dx, V);
-    if (Y_GRAD) zero_row(dy, V);
-    return;
+// The gradient pass of a row kernel (after its statistics, which every thread holds): re-reads the row pair
+// (mostly from L2: the block has just read it) and writes the contiguous gradient rows dx, dy asked for
+// (X_GRAD, Y_GRAD), `f` as visit_row's. An ignored token (`active` false) reads nothing and gets zeros.
+template <bool X_GRAD, bool Y_GRAD, typename TX, typename TY, typename F>
+__device__ __forceinline__ void write_row_gradients(const TX* __restrict__ x, int64_t x_col, const TY* __restrict__ y,
+                                                    int64_t y_col, TX* __restrict__ dx, TY* __restrict__ dy,
+                                                    int64_t V, bool active, F&& f) {
+  if constexpr (X_GRAD || Y_GRAD) {
+    if (!active) {
+      if constexpr (X_GRAD) zero_row(dx, V);
+      if constexpr (Y_GRAD) zero_row(dy, V);
+      return;
+    }
+    visit_row<X_GRAD, Y_GRAD>(x, x_col, y, y_col, dx, dy, V, f);
   }
-  body(BackwardRow<TX, TY>{row, x_base + row_offset(row, xl), y_base + row_offset(row, yl), stats + row * W, dx, dy});
-}
-
-// Row `row` of a (rows, N) float32 matrix (a forward's saved statistics): column i gets the i-th value.
-template <int N, typename... V>
-__device__ __forceinline__ void store_row(float* __restrict__ stats, int64_t row, V... values) {
-  static_assert(sizeof...(V) == N, "one value per column");
-  float* out = stats + row * N;
-  int i = 0;
-  ((out[i++] = values), ...);
 }
 
 // ------------------------------------------------------------------------------------------------------
@@ -440,17 +434,18 @@ void dispatch_bool(bool b, F&& f) {
   }
 }
 
-// Calls f.template operator()<X_GRAD, Y_GRAD>() for the gradients a backward kernel writes: the flags are
-// template arguments, so each kernel writes what it must without a branch per element, and no kernel is
-// instantiated for neither.
+// Calls f.template operator()<X_GRAD, Y_GRAD>() for the gradients a row kernel writes: the flags are template
+// arguments, so each kernel writes what it must without a branch per element (neither: statistics only).
 template <typename F>
 void dispatch_grads(bool x_grad, bool y_grad, F&& f) {
   if (x_grad && y_grad) {
     f.template operator()<true, true>();
   } else if (x_grad) {
     f.template operator()<true, false>();
-  } else {
+  } else if (y_grad) {
     f.template operator()<false, true>();
+  } else {
+    f.template operator()<false, false>();
   }
 }
 
@@ -537,8 +532,7 @@ inline std::pair<at::Tensor, RowLayout> row_layout(const at::Tensor& input) {
 
 // A call of a row operator over a student's and a teacher's logits (..., V) at a temperature, one block per
 // row. The kernels take the two as x and y (`x_student`: the student is x, else the teacher is); `x`, `y` are
-// their row views, made only where the call has work (`idle()` false; `work` false: a backward asked for no
-// gradient), and kept alive by the launch context.
+// their row views, made only where the call has rows (`idle()` false), and kept alive by the launch context.
 struct RowLaunch : Launch {
   int64_t V, rows;
   int threads;
@@ -549,7 +543,7 @@ struct RowLaunch : Launch {
   RowLayout xl{}, yl{};
 
   RowLaunch(const char* op_name, const at::Tensor& student, const at::Tensor& teacher, double temperature,
-            bool x_student, bool work = true)
+            bool x_student)
       : Launch(op_name, check_logits(op_name, student, teacher)),
         V(student.size(-1)),
         rows(student.numel() / V),
@@ -558,7 +552,7 @@ struct RowLaunch : Launch {
         inv_temperature(static_cast<float>(1.0 / temperature)),
         x_is_student(x_student) {
     grid_x(op, rows);
-    if (rows == 0 || !work) return;
+    if (rows == 0) return;
     std::tie(x, xl) = row_layout(x_is_student ? student : teacher);
     std::tie(y, yl) = row_layout(x_is_student ? teacher : student);
   }
@@ -579,13 +573,6 @@ struct RowLaunch : Launch {
     return t.has_value() ? indices(name, *t) : at::Tensor();
   }
 
-  // A per-row float32 vector (an incoming gradient), contiguous.
-  at::Tensor per_row(const char* name, const at::Tensor& t) const {
-    check_same_device(op, name, t, "the logits", x);
-    TORCH_CHECK(t.numel() == rows, op, ": ", name, " must have one entry per row (", rows, "), got ", t.numel());
-    return t.reshape({-1}).to(at::kFloat).contiguous();
-  }
-
   // Calls f.template operator()<TX, TY>(x, y) with the operands' kernel types and data.
   template <typename F>
   void dispatch(F&& f) const {
@@ -601,35 +588,48 @@ struct RowLaunch : Launch {
   }
 };
 
-// A call of a row operator's backward: also the forward's statistics (`width` floats a row; checked, contiguous,
-// made where the call has work), the input gradients, each in its input's shape and dtype where asked for,
-// else empty (the contract of every backward operator here, as of the Triton launchers), and the kernel's
-// X_GRAD, Y_GRAD.
-struct RowBackward : RowLaunch {
-  at::Tensor stats;
+// A call of a row operator that writes the weighted gradient in the same pass: also the input gradients, each in
+// its input's shape and dtype (contiguous) where asked for, else empty (0,) (the contract of every row operator,
+// as of the Triton launchers), and the kernel's X_GRAD, Y_GRAD.
+struct RowCall : RowLaunch {
   at::Tensor d_student, d_teacher;
   bool x_grad, y_grad;
 
-  RowBackward(const char* op_name, const at::Tensor& student, const at::Tensor& teacher, double temperature,
-              bool x_student, const at::Tensor& saved_stats, int64_t width, bool student_grad, bool teacher_grad)
-      : RowLaunch(op_name, student, teacher, temperature, x_student, student_grad || teacher_grad),
+  RowCall(const char* op_name, const at::Tensor& student, const at::Tensor& teacher, double temperature,
+          bool x_student, bool student_grad, bool teacher_grad)
+      : RowLaunch(op_name, student, teacher, temperature, x_student),
         d_student(gradient(student, student_grad)),
         d_teacher(gradient(teacher, teacher_grad)),
         x_grad(x_student ? student_grad : teacher_grad),
-        y_grad(x_student ? teacher_grad : student_grad) {
-    if (idle()) return;
-    check_same_device(op, "stats", saved_stats, "the logits", x);
-    TORCH_CHECK(saved_stats.scalar_type() == at::kFloat && saved_stats.dim() == 2 && saved_stats.size(0) == rows &&
-                    saved_stats.size(1) == width,
-                op, ": stats must be float32 of shape (", rows, ", ", width, "), got ", saved_stats.scalar_type(), " ",
-                saved_stats.sizes());
-    stats = saved_stats.contiguous();
+        y_grad(x_student ? teacher_grad : student_grad) {}
+
+  bool grads() const { return x_grad || y_grad; }
+
+  // The per-row weights of the kernel (float32 (rows,), any stride; other float dtypes converted, the copy kept
+  // alive by this context): slot i is nullptr (weight 1) where not given or where no gradient is written (the
+  // kernel does not read it then).
+  RowWeights weights(const char* name0, const std::optional<at::Tensor>& w0, const char* name1 = nullptr,
+                     const std::optional<at::Tensor>& w1 = std::nullopt) const {
+    RowWeights w{};
+    const char* names[2] = {name0, name1};
+    const std::optional<at::Tensor>* given[2] = {&w0, &w1};
+    for (int i = 0; i < 2; ++i) {
+      const std::optional<at::Tensor>& t = *given[i];
+      if (!t.has_value() || !grads() || idle()) continue;
+      check_same_device(op, names[i], *t, "the logits", x);
+      TORCH_CHECK(t->dim() == 1 && t->size(0) == rows, op, ": ", names[i], " must have shape (", rows, "), got ",
+                  t->sizes());
+      TORCH_CHECK_TYPE(at::isFloatingType(t->scalar_type()), op, ": ", names[i], " must be float32, got ",
+                       t->scalar_type());
+      kept_weights[i] = t->scalar_type() == at::kFloat ? *t : t->to(at::kFloat);
+      w.data[i] = data_of<float>(kept_weights[i]);
+      w.stride[i] = kept_weights[i].stride(0);
+    }
+    return w;
   }
 
-  std::tuple<at::Tensor, at::Tensor> gradients() const { return {d_student, d_teacher}; }
-
   // Calls f.template operator()<TX, TY, X_GRAD, Y_GRAD>(x, y, dx, dy): the operands' kernel types and data, and
-  // the gradients written (nullptr for the other).
+  // the gradients written (nullptr for the others).
   template <typename F>
   void dispatch(F&& f) const {
     RowLaunch::dispatch([&]<typename TX, typename TY>(const TX* x_data, const TY* y_data) {
@@ -642,6 +642,8 @@ struct RowBackward : RowLaunch {
   }
 
  private:
+  mutable at::Tensor kept_weights[2];
+
   static at::Tensor gradient(const at::Tensor& input, bool wanted) {
     return wanted ? at::empty(input.sizes(), input.options()) : at::empty({0}, input.options());
   }

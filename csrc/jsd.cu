@@ -11,22 +11,24 @@
 //   h(w) = w - log1p(w) by its series; otherwise P = p (log p - log m), Q = q (log q - log m), C = p - q;
 //   KL(p || m) = sum P - (1 - beta) sum C,  KL(q || m) = sum Q + beta sum C,
 //   JSD = beta KL(p || m) + (1 - beta) KL(q || m).
-// stats (rows, 7) float32: M_x, Z_x, M_y, Z_y, L, KL(p || m), KL(q || m); all 0 for an ignored token.
-// Backward: dJSD/dx_j = (1 - beta) q_j ((log q_j - log m_j) - KL(q || m)), dJSD/dy_j = beta p_j ((log p_j -
-// log m_j) - KL(p || m)), the log-ratios recomputed exactly as the forward formed them; times grad / T.
+// Gradient: dJSD/dx_j = (1 - beta) q_j ((log q_j - log m_j) - KL(q || m)), dJSD/dy_j = beta p_j ((log p_j -
+// log m_j) - KL(p || m)), the log-ratios recomputed exactly as the divergences' sums formed them; times the
+// row's weight / T, read per row only when a gradient is written. An ignored token: loss 0, gradient 0.
 //
-// Design: one block per row, the row re-read rather than staged (any V): pass 1 the maxima, pass 2 Z_x, Z_y
-// and D against them, pass 3 the two divergences against L: 3 x 2 x V x sizeof(logit) bytes read by the
-// forward (passes 2 and 3 mostly from L2), 2 x V read and one write per requested gradient in the backward.
-// Per element: forward 2 + 2 `exp_accurate`, and where |delta| > 1/2 one more and one log1pf, plus the series
-// (~40 FMAs) and 3 correctly rounded divisions; backward 2 `exp_accurate`, 1 `expm1_accurate`, 1 log1pf.
+// Design: one block per row, one launch, the row re-read rather than staged (any V; the longest row held on
+// chip: none): pass 1 the maxima, pass 2 Z_x, Z_y and D against them, pass 3 the two divergences against L,
+// and when a gradient is asked for pass 4 the gradient, from the statistics every thread of the block holds
+// (nothing per row written to global memory and read back). Element traffic per call, N rows of V, g gradients:
+// reads 6 x N x V (X and Y in passes 1 to 3) and, with a gradient, 2 x N x V more (pass 4; passes 2 to 4 mostly
+// from L2), writes g x N x V. In bytes: (8 + g) x N x V x 2 for bf16/fp16, x 4 for fp32, with a gradient;
+// 6 x N x V x 2 (x 4) without (no N x V write). Exponentials per element: pass 2
+// two `exp_accurate`, pass 3 two, and where |delta| > 1/2 one more and one log1pf, plus the series (~40 FMAs)
+// and 3 correctly rounded divisions; pass 4: 1 `expm1_accurate`, 1 log1pf and one `exp_accurate` per gradient.
 // Precision: see common.cuh.
 #include "common.cuh"
 
 namespace fastkd {
 namespace {
-
-constexpr int kJsdRowsStats = 7;
 
 struct MixtureLogRatios {
   float lp_m, lq_m;  // log p - log m, log q - log m; each meaningful only where its own probability is > 0
@@ -59,42 +61,10 @@ __device__ __forceinline__ float x_minus_log1p_x(float w) {
 
 template <typename TX, typename TY, bool X_GRAD, bool Y_GRAD>
 __global__ void __launch_bounds__(kMaxThreads)
-    jsd_backward_kernel(const TX* __restrict__ x_base, const TY* __restrict__ y_base,
-                        const int64_t* __restrict__ labels, const float* __restrict__ stats,
-                        const float* __restrict__ grad, TX* __restrict__ dx_base, TY* __restrict__ dy_base,
-                        int64_t V, RowLayout xl, RowLayout yl, float inv_temperature, float beta,
-                        float one_minus_beta, int64_t ignore_index) {
-  for_backward_row<kJsdRowsStats, X_GRAD, Y_GRAD>(x_base, y_base, stats, dx_base, dy_base, V, xl, yl, labels,
-                                                  ignore_index, [&](const BackwardRow<TX, TY>& r) {
-    const float* st = r.stats;
-    const float m_x = st[0], z_x = st[1], m_y = st[2], z_y = st[3], l_yx = st[4], kl_p = st[5], kl_q = st[6];
-    // d/dS = d/dx / T: the 1/T rides on the incoming gradient, and so do the mixture weights.
-    const float g = grad[r.row] * inv_temperature;
-    const float g_x = g * one_minus_beta;
-    const float g_y = g * beta;
-    visit_row<X_GRAD, Y_GRAD>(r.x, xl.col, r.y, yl.col, r.dx, r.dy, V,
-                              [&](int64_t, float x_raw, float y_raw, float& gx, float& gy) {
-      const float a = scaled(x_raw, inv_temperature) - m_x;
-      const float b = scaled(y_raw, inv_temperature) - m_y;
-      const MixtureLogRatios r = mixture_log_ratios(a, b, l_yx, beta, one_minus_beta);
-      if (X_GRAD) {
-        const float ea = exp_accurate(a);
-        gx = (ea > 0.0f ? __fdiv_rn(ea, z_x) * (r.lq_m - kl_q) : 0.0f) * g_x;
-      }
-      if (Y_GRAD) {
-        const float eb = exp_accurate(b);
-        gy = (eb > 0.0f ? __fdiv_rn(eb, z_y) * (r.lp_m - kl_p) : 0.0f) * g_y;
-      }
-    });
-  });
-}
-
-template <typename TX, typename TY>
-__global__ void __launch_bounds__(kMaxThreads)
-    jsd_forward_kernel(const TX* __restrict__ x_base, const TY* __restrict__ y_base,
-                       const int64_t* __restrict__ labels, float* __restrict__ loss_out, float* __restrict__ stats,
-                       int64_t V, RowLayout xl, RowLayout yl, float inv_temperature, float beta,
-                       float one_minus_beta, int64_t ignore_index) {
+    jsd_rows_kernel(const TX* __restrict__ x_base, const TY* __restrict__ y_base,
+                    const int64_t* __restrict__ labels, float* __restrict__ loss_out, TX* __restrict__ dx_base,
+                    TY* __restrict__ dy_base, RowWeights weights, int64_t V, RowLayout xl, RowLayout yl,
+                    float inv_temperature, float beta, float one_minus_beta, int64_t ignore_index) {
   const int64_t row = blockIdx.x;
   const TX* x_row = x_base + row_offset(row, xl);
   const TY* y_row = y_base + row_offset(row, yl);
@@ -110,8 +80,8 @@ __global__ void __launch_bounds__(kMaxThreads)
     max_scaled(m, x_raw, y_raw, inv_temperature);
   });
   m = block_max<2>(m);
-  float m_x = finite_or_zero(m.v[0]);
-  float m_y = finite_or_zero(m.v[1]);
+  const float m_x = finite_or_zero(m.v[0]);
+  const float m_y = finite_or_zero(m.v[1]);
 
   // Pass 2 (re-read): [Z_x, Z_y, D] against the final maxima.
   Floats<3> z;
@@ -126,9 +96,9 @@ __global__ void __launch_bounds__(kMaxThreads)
     z.v[2] += exp_diff(b, a, eb, ea);
   });
   z = block_sum<3>(z);  // every thread gets the same sums, hence the same L
-  float z_x = z.v[0];
-  float z_y = z.v[1];
-  float l_yx = log_ratio(z_y, z_x, z.v[2]);
+  const float z_x = z.v[0];
+  const float z_y = z.v[1];
+  const float l_yx = log_ratio(z_y, z_x, z.v[2]);
 
   // Pass 3 (re-read): [sum P, sum Q, sum C], both divergences against the mixture.
   Floats<3> acc;
@@ -151,17 +121,36 @@ __global__ void __launch_bounds__(kMaxThreads)
       acc.v[2] += p - q;
     }
   });
-  acc = block_sum<3>(acc);
-  if (threadIdx.x != 0) return;
-  float kl_p = acc.v[0] - one_minus_beta * acc.v[2];
-  float kl_q = acc.v[1] + beta * acc.v[2];
-  float loss = beta * kl_p + one_minus_beta * kl_q;
-  if (!active) {
-    // An ignored token's statistics are 0 (its sums are empty: 0 / 0 must not reach the saved tensor).
-    loss = m_x = z_x = m_y = z_y = l_yx = kl_p = kl_q = 0.0f;
+  acc = block_sum<3>(acc);  // every thread gets the same sums, hence the same divergences
+  const float kl_p = acc.v[0] - one_minus_beta * acc.v[2];
+  const float kl_q = acc.v[1] + beta * acc.v[2];
+
+  // Pass 4 (re-read), when a gradient is asked for: the weighted gradient from the statistics above.
+  if constexpr (X_GRAD || Y_GRAD) {
+    // d/dS = d/dx / T: the 1/T rides on the row's weight, and so do the mixture weights.
+    const float g = weights.at(0, row) * inv_temperature;
+    const float g_x = g * one_minus_beta;
+    const float g_y = g * beta;
+    write_row_gradients<X_GRAD, Y_GRAD>(x_row, xl.col, y_row, yl.col, X_GRAD ? dx_base + row * V : nullptr,
+                                        Y_GRAD ? dy_base + row * V : nullptr, V, active,
+                                        [&](int64_t, float x_raw, float y_raw, float& gx, float& gy) {
+      const float a = scaled(x_raw, inv_temperature) - m_x;
+      const float b = scaled(y_raw, inv_temperature) - m_y;
+      const MixtureLogRatios r = mixture_log_ratios(a, b, l_yx, beta, one_minus_beta);
+      // 0 where the probability is 0 (`!= 0` lets a NaN through: a NaN logit gives a NaN gradient).
+      if (X_GRAD) {
+        const float ea = exp_accurate(a);
+        gx = (ea != 0.0f ? __fdiv_rn(ea, z_x) * (r.lq_m - kl_q) : 0.0f) * g_x;
+      }
+      if (Y_GRAD) {
+        const float eb = exp_accurate(b);
+        gy = (eb != 0.0f ? __fdiv_rn(eb, z_y) * (r.lp_m - kl_p) : 0.0f) * g_y;
+      }
+    });
   }
-  loss_out[row] = loss;
-  store_row<kJsdRowsStats>(stats, row, m_x, z_x, m_y, z_y, l_yx, kl_p, kl_q);
+  if (threadIdx.x != 0) return;
+  // An ignored token: 0 (its sums are empty: 0 / 0).
+  loss_out[row] = active ? beta * kl_p + one_minus_beta * kl_q : 0.0f;
 }
 
 void check_beta(double beta) {
@@ -171,48 +160,30 @@ void check_beta(double beta) {
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> jsd_rows(const at::Tensor& student, const at::Tensor& teacher, double beta,
-                                            double temperature, const std::optional<at::Tensor>& labels,
-                                            int64_t ignore_index) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> jsd_rows(const at::Tensor& student, const at::Tensor& teacher,
+                                                        double beta, double temperature,
+                                                        const std::optional<at::Tensor>& labels, int64_t ignore_index,
+                                                        const std::optional<at::Tensor>& weight, bool student_grad,
+                                                        bool teacher_grad) {
   check_beta(beta);
-  const RowLaunch L("fastkd::cuda_jsd_rows", student, teacher, temperature, /*x_student=*/true);
+  const RowCall L("fastkd::cuda_jsd_rows", student, teacher, temperature, /*x_student=*/true, student_grad,
+                  teacher_grad);
   at::Tensor loss = at::empty({L.rows}, L.floats);
-  at::Tensor stats = at::empty({L.rows, kJsdRowsStats}, L.floats);
-  if (L.idle()) return {loss, stats};
+  if (L.idle()) return {loss, L.d_student, L.d_teacher};
   const at::Tensor labels_v = L.indices("labels", labels);
-  const float beta_f = static_cast<float>(beta);
-  const float one_minus_beta = static_cast<float>(1.0 - beta);
-  L.dispatch([&]<typename TX, typename TY>(const TX* x, const TY* y) {
-    L.launch(jsd_forward_kernel<TX, TY>, x, y, data_or_null<int64_t>(labels_v), mutable_data_of<float>(loss),
-             mutable_data_of<float>(stats), L.V, L.xl, L.yl, L.inv_temperature, beta_f, one_minus_beta,
-             ignore_index);
-  });
-  return {loss, stats};
-}
-
-std::tuple<at::Tensor, at::Tensor> jsd_rows_backward(const at::Tensor& grad_loss, const at::Tensor& student,
-                                                     const at::Tensor& teacher, const at::Tensor& stats, double beta,
-                                                     double temperature, const std::optional<at::Tensor>& labels,
-                                                     int64_t ignore_index, bool student_grad, bool teacher_grad) {
-  check_beta(beta);
-  const RowBackward L("fastkd::cuda_jsd_rows_backward", student, teacher, temperature, /*x_student=*/true, stats,
-                      kJsdRowsStats, student_grad, teacher_grad);
-  if (L.idle()) return L.gradients();
-  const at::Tensor grad_v = L.per_row("grad_loss", grad_loss);
-  const at::Tensor labels_v = L.indices("labels", labels);
+  const RowWeights w = L.weights("weight", weight);
   const float beta_f = static_cast<float>(beta);
   const float one_minus_beta = static_cast<float>(1.0 - beta);
   L.dispatch([&]<typename TX, typename TY, bool X_GRAD, bool Y_GRAD>(const TX* x, const TY* y, TX* dx, TY* dy) {
-    L.launch(jsd_backward_kernel<TX, TY, X_GRAD, Y_GRAD>, x, y, data_or_null<int64_t>(labels_v),
-             data_of<float>(L.stats), data_of<float>(grad_v), dx, dy, L.V, L.xl, L.yl, L.inv_temperature, beta_f,
-             one_minus_beta, ignore_index);
+    L.launch(jsd_rows_kernel<TX, TY, X_GRAD, Y_GRAD>, x, y, data_or_null<int64_t>(labels_v),
+             mutable_data_of<float>(loss), dx, dy, w, L.V, L.xl, L.yl, L.inv_temperature, beta_f, one_minus_beta,
+             ignore_index);
   });
-  return L.gradients();
+  return {loss, L.d_student, L.d_teacher};
 }
 
 }  // namespace fastkd
 
 TORCH_LIBRARY_IMPL(FASTKD_LIBRARY, FASTKD_DISPATCH_KEY, m) {
   m.impl("cuda_jsd_rows", &fastkd::jsd_rows);
-  m.impl("cuda_jsd_rows_backward", &fastkd::jsd_rows_backward);
 }

@@ -25,26 +25,22 @@ static std::string cuda_build_info() { return std::string("architectures ") + FA
 
 FASTKD_TORCH_LIBRARY(FASTKD_LIBRARY, m) {
   m.def("cuda_build_info() -> str", &cuda_build_info);
-  // Per-row KL(p_t || p_s) (reverse: KL(p_s || p_t)), CE(student, target) (empty without target), and
-  // float32 stats (rows, 7): M_x, Z_x, M_y, Z_y, Ebar, M_s, Z_s -- see fastkd/triton/kl.py.
+  // The logit row losses, each with its weighted gradient made in the same launch (per-row float32 weights,
+  // any stride, None = 1; a gradient not asked for is an empty (0,) tensor), and the backward that scales a
+  // gradient buffer by grad_output in place (rows whose scale is exactly 1 untouched) -- see fastkd/kernel_ops.py.
+  // Per-row KL(p_t || p_s) (reverse: KL(p_s || p_t)), CE(student, target) (empty without target), d_student,
+  // d_teacher -- fastkd/triton/kl.py.
   m.def("cuda_kl_rows(Tensor student, Tensor teacher, float temperature, bool reverse, Tensor? target, "
-        "Tensor? labels, int ignore_index) -> (Tensor, Tensor, Tensor)");
-  m.def("cuda_kl_rows_backward(Tensor grad_kl, Tensor? grad_ce, Tensor student, Tensor teacher, Tensor stats, "
-        "float temperature, bool reverse, Tensor? target, Tensor? labels, int ignore_index, bool student_grad, "
-        "bool teacher_grad) -> (Tensor, Tensor)");
-  // Per-row generalized JSD for 0 < beta < 1 and float32 stats (rows, 7): M_x, Z_x, M_y, Z_y, L,
-  // KL(p || m), KL(q || m) -- see fastkd/triton/jsd.py.
+        "Tensor? labels, int ignore_index, Tensor? kl_weight, Tensor? ce_weight, bool student_grad, "
+        "bool teacher_grad) -> (Tensor, Tensor, Tensor, Tensor)");
+  // Per-row generalized JSD for 0 < beta < 1, d_student, d_teacher -- fastkd/triton/jsd.py.
   m.def("cuda_jsd_rows(Tensor student, Tensor teacher, float beta, float temperature, Tensor? labels, "
-        "int ignore_index) -> (Tensor, Tensor)");
-  m.def("cuda_jsd_rows_backward(Tensor grad_loss, Tensor student, Tensor teacher, Tensor stats, float beta, "
-        "float temperature, Tensor? labels, int ignore_index, bool student_grad, bool teacher_grad) "
-        "-> (Tensor, Tensor)");
-  // Per-row TCKD, NCKD and float32 stats (rows, 8): M_x, Z_x, M_y, Z_y, u_s, u_t, TCKD, Ebar -- see
-  // fastkd/triton/dkd.py.
-  m.def("cuda_dkd_rows(Tensor student, Tensor teacher, Tensor target, float temperature) "
-        "-> (Tensor, Tensor, Tensor)");
-  m.def("cuda_dkd_rows_backward(Tensor grad_tckd, Tensor grad_nckd, Tensor student, Tensor teacher, Tensor stats, "
-        "Tensor target, float temperature, bool student_grad, bool teacher_grad) -> (Tensor, Tensor)");
+        "int ignore_index, Tensor? weight, bool student_grad, bool teacher_grad) -> (Tensor, Tensor, Tensor)");
+  // Per-row TCKD, NCKD, d_student, d_teacher -- fastkd/triton/dkd.py.
+  m.def("cuda_dkd_rows(Tensor student, Tensor teacher, Tensor target, float temperature, Tensor? tckd_weight, "
+        "Tensor? nckd_weight, bool student_grad, bool teacher_grad) -> (Tensor, Tensor, Tensor, Tensor)");
+  // d_row *= scale[row] in place -- fastkd/triton/rows.py.
+  m.def("cuda_scale_rows_(Tensor(a!) d, Tensor scale) -> ()");
   // RKD: direct squared distances (B, B) of float32 rows (B, D); out_m = sum_k w_mk (x_m - x_k) for a symmetric
   // w (the gradient of anything of the pairwise differences); the Huber sum over the angle triples (i, j != k)
   // from each side's float32 pairs qh + ql of the squared distances computed in float64, and the weights W of

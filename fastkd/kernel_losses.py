@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from . import rkd_autograd
 from .reference.attention import match_spatial
@@ -20,45 +21,171 @@ from .reference.relational import distances_from_squared, flat_features, mean_no
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def kd_loss(kernels, student_logits, teacher_logits, temperature, *, reduction, target, ce_weight, kd_weight):
+# --- The logit losses: the gradient made in the forward pass -------------------------------------------------
+#
+# KD, KL, JSD and DKD share one autograd.Function, `_RowLoss`. Its forward knows, from the reduction, the weight
+# of every row's term in the loss (a device tensor: a masked batchmean divides by the count of kept tokens
+# without a host sync), hands these weights to the backend's row operator with the flags of the gradients
+# wanted, and gets back the per-row terms and the weighted gradient(s), made in the same kernel pass as the
+# terms (fastkd/triton/kl.py: one read of each input and one write per gradient for rows that fit a block).
+# The loss value is the same PyTorch reduction of the per-row terms as the reference's. Only the gradient
+# buffers are saved, never the logits; the backward scales them in place by grad_output
+# (`kernels.scale_rows_`, which reads and writes nothing where grad_output is exactly 1, decided on the
+# device) and returns them. The loss is therefore differentiable once: a second backward through the same
+# graph (retain_graph=True) is refused, as the buffers have been scaled already, and there is no double
+# backward (create_graph=True). Any backend's KernelSet with the declared `kl_rows`, `jsd_rows`, `dkd_rows`
+# and `scale_rows_` runs these.
+
+SECOND_BACKWARD = ("this fastkd loss is once-differentiable: its gradient was made in the forward pass and "
+                   "scaled in place by the first backward, so it cannot be backpropagated through a second "
+                   "time (retain_graph=True); compute the loss again instead")
+
+
+def _rows(x: Tensor) -> int:
+    return x.numel() // x.shape[-1]
+
+
+def _grads(student: Tensor, teacher: Tensor) -> tuple[bool, bool]:
+    """Which gradients the row kernel must write: those autograd will ask for."""
+    enabled = torch.is_grad_enabled()
+    return enabled and student.requires_grad, enabled and teacher.requires_grad
+
+
+def _per_row_weight(factor, rows: int, device) -> Tensor:
+    """A row weight the same for every row (a Python number or a 0-dim device tensor) as float32 `(rows,)`,
+    an expanded 0-stride view of one number."""
+    if not isinstance(factor, Tensor):
+        factor = torch.full((), factor, dtype=torch.float32, device=device)
+    return factor.to(torch.float32).reshape(1).expand(rows)
+
+
+def _reduction_weight(reduction: str, count, classes: int):
+    """d reduce_rows(per_row, reduction, count, classes) / d per_row_r: 1/count (batchmean), 1/(count*classes)
+    (mean), 1 (sum, none; "none" gets grad_output per row in the backward)."""
+    if reduction == "batchmean":
+        return 1.0 / count
+    if reduction == "mean":
+        return 1.0 / (count * classes)
+    return 1.0
+
+
+def _masked_weight(labels, ignore_index: int, reduction: str, rows: int, classes: int):
+    """The row weight of `masked_reduce`: with labels, the count is that of kept tokens (at least 1), on the
+    device. It is not zeroed on ignored rows: the kernels write a zero gradient there whatever the weight."""
+    if labels is None:
+        return _reduction_weight(reduction, rows, classes)
+    count = (labels != ignore_index).sum().clamp(min=1)
+    return _reduction_weight(reduction, count, classes)
+
+
+def _kd_rows(kernels, student, teacher, target, grads, temperature, reduction, ce_weight, kd_weight):
     with_ce = target is not None and ce_weight != 0.0
-    kl, ce, _ = kernels.kl_rows(student_logits, teacher_logits, temperature, False, target if with_ce else None,
-                                None, -100)
-    rows_shape, classes = student_logits.shape[:-1], student_logits.shape[-1]
-    rows = kl.numel()
+    rows_shape, classes = student.shape[:-1], student.shape[-1]
+    rows = _rows(student)
+    ce_reduction = "batchmean" if reduction == "mean" else reduction
+    kl_w = ce_w = None
+    if any(grads):
+        kl_w = _per_row_weight((kd_weight * temperature * temperature)
+                               * _reduction_weight(reduction, rows, classes), rows, student.device)
+        if with_ce:
+            ce_w = _per_row_weight(ce_weight * _reduction_weight(ce_reduction, rows, classes), rows, student.device)
+    kl, ce, d_student, d_teacher = kernels.kl_rows(student, teacher, temperature, False,
+                                                   target if with_ce else None, None, -100, kl_w, ce_w, *grads)
     loss = (kd_weight * temperature * temperature) * reduce_rows(kl.view(rows_shape), reduction, rows, classes)
     if with_ce:
-        ce_reduction = "batchmean" if reduction == "mean" else reduction
         loss = loss + ce_weight * reduce_rows(ce.view(rows_shape), ce_reduction, rows, classes)
-    return loss
+    return loss, d_student, d_teacher
 
 
-def kl_div_loss(kernels, student_logits, teacher_logits, temperature, *, direction, labels, ignore_index, reduction):
-    kl, _, _ = kernels.kl_rows(student_logits, teacher_logits, temperature, direction == "reverse", None, labels,
-                               ignore_index)
-    return masked_reduce(kl.view(student_logits.shape[:-1]), labels, ignore_index, reduction,
-                         student_logits.shape[-1])
-
-
-def jsd_loss(kernels, student_logits, teacher_logits, *, beta, temperature, labels, ignore_index, reduction):
+def _divergence_rows(kernels, student, teacher, labels, grads, temperature, beta, ignore_index, reduction):
+    """KL (beta 0: forward, 1: reverse, as the reference) or JSD (0 < beta < 1), masked and reduced."""
+    weight = None
+    if any(grads):
+        weight = _per_row_weight(_masked_weight(labels, ignore_index, reduction, _rows(student), student.shape[-1]),
+                                 _rows(student), student.device)
     if beta == 0.0 or beta == 1.0:
-        # Exactly forward (beta 0) or reverse (beta 1) KL, as in the reference.
-        per_row, _, _ = kernels.kl_rows(student_logits, teacher_logits, temperature, beta == 1.0, None, labels,
-                                        ignore_index)
+        per_row, _, d_student, d_teacher = kernels.kl_rows(student, teacher, temperature, beta == 1.0, None, labels,
+                                                           ignore_index, weight, None, *grads)
     else:
-        per_row, _ = kernels.jsd_rows(student_logits, teacher_logits, float(beta), temperature, labels, ignore_index)
-    return masked_reduce(per_row.view(student_logits.shape[:-1]), labels, ignore_index, reduction,
-                         student_logits.shape[-1])
+        per_row, d_student, d_teacher = kernels.jsd_rows(student, teacher, float(beta), temperature, labels,
+                                                         ignore_index, weight, *grads)
+    loss = masked_reduce(per_row.view(student.shape[:-1]), labels, ignore_index, reduction, student.shape[-1])
+    return loss, d_student, d_teacher
 
 
-def dkd_loss(kernels, student_logits, teacher_logits, target, *, alpha, beta, temperature):
-    rows, classes = student_logits.shape
-    tckd, nckd, _ = kernels.dkd_rows(student_logits, teacher_logits, target, temperature)
+def _dkd_rows(kernels, student, teacher, target, grads, alpha, beta, temperature):
+    rows, classes = student.shape
+    tckd_w = nckd_w = None
+    if any(grads):
+        scale = temperature * temperature / rows
+        tckd_w = _per_row_weight(alpha * scale, rows, student.device)
+        # With one class NCKD is left out of the loss, as in the reference.
+        nckd_w = _per_row_weight(beta * scale if classes > 1 else 0.0, rows, student.device)
+    tckd, nckd, d_student, d_teacher = kernels.dkd_rows(student, teacher, target, temperature, tckd_w, nckd_w,
+                                                        *grads)
     # The reference's order of operations; with one class NCKD is left out, as there.
     loss = alpha * tckd.sum()
     if classes > 1:
         loss = loss + beta * nckd.sum()
-    return loss * (temperature * temperature / rows)
+    return loss * (temperature * temperature / rows), d_student, d_teacher
+
+
+class _RowLoss(torch.autograd.Function):
+    """A logit loss whose gradient is made in the forward pass: `rows_loss(kernels, student, teacher, index,
+    grads, *options) -> (loss, d_student, d_teacher)` computes the loss and the gradient(s) of the loss for a
+    grad_output of 1; the backward scales them by grad_output (per row for a per-row loss)."""
+
+    @staticmethod
+    def forward(ctx, kernels, rows_loss, grads, options, student, teacher, index):
+        loss, d_student, d_teacher = rows_loss(kernels, student, teacher, index, grads, *options)
+        ctx.kernels = kernels
+        ctx.rows = _rows(student)
+        ctx.spent = False
+        ctx.save_for_backward(d_student, d_teacher)  # only the gradient buffers: never the logits
+        return loss
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        if ctx.spent:
+            raise RuntimeError(SECOND_BACKWARD)
+        ctx.spent = True
+        d_student, d_teacher = ctx.saved_tensors
+        # grad_output per row, as float32 (rows,): one number expanded (stride 0) for a reduced loss.
+        scale = grad.to(torch.float32).reshape(-1)
+        if scale.numel() == 1:
+            scale = scale.expand(ctx.rows)
+        wanted = []
+        for needed, d in zip(ctx.needs_input_grad[4:6], (d_student, d_teacher)):
+            if needed:
+                ctx.kernels.scale_rows_(d, scale)
+            wanted.append(d if needed else None)
+        return None, None, None, None, wanted[0], wanted[1], None
+
+
+def _row_loss(kernels, rows_loss, student, teacher, index, *options):
+    # The flags are read here: grad mode is off inside the Function's forward.
+    return _RowLoss.apply(kernels, rows_loss, _grads(student, teacher), options, student, teacher, index)
+
+
+def kd_loss(kernels, student_logits, teacher_logits, temperature, *, reduction, target, ce_weight, kd_weight):
+    return _row_loss(kernels, _kd_rows, student_logits, teacher_logits, target, temperature, reduction, ce_weight,
+                     kd_weight)
+
+
+def kl_div_loss(kernels, student_logits, teacher_logits, temperature, *, direction, labels, ignore_index, reduction):
+    return _row_loss(kernels, _divergence_rows, student_logits, teacher_logits, labels, temperature,
+                     1.0 if direction == "reverse" else 0.0, ignore_index, reduction)
+
+
+def jsd_loss(kernels, student_logits, teacher_logits, *, beta, temperature, labels, ignore_index, reduction):
+    # beta 0 and 1 are exactly forward and reverse KL, as in the reference (the KL kernel runs them).
+    return _row_loss(kernels, _divergence_rows, student_logits, teacher_logits, labels, temperature, float(beta),
+                     ignore_index, reduction)
+
+
+def dkd_loss(kernels, student_logits, teacher_logits, target, *, alpha, beta, temperature):
+    return _row_loss(kernels, _dkd_rows, student_logits, teacher_logits, target, alpha, beta, temperature)
 
 
 def _distance_term(kernels, x_s, x_t, squared, eps):

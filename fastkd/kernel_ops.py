@@ -1,16 +1,19 @@
-"""Every kernel operator, declared once: its name, schema, fake, per-row statistics and autograd.
+"""Every kernel operator, declared once: its name, schema, fake, what it mutates, and its autograd if any.
 
 A kernel backend is one launcher per operator declared here, under the same name: Triton's in
 `fastkd/triton/` (`kl.kl_rows`, `rkd.rkd_sq_distances`, ...), CUDA C++'s in csrc/ (`fastkd::kl_rows` in kl.cu,
 ...). `register` turns a backend's launchers into its `KernelSet`, and from each declaration come, for every
 backend alike:
 - the operator `<library>::<backend>_<name>` with the declared schema. Triton's is defined here
-  (`torch.library.custom_op`); CUDA C++'s by csrc/ops.cpp, whose schema strings tests/test_kernel_ops.py
-  checks against these (with the C++ statistics widths `k<Name>Stats`);
-- its fake (shape-only) implementation, for torch.compile and `torch.library.opcheck`;
-- its autograd, where the declaration pairs it with a backward operator (the RKD operators have none of
-  their own: `fastkd.rkd_autograd` composes them);
-- `stats`: the width of the float32 per-row statistics the forward saves for its backward.
+  (`torch.library.custom_op`, with the declared `mutates_args`); CUDA C++'s by csrc/ops.cpp, whose schema
+  strings tests/test_kernel_ops.py checks against these;
+- its fake (shape-only) implementation, for torch.compile and `torch.library.opcheck` (None for an op that
+  only mutates);
+- its autograd, where the declaration pairs it with a backward operator (attention maps). The logit row
+  operators (`kl_rows`, `jsd_rows`, `dkd_rows`) have none: they write the weighted gradient in the forward
+  pass, their outputs are not differentiable, and the autograd is `fastkd.kernel_losses`' one Function, whose
+  backward scales the stored gradient with `scale_rows_`; the RKD operators have none either
+  (`fastkd.rkd_autograd` composes them).
 
 One door, eager and compiled alike: the registered operator. An `autograd.Function` around the launchers
 would skip the dispatcher, but it saves nothing measurable: `python -m bench.op_overhead` (host overhead of
@@ -34,7 +37,7 @@ class KernelOp:
     name: str
     schema: str  # "(arguments) -> outputs" in torch.library's schema language
     fake: Callable  # the launcher's signature; returns empty tensors of the outputs' shapes and dtypes
-    stats: int = 0  # width of the per-row float32 statistics output, if any
+    mutates: tuple[str, ...] = ()  # the arguments it writes in place (marked `(a!)` in the schema)
     backward: str | None = None  # the operator computing the gradient, if the op has autograd
     setup_context: Callable | None = None  # (ctx, inputs, output), as torch.library.register_autograd takes
     gradient: Callable | None = None  # (ctx, *grads, backward=<the backward operator>) -> input gradients
@@ -44,133 +47,57 @@ def _rows(x: Tensor) -> int:
     return x.numel() // x.shape[-1]
 
 
-def _per_row(x: Tensor, width: int = 0) -> Tensor:
-    return x.new_empty((_rows(x), width) if width else (_rows(x),), dtype=torch.float32)
+def _per_row(x: Tensor) -> Tensor:
+    return x.new_empty((_rows(x),), dtype=torch.float32)
 
 
 def _input_gradients(student, teacher, student_grad, teacher_grad):
-    # A gradient not asked for is an empty tensor (a schema's output cannot be None).
+    # A gradient not asked for is an empty tensor (a schema's output cannot be None); one asked for is
+    # contiguous, in its input's shape and dtype.
     return (student.new_empty(student.shape if student_grad else (0,)),
             teacher.new_empty(teacher.shape if teacher_grad else (0,)))
 
 
-def _wanted(ctx, d_student, d_teacher, n_options):
-    return (d_student if ctx.needs_input_grad[0] else None, d_teacher if ctx.needs_input_grad[1] else None,
-            *[None] * n_options)
+# --- The logit row losses: per-row terms, and the gradient made in the same pass ------------------------------
+#
+# Each takes per-row weights (float32 `(rows,)`, any stride: often an expanded 0-stride view of one number;
+# None reads as 1) and two flags: `student_grad` / `teacher_grad` ask for `sum_r weight_r d term_r / d input`,
+# written in the forward pass (the input's dtype and shape, contiguous), else an empty `(0,)` tensor; without
+# either flag nothing N x V is written. The outputs are not differentiable: `fastkd.kernel_losses` holds the
+# autograd, and its backward scales the buffers by grad_output with `scale_rows_`.
 
-
-# --- KL (both directions) and KD's cross-entropy, per row ----------------------------------------------------
-
-KL_STATS = 7  # per row: M_x, Z_x, M_y, Z_y, Ebar = sum p (a - b), M_s, Z_s (fastkd/triton/kl.py)
-
-
-def _kl_rows_setup(ctx, inputs, output):
-    student, teacher, temperature, reverse, target, labels, ignore_index = inputs
-    ctx.save_for_backward(student, teacher, output[2], target, labels)
-    ctx.options = (temperature, reverse, ignore_index)
-    ctx.mark_non_differentiable(output[2])
-
-
-def _kl_rows_gradient(ctx, grad_kl, grad_ce, _grad_stats, *, backward):
-    student, teacher, stats, target, labels = ctx.saved_tensors
-    temperature, reverse, ignore_index = ctx.options
-    d_student, d_teacher = backward(grad_kl, grad_ce if target is not None else None, student, teacher, stats,
-                                    temperature, reverse, target, labels, ignore_index, *ctx.needs_input_grad[:2])
-    return _wanted(ctx, d_student, d_teacher, 5)
-
-
+# KL (both directions) and KD's cross-entropy (fastkd/triton/kl.py): (KL, CE (empty without target), d_s, d_t).
 kl_rows = KernelOp(
     "kl_rows",
     "(Tensor student, Tensor teacher, float temperature, bool reverse, Tensor? target, Tensor? labels, "
-    "int ignore_index) -> (Tensor, Tensor, Tensor)",
-    lambda student, teacher, temperature, reverse, target, labels, ignore_index: (
+    "int ignore_index, Tensor? kl_weight, Tensor? ce_weight, bool student_grad, bool teacher_grad) "
+    "-> (Tensor, Tensor, Tensor, Tensor)",
+    lambda student, teacher, temperature, reverse, target, labels, ignore_index, kl_weight, ce_weight,
+    student_grad, teacher_grad: (
         _per_row(student), student.new_empty((_rows(student) if target is not None else 0,), dtype=torch.float32),
-        _per_row(student, KL_STATS)),
-    stats=KL_STATS, backward="kl_rows_backward", setup_context=_kl_rows_setup, gradient=_kl_rows_gradient)
+        *_input_gradients(student, teacher, student_grad, teacher_grad)))
 
-kl_rows_backward = KernelOp(
-    "kl_rows_backward",
-    "(Tensor grad_kl, Tensor? grad_ce, Tensor student, Tensor teacher, Tensor stats, float temperature, "
-    "bool reverse, Tensor? target, Tensor? labels, int ignore_index, bool student_grad, bool teacher_grad) "
-    "-> (Tensor, Tensor)",
-    lambda grad_kl, grad_ce, student, teacher, stats, temperature, reverse, target, labels, ignore_index,
-    student_grad, teacher_grad: _input_gradients(student, teacher, student_grad, teacher_grad))
-
-
-# --- generalized JSD, 0 < beta < 1 (0 and 1 are KL), per row ------------------------------------------------
-
-JSD_STATS = 7  # per row: M_x, Z_x, M_y, Z_y, L = log(Z_y / Z_x), KL(p || m), KL(q || m) (fastkd/triton/jsd.py)
-
-
-def _jsd_rows_setup(ctx, inputs, output):
-    student, teacher, beta, temperature, labels, ignore_index = inputs
-    ctx.save_for_backward(student, teacher, output[1], labels)
-    ctx.options = (beta, temperature, ignore_index)
-    ctx.mark_non_differentiable(output[1])
-
-
-def _jsd_rows_gradient(ctx, grad_loss, _grad_stats, *, backward):
-    student, teacher, stats, labels = ctx.saved_tensors
-    beta, temperature, ignore_index = ctx.options
-    d_student, d_teacher = backward(grad_loss, student, teacher, stats, beta, temperature, labels, ignore_index,
-                                    *ctx.needs_input_grad[:2])
-    return _wanted(ctx, d_student, d_teacher, 4)
-
-
+# Generalized JSD, 0 < beta < 1 (0 and 1 are KL) (fastkd/triton/jsd.py): (JSD, d_s, d_t).
 jsd_rows = KernelOp(
     "jsd_rows",
-    "(Tensor student, Tensor teacher, float beta, float temperature, Tensor? labels, int ignore_index) "
-    "-> (Tensor, Tensor)",
-    lambda student, teacher, beta, temperature, labels, ignore_index: (
-        _per_row(student), _per_row(student, JSD_STATS)),
-    stats=JSD_STATS, backward="jsd_rows_backward", setup_context=_jsd_rows_setup, gradient=_jsd_rows_gradient)
+    "(Tensor student, Tensor teacher, float beta, float temperature, Tensor? labels, int ignore_index, "
+    "Tensor? weight, bool student_grad, bool teacher_grad) -> (Tensor, Tensor, Tensor)",
+    lambda student, teacher, beta, temperature, labels, ignore_index, weight, student_grad, teacher_grad: (
+        _per_row(student), *_input_gradients(student, teacher, student_grad, teacher_grad)))
 
-jsd_rows_backward = KernelOp(
-    "jsd_rows_backward",
-    "(Tensor grad_loss, Tensor student, Tensor teacher, Tensor stats, float beta, float temperature, "
-    "Tensor? labels, int ignore_index, bool student_grad, bool teacher_grad) -> (Tensor, Tensor)",
-    lambda grad_loss, student, teacher, stats, beta, temperature, labels, ignore_index, student_grad,
-    teacher_grad: _input_gradients(student, teacher, student_grad, teacher_grad))
-
-
-# --- DKD's two parts, per row ---------------------------------------------------------------------------------
-
-DKD_STATS = 8  # per row: M_x, Z_x, M_y, Z_y, u_s, u_t, TCKD, Ebar (NCKD's) (fastkd/triton/dkd.py)
-
-
-def _dkd_rows_setup(ctx, inputs, output):
-    student, teacher, target, temperature = inputs
-    ctx.save_for_backward(student, teacher, output[2], target)
-    ctx.options = (temperature,)
-    ctx.mark_non_differentiable(output[2])
-
-
-def _dkd_rows_gradient(ctx, grad_tckd, grad_nckd, _grad_stats, *, backward):
-    student, teacher, stats, target = ctx.saved_tensors
-    (temperature,) = ctx.options
-    # An output left out of the loss (NCKD with one class) may come back as None.
-    if grad_tckd is None:
-        grad_tckd = torch.zeros_like(stats[:, 0])
-    if grad_nckd is None:
-        grad_nckd = torch.zeros_like(stats[:, 0])
-    d_student, d_teacher = backward(grad_tckd, grad_nckd, student, teacher, stats, target, temperature,
-                                    *ctx.needs_input_grad[:2])
-    return _wanted(ctx, d_student, d_teacher, 2)
-
-
+# DKD's two parts (fastkd/triton/dkd.py): (TCKD, NCKD, d_s, d_t).
 dkd_rows = KernelOp(
     "dkd_rows",
-    "(Tensor student, Tensor teacher, Tensor target, float temperature) -> (Tensor, Tensor, Tensor)",
-    lambda student, teacher, target, temperature: (
-        _per_row(student), _per_row(student), _per_row(student, DKD_STATS)),
-    stats=DKD_STATS, backward="dkd_rows_backward", setup_context=_dkd_rows_setup, gradient=_dkd_rows_gradient)
+    "(Tensor student, Tensor teacher, Tensor target, float temperature, Tensor? tckd_weight, "
+    "Tensor? nckd_weight, bool student_grad, bool teacher_grad) -> (Tensor, Tensor, Tensor, Tensor)",
+    lambda student, teacher, target, temperature, tckd_weight, nckd_weight, student_grad, teacher_grad: (
+        _per_row(student), _per_row(student), *_input_gradients(student, teacher, student_grad, teacher_grad)))
 
-dkd_rows_backward = KernelOp(
-    "dkd_rows_backward",
-    "(Tensor grad_tckd, Tensor grad_nckd, Tensor student, Tensor teacher, Tensor stats, Tensor target, "
-    "float temperature, bool student_grad, bool teacher_grad) -> (Tensor, Tensor)",
-    lambda grad_tckd, grad_nckd, student, teacher, stats, target, temperature, student_grad, teacher_grad:
-    _input_gradients(student, teacher, student_grad, teacher_grad))
+# The backward of the row losses (fastkd/triton/rows.py): row r of the contiguous `(..., V)` gradient `d` times
+# `scale[r]` (float32 `(rows,)`, any stride), in place; a row whose scale is exactly 1.0 is neither read nor
+# written (decided on the device). A plain multiply otherwise: 0 times an infinite entry is NaN, as autograd.
+scale_rows_ = KernelOp(
+    "scale_rows_", "(Tensor(a!) d, Tensor scale) -> ()", lambda d, scale: None, mutates=("d",))
 
 
 # --- RKD (fastkd/triton/rkd.py; the autograd is fastkd.rkd_autograd's) ----------------------------------------
@@ -216,14 +143,14 @@ at_channel_mean_pow_backward = KernelOp(
 
 
 OPS: dict[str, KernelOp] = {op.name: op for op in (
-    kl_rows, kl_rows_backward, jsd_rows, jsd_rows_backward, dkd_rows, dkd_rows_backward,
+    kl_rows, jsd_rows, dkd_rows, scale_rows_,
     rkd_sq_distances, rkd_weighted_diff, rkd_angle_sum, rkd_angle_weights,
     at_channel_mean_pow, at_channel_mean_pow_backward)}
 
 
 class KernelSet:
     """A backend's registered operators, one attribute per declared op (`kernels.kl_rows(...)`), each with its
-    autograd; `fastkd.kernel_losses` composes the losses from them."""
+    autograd if declared; `fastkd.kernel_losses` composes the losses from them."""
 
     def __init__(self, backend: str, ops: dict[str, Callable]):
         self.backend = backend
@@ -235,7 +162,8 @@ class KernelSet:
 
 def register(backend: str, launchers: dict[str, Callable] | None = None, library: str = "fastkd",
              names: tuple[str, ...] | None = None) -> KernelSet:
-    """The `KernelSet` of `backend`: its operators `<library>::<backend>_<name>` with fakes and autograd.
+    """The `KernelSet` of `backend`: its operators `<library>::<backend>_<name>` with fakes, and autograd where
+    declared.
 
     `launchers`: the Python launcher of every declared op by name, defined here as operators with the declared
     schemas (Triton); None: the operators are defined already with those schemas (by a C++ extension).
@@ -249,7 +177,7 @@ def register(backend: str, launchers: dict[str, Callable] | None = None, library
     for name in names:
         qualname = f"{library}::{backend}_{name}"
         if launchers is not None:
-            torch.library.custom_op(qualname, launchers[name], mutates_args=(), schema=OPS[name].schema)
+            torch.library.custom_op(qualname, launchers[name], mutates_args=OPS[name].mutates, schema=OPS[name].schema)
         torch.library.register_fake(qualname, OPS[name].fake)
     ops = {name: getattr(namespace, f"{backend}_{name}").default for name in names}
     for name in names:

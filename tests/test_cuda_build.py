@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-OPS = ["cuda_at_channel_mean_pow", "cuda_at_channel_mean_pow_backward", "cuda_dkd_rows", "cuda_dkd_rows_backward",
-       "cuda_jsd_rows", "cuda_jsd_rows_backward", "cuda_kl_rows", "cuda_kl_rows_backward", "cuda_rkd_angle_sum",
-       "cuda_rkd_angle_weights", "cuda_rkd_sq_distances", "cuda_rkd_weighted_diff"]
+OPS = ["cuda_at_channel_mean_pow", "cuda_at_channel_mean_pow_backward", "cuda_dkd_rows", "cuda_jsd_rows",
+       "cuda_kl_rows", "cuda_rkd_angle_sum", "cuda_rkd_angle_weights", "cuda_rkd_sq_distances",
+       "cuda_rkd_weighted_diff", "cuda_scale_rows_"]
 
 
 @pytest.mark.skipif(os.environ.get("FASTKD_TEST_CUDA_BUILD") != "1", reason="set FASTKD_TEST_CUDA_BUILD=1 to compile")

@@ -6,7 +6,9 @@ Each op is called directly, as `torch.ops.fastkd_standin.cuda_*`, and compared w
 terms (fastkd/reference) and their autograd gradients, for random incoming gradients. A block of 128-512
 threads costs milliseconds here: few rows, small shapes. The stand-in cannot see timing or the GPU's rounding
 of the fast-math intrinsics (see the header); the tolerances are those of the GPU tests.
-Two tests compile a copy of the sources with planted bugs and check that these comparisons catch them.
+The row ops write their weighted gradient in the forward call: it is compared with the reference's autograd
+gradient of the weighted sum of the per-row terms. Three tests compile a copy of the sources with planted bugs and
+check that these comparisons catch them.
 """
 from pathlib import Path
 
@@ -69,79 +71,49 @@ def kl_reference(s, t, T, reverse, target, labels, ignore_index=-100):
     return terms
 
 
+def stride0(value, rows):
+    """One weight for every row, as an expanded 0-stride view (as fastkd.kernel_losses passes a mean's)."""
+    return torch.tensor([value]).expand(rows)
+
+
+def check_flags(call, values, weights, reference, inputs, what):
+    """The op `call(weights, student_grad, teacher_grad)` with one gradient flag at a time and with none: the same
+    values bit for bit (`values`), the gradient asked for against the reference's of the weighted sum, the
+    other an empty (0,) tensor; `weights` (None read as 1) per term of `reference`."""
+    ones = [w if w is not None else torch.ones(values[0].numel()) for w in weights]
+    want = reference_grads(reference, inputs, ones)
+    for student_grad, teacher_grad in ((True, False), (False, True), (False, False)):
+        out = call(weights, student_grad, teacher_grad)
+        for got, value in zip(out[:len(values)], values):
+            torch.testing.assert_close(got, value, rtol=0, atol=0, equal_nan=True,
+                                       msg=lambda m: f"{what}: values change with the flags: {m}")
+        for flag, got, want_grad, x, side in ((student_grad, out[-2], want[0], inputs[0], "student"),
+                                              (teacher_grad, out[-1], want[1], inputs[1], "teacher")):
+            if flag:
+                check(got, want_grad, f"{what}: {side} grad alone", x.dtype)
+            else:
+                assert got.shape == (0,) and got.dtype == x.dtype, (what, side, got.shape, got.dtype)
+
+
 def check_kl(ops, s, t, T=2.0, reverse=False, target=None, labels=None):
-    kl, ce, stats = ops.cuda_kl_rows(s, t, T, reverse, target, labels, -100)
+    rows = s.numel() // s.shape[-1]
+    weights = [row_weights(rows, 1), row_weights(rows, 2) if target is not None else None]
+    kl, ce, d_s, d_t = ops.cuda_kl_rows(s, t, T, reverse, target, labels, -100, *weights, True, True)
     want = kl_reference(s, t, T, reverse, target, labels)
     check(kl, want[0], "KL")
     if target is not None:
         check(ce, want[1], "CE")
-    rows = kl.numel()
-    weights = [row_weights(rows, 1)] + ([row_weights(rows, 2)] if target is not None else [])
-    d_s, d_t = ops.cuda_kl_rows_backward(weights[0], weights[1] if target is not None else None, s, t, stats, T,
-                                         reverse, target, labels, -100, True, True)
-    want_s, want_t = reference_grads(lambda s, t: kl_reference(s, t, T, reverse, target, labels), [s, t], weights)
+    else:
+        assert ce.shape == (0,)
+    reference = lambda s, t: kl_reference(s, t, T, reverse, target, labels)  # noqa: E731
+    want_s, want_t = reference_grads(reference, [s, t], [w for w in weights if w is not None])
     check(d_s, want_s, "student grad", s.dtype)
     check(d_t, want_t, "teacher grad", t.dtype)
-    # One gradient at a time takes the kernels' other template instances.
-    check(ops.cuda_kl_rows_backward(weights[0], None, s, t, stats, T, reverse, None, labels, -100, False, True)[1],
-          reference_grads(lambda s, t: kl_reference(s, t, T, reverse, None, labels), [s, t], weights[:1])[1],
-          "teacher grad alone", t.dtype)
-    return stats
-
-
-@pytest.mark.parametrize("V", [1, 7, 300, 1037])
-@pytest.mark.parametrize("T", [1.0, 2.5])
-@pytest.mark.parametrize("reverse", [False, True])
-def test_kl(ops, V, T, reverse):
-    s, t = logits(4, V, seed=V), logits(4, V, seed=V + 1)
-    stats = check_kl(ops, s, t, T, reverse)
-    x, y = (s, t) if reverse else (t, s)
-    # stats: M_x, Z_x, M_y, Z_y, ... (the maxima and the sums kept apart, as the Triton kernels save them)
-    check(stats[:, 0], (x * (1.0 / T)).amax(-1), "stats M_x")
-    check(stats[:, 0] + stats[:, 1].log(), torch.logsumexp(x / T, -1), "stats lse(x)")
-    check(stats[:, 2] + stats[:, 3].log(), torch.logsumexp(y / T, -1), "stats lse(y)")
-
-
-def test_kl_with_cross_entropy(ops):
-    s, t = logits(5, 301, seed=3), logits(5, 301, seed=4)
-    check_kl(ops, s, t, 4.0, target=torch.tensor([0, 300, 7, 150, 299]))
-
-
-@pytest.mark.parametrize("dtypes", [(torch.bfloat16, torch.bfloat16), (torch.float16, torch.float32),
-                                    (torch.float32, torch.bfloat16)])
-@pytest.mark.parametrize("reverse", [False, True])
-def test_kl_low_precision(ops, dtypes, reverse):
-    # 301 columns: vector body plus scalar tail; student and teacher of different widths change the chunk.
-    s, t = logits(3, 301, seed=5, dtype=dtypes[0]), logits(3, 301, seed=6, dtype=dtypes[1])
-    check_kl(ops, s, t, 2.0, reverse)
-
-
-@pytest.mark.parametrize("reverse", [False, True])
-def test_kl_masked_tokens_strided_rows_and_masked_vocabulary(ops, reverse):
-    """Rows of a (B, L, V) view that drops the last token (not copied); -inf columns in both; ignored tokens."""
-    s, t = logits(2, 5, 131, seed=7)[:, :-1], logits(2, 5, 131, seed=8)[:, :-1]
-    s[..., 120:] = float("-inf")
-    t[..., 120:] = float("-inf")
-    labels = torch.tensor([[1, -100, 2, 3], [-100, -100, 0, 5]])
-    check_kl(ops, s, t, 1.5, reverse, labels=labels)
-
-
-def test_kl_misaligned_and_column_strided_rows(ops):
-    """A start one element past 16-byte alignment (scalar head, vector body) for both, in bfloat16; and
-    rows with column stride 2 (scalar path)."""
-    base_s, base_t = logits(3 * 200 + 1, seed=9, dtype=torch.bfloat16), logits(3 * 200 + 1, seed=10,
-                                                                              dtype=torch.bfloat16)
-    check_kl(ops, base_s[1:].view(3, 200), base_t[1:].view(3, 200))
-    check_kl(ops, logits(3, 2 * 97, seed=11)[:, ::2], logits(3, 2 * 97, seed=12)[:, ::2], 3.0, True)
-
-
-def test_kl_teacher_mass_on_a_masked_student_class_is_infinite(ops):
-    s, t = logits(2, 40, seed=13), logits(2, 40, seed=14)
-    s[0, 3] = float("-inf")  # the teacher has mass there: KL(p_t || p_s) = +inf
-    t[1, 5] = float("-inf")  # the teacher has none: finite
-    kl = ops.cuda_kl_rows(s, t, 1.0, False, None, None, -100)[0]
-    check(kl, kl_reference(s, t, 1.0, False, None, None)[0], "KL")
-    assert kl[0] == float("inf") and torch.isfinite(kl[1])
+    assert d_s.is_contiguous() and d_t.is_contiguous() and d_s.shape == s.shape and d_t.shape == t.shape
+    # One gradient at a time (the kernels' other template instances) and none, with 0-stride weights (the CE's
+    # None: 1).
+    check_flags(lambda w, sg, tg: ops.cuda_kl_rows(s, t, T, reverse, target, labels, -100, *w, sg, tg),
+                [kl, ce], [stride0(0.7, rows), None], reference, [s, t], "KL")
 
 
 # --- JSD ------------------------------------------------------------------------------------------------------
@@ -156,15 +128,18 @@ def jsd_reference(s, t, beta, T, labels, ignore_index=-100):
 
 
 def check_jsd(ops, s, t, beta, T, labels=None):
-    loss, stats = ops.cuda_jsd_rows(s, t, beta, T, labels, -100)
-    check(loss, jsd_reference(s, t, beta, T, labels)[0], "JSD")
-    weights = [row_weights(loss.numel(), 3)]
-    d_s, d_t = ops.cuda_jsd_rows_backward(weights[0], s, t, stats, beta, T, labels, -100, True, True)
-    want_s, want_t = reference_grads(lambda s, t: jsd_reference(s, t, beta, T, labels), [s, t], weights)
+    rows = s.numel() // s.shape[-1]
+    weights = [row_weights(rows, 3)]
+    loss, d_s, d_t = ops.cuda_jsd_rows(s, t, beta, T, labels, -100, weights[0], True, True)
+    reference = lambda s, t: jsd_reference(s, t, beta, T, labels)  # noqa: E731
+    check(loss, reference(s, t)[0], "JSD")
+    want_s, want_t = reference_grads(reference, [s, t], weights)
     check(d_s, want_s, "student grad", s.dtype)
     check(d_t, want_t, "teacher grad", t.dtype)
-    check(ops.cuda_jsd_rows_backward(weights[0], s, t, stats, beta, T, labels, -100, True, False)[0], want_s,
-          "student grad alone", s.dtype)
+    check_flags(lambda w, sg, tg: ops.cuda_jsd_rows(s, t, beta, T, labels, -100, w[0], sg, tg), [loss],
+                [stride0(1.3, rows)], reference, [s, t], "JSD")
+    check_flags(lambda w, sg, tg: ops.cuda_jsd_rows(s, t, beta, T, labels, -100, w[0], sg, tg), [loss],
+                [None], reference, [s, t], "JSD, weight None")
 
 
 @pytest.mark.parametrize("V", [1, 7, 1037])
@@ -203,17 +178,18 @@ def dkd_reference(s, t, target, T):
 
 
 def check_dkd(ops, s, t, target, T):
-    tckd, nckd, stats = ops.cuda_dkd_rows(s, t, target, T)
+    rows = s.numel() // s.shape[-1]
+    weights = [row_weights(rows, 4), row_weights(rows, 5)]
+    tckd, nckd, d_s, d_t = ops.cuda_dkd_rows(s, t, target, T, *weights, True, True)
     want = dkd_reference(s, t, target, T)
     check(tckd, want[0], "TCKD")
     check(nckd, want[1], "NCKD")
-    weights = [row_weights(tckd.numel(), 4), row_weights(tckd.numel(), 5)]
-    d_s, d_t = ops.cuda_dkd_rows_backward(weights[0], weights[1], s, t, stats, target, T, True, True)
-    want_s, want_t = reference_grads(lambda s, t: dkd_reference(s, t, target, T), [s, t], weights)
+    reference = lambda s, t: dkd_reference(s, t, target, T)  # noqa: E731
+    want_s, want_t = reference_grads(reference, [s, t], weights)
     check(d_s, want_s, "student grad", s.dtype)
     check(d_t, want_t, "teacher grad", t.dtype)
-    check(ops.cuda_dkd_rows_backward(weights[0], weights[1], s, t, stats, target, T, True, False)[0], want_s,
-          "student grad alone", s.dtype)
+    check_flags(lambda w, sg, tg: ops.cuda_dkd_rows(s, t, target, T, *w, sg, tg), [tckd, nckd],
+                [stride0(0.25, rows), None], reference, [s, t], "DKD")
 
 
 @pytest.mark.parametrize("V", [1, 2, 7, 300, 1037])
@@ -294,8 +270,9 @@ def test_logit_losses_on_adversarial_inputs(adversarial, loss_name, case_name, d
 @pytest.mark.parametrize("T", [0.05, 100.0])
 def test_long_rows_match_the_triton_kernels(ops, T):
     """Rows longer than one Triton block (V = 2500 > rows.MAX_BLOCK_V: Triton's maxima-first path), offset by
-    1e3: the stand-in's per-row terms and statistics against the Triton kernels in the interpreter (the same
-    formulation, so the same statistics up to summation order), and the values against float64."""
+    1e3: the stand-in's per-row terms and weighted gradients (random and 0-stride weights; both gradients, and the
+    teacher's alone) against the Triton kernels in the interpreter (the same formulation, so the same values up to
+    summation order), and the values against float64."""
     triton_ops = pytest.importorskip("fastkd.triton.kl")
     from fastkd.triton import dkd as triton_dkd
     from fastkd.triton import jsd as triton_jsd
@@ -312,33 +289,69 @@ def test_long_rows_match_the_triton_kernels(ops, T):
         r = rtol64 if want.dtype == torch.float64 else rtol
         torch.testing.assert_close(got, want.to(got.dtype), rtol=r, atol=1e-6, msg=lambda m: f"{what}: {m}")
 
-    kl, ce, stats = ops.cuda_kl_rows(s, t, T, False, target, None, -100)
-    kl_t, ce_t, stats_t = triton_ops.kl_rows(s, t, T, False, target, None, -100)
-    close(kl, kl_t, "KL")
-    close(ce, ce_t, "CE")
-    close(stats, stats_t, "KL stats")
-    close(kl.double(), kl_reference(s.double(), t.double(), T, False, None, None)[0], "KL vs float64")
-    loss, stats = ops.cuda_jsd_rows(s, t, 0.3, T, None, -100)
-    loss_t, stats_t = triton_jsd.jsd_rows(s, t, 0.3, T, None, -100)
-    close(loss, loss_t, "JSD")
-    close(stats, stats_t, "JSD stats")
-    close(loss.double(), jsd_reference(s.double(), t.double(), 0.3, T, None)[0], "JSD vs float64")
-    tckd, nckd, stats = ops.cuda_dkd_rows(s, t, target, T)
-    tckd_t, nckd_t, stats_t = triton_dkd.dkd_rows(s, t, target, T)
-    close(tckd, tckd_t, "TCKD")
-    close(nckd, nckd_t, "NCKD")
-    close(stats, stats_t, "DKD stats")
+    w_kl, w_ce = row_weights(2, 72), stride0(0.1, 2)
+    grads = [(True, True), (False, True)]  # both gradients, and one (the kernel's other instance)
+    for student_grad, teacher_grad in grads:
+        got = ops.cuda_kl_rows(s, t, T, False, target, None, -100, w_kl, w_ce, student_grad, teacher_grad)
+        want = triton_ops.kl_rows(s, t, T, False, target, None, -100, w_kl, w_ce, student_grad, teacher_grad)
+        for what, g, w in zip(["KL", "CE", "KL student grad", "KL teacher grad"], got, want):
+            close(g, w, what)
+    close(got[0].double(), kl_reference(s.double(), t.double(), T, False, None, None)[0], "KL vs float64")
+    for student_grad, teacher_grad in grads:
+        got = ops.cuda_jsd_rows(s, t, 0.3, T, None, -100, w_kl, student_grad, teacher_grad)
+        want = triton_jsd.jsd_rows(s, t, 0.3, T, None, -100, w_kl, student_grad, teacher_grad)
+        for what, g, w in zip(["JSD", "JSD student grad", "JSD teacher grad"], got, want):
+            close(g, w, what)
+    close(got[0].double(), jsd_reference(s.double(), t.double(), 0.3, T, None)[0], "JSD vs float64")
+    for student_grad, teacher_grad in grads:
+        got = ops.cuda_dkd_rows(s, t, target, T, w_kl, w_ce, student_grad, teacher_grad)
+        want = triton_dkd.dkd_rows(s, t, target, T, w_kl, w_ce, student_grad, teacher_grad)
+        for what, g, w in zip(["TCKD", "NCKD", "DKD student grad", "DKD teacher grad"], got, want):
+            close(g, w, what)
     want = dkd_reference(s.double(), t.double(), target, T)
-    close(tckd.double(), want[0], "TCKD vs float64")
-    close(nckd.double(), want[1], "NCKD vs float64")
-    # The gradients, both sides, against the Triton kernels' (the same formulas from the same statistics).
-    w = row_weights(2, 72)
-    stats = ops.cuda_kl_rows(s, t, T, False, target, None, -100)[2]
-    stats_t = triton_ops.kl_rows(s, t, T, False, target, None, -100)[2]
-    got = ops.cuda_kl_rows_backward(w, w, s, t, stats, T, False, target, None, -100, True, True)
-    want = triton_ops.kl_rows_backward(w, w, s, t, stats_t, T, False, target, None, -100, True, True)
-    close(got[0], want[0], "KL student grad")
-    close(got[1], want[1], "KL teacher grad")
+    close(got[0].double(), want[0], "TCKD vs float64")
+    close(got[1].double(), want[1], "NCKD vs float64")
+
+
+# --- The backward: scale_rows_ ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_scale_rows(ops, dtype):
+    """Row r times scale[r] in place, rounded once to d's dtype (0 times inf is NaN, as autograd); a row whose
+    scale is exactly 1 is not written (a sentinel NaN stays bit for bit; a NaN scale is a multiply)."""
+    d = logits(2, 3, 301, seed=60, dtype=dtype)
+    d[0, 1:, 5] = float("inf")  # in the row scaled by 1, and in the one scaled by 0
+    d[1, 2, 7] = float("nan")
+    scale = torch.tensor([2.0, 1.0, 0.0, -0.3, 1.0, float("nan")])
+    want = (d.float() * scale.reshape(2, 3, 1)).to(dtype)
+    for s in (scale, torch.stack([scale, scale], 1)[:, 1]):  # contiguous, and stride 2
+        got = d.clone()
+        assert ops.cuda_scale_rows_(got, s) is None
+        torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
+        assert same_bits(got.float()[0, 1], d.float()[0, 1]).all()  # scale 1: the inf row untouched
+        assert got[0, 2, 5].isnan()  # 0 * inf
+    # A 0-stride scale: 1 touches nothing (a buffer of NaNs with a payload stays bit for bit); others multiply
+    # every row.
+    ints, payload = {torch.float32: (torch.int32, 0x7FA00001), torch.bfloat16: (torch.int16, 0x7FC1),
+                     torch.float16: (torch.int16, 0x7E01)}[dtype]
+    sentinel = torch.full((4, 37), payload, dtype=ints)
+    ops.cuda_scale_rows_(sentinel.view(dtype), stride0(1.0, 4))
+    assert (sentinel == payload).all()
+    d = logits(4, 37, seed=61, dtype=dtype)
+    got = d.clone()
+    ops.cuda_scale_rows_(got, stride0(0.5, 4))
+    torch.testing.assert_close(got, (d.float() * 0.5).to(dtype), rtol=0, atol=0)
+    ops.cuda_scale_rows_(torch.empty(0, dtype=dtype), torch.empty(0))  # nothing to scale
+
+
+def test_scale_rows_touches_no_memory_where_the_scale_is_1(ops):
+    """The rows with scale 1 are neither read nor written: a buffer whose rows hold a non-canonical NaN payload
+    (which a float multiply would make canonical) keeps it, and the other rows are scaled."""
+    d = torch.full((3, 64), 0, dtype=torch.int32).add_(0x7FA00001).view(torch.float32)  # a payload NaN
+    d[1] = torch.arange(64, dtype=torch.float32)
+    ops.cuda_scale_rows_(d, torch.tensor([1.0, 3.0, 1.0]))
+    assert (d.view(torch.int32)[[0, 2]] == 0x7FA00001).all()
+    torch.testing.assert_close(d[1], 3.0 * torch.arange(64, dtype=torch.float32), rtol=0, atol=0)
 
 
 # --- Attention transfer ---------------------------------------------------------------------------------------
@@ -494,6 +507,9 @@ def test_attention_adversarial_maps(ops, triton_at, case, p, channels_last):
 PLANTED = [
     # kl.cu's forward sums without the 1/T on the teacher (the maxima keep it): invisible at T = 1.
     ("kl.cu", "const float a = scaled(x_raw, inv_temperature) - m_x;", "const float a = x_raw - m_x;"),
+    # kl.cu's gradient pass weights the CE term with the row's KL weight: invisible where the two are equal.
+    ("kl.cu", "const float g_ce = has_ce ? weights.at(1, row) : 0.0f;",
+     "const float g_ce = has_ce ? weights.at(0, row) : 0.0f;"),
     # attention.cu's channels-last lane reduction skips its first shuffle (the upper half of the lanes): only
     # the warp emulation computes this sum.
     ("attention.cu", "offset = static_cast<int>(blockDim.x) / 2;", "offset = static_cast<int>(blockDim.x) / 4;"),
@@ -524,11 +540,26 @@ def planted_ops():
 
 def test_a_planted_temperature_fault_is_caught(planted_ops):
     s, t = logits(3, 50, seed=50), logits(3, 50, seed=51)
-    check(planted_ops.cuda_kl_rows(s, t, 1.0, False, None, None, -100)[0],
+    check(planted_ops.cuda_kl_rows(s, t, 1.0, False, None, None, -100, None, None, False, False)[0],
           kl_reference(s, t, 1.0, False, None, None)[0], "KL at T = 1")
     with pytest.raises(AssertionError, match="KL at T = 2"):
-        check(planted_ops.cuda_kl_rows(s, t, 2.0, False, None, None, -100)[0],
+        check(planted_ops.cuda_kl_rows(s, t, 2.0, False, None, None, -100, None, None, False, False)[0],
               kl_reference(s, t, 2.0, False, None, None)[0], "KL at T = 2")
+
+
+def test_a_planted_weight_fault_is_caught(planted_ops):
+    s, t = logits(3, 50, seed=53), logits(3, 50, seed=54)
+    target = torch.tensor([0, 17, 49])
+    reference = lambda s, t: kl_reference(s, t, 1.0, False, target, None)  # noqa: E731
+    for w_ce, what in ((row_weights(3, 55), "equal weights"), (stride0(0.1, 3), "other CE weight")):
+        w_kl = row_weights(3, 55)
+        d_s = planted_ops.cuda_kl_rows(s, t, 1.0, False, target, None, -100, w_kl, w_ce, True, False)[2]
+        want = reference_grads(reference, [s, t], [w_kl, w_ce])[0]
+        if what == "equal weights":
+            check(d_s, want, what)
+        else:
+            with pytest.raises(AssertionError, match=what):
+                check(d_s, want, what)
 
 
 def test_a_planted_shuffle_fault_is_caught(planted_ops):

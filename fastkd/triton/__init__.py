@@ -21,10 +21,10 @@ except ImportError as err:  # the package imports and works without Triton
 else:
     _import_error = None
     from .. import kernel_ops
-    from . import attention, dkd, jsd, kl, rkd
+    from . import attention, dkd, jsd, kl, rkd, rows
 
     KERNELS = kernel_ops.register("triton", {launcher.__name__: launcher for launcher in (
-        kl.kl_rows, kl.kl_rows_backward, jsd.jsd_rows, jsd.jsd_rows_backward, dkd.dkd_rows, dkd.dkd_rows_backward,
+        kl.kl_rows, jsd.jsd_rows, dkd.dkd_rows, rows.scale_rows_,
         rkd.rkd_sq_distances, rkd.rkd_weighted_diff, rkd.rkd_angle_sum, rkd.rkd_angle_weights,
         attention.at_channel_mean_pow, attention.at_channel_mean_pow_backward)})
 

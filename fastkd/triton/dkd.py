@@ -22,7 +22,7 @@ non-target teacher logit is -inf (but C > 1) the reference's NCKD is NaN (`log_s
 here it is 0, as a teacher putting no mass on the non-target classes has nothing to transfer there.
 A NaN anywhere in the row makes both terms NaN.
 
-Gradients (d/dS = d/dx / T, the per-row gradients g_t of TCKD and g_n of NCKD come from autograd):
+Gradients (d/dS = d/dx / T; g_t and g_n are the row's weights of TCKD and NCKD in the loss, given to the kernel):
 - student, through `log b_s = log_softmax([x_g, R_x])` (R_x = M_x + log Z_x), `dR_x/dx_c = q~_c`, and
   NCKD's softmax gradient:
       d/dx_g = g_t (b_s,g - b_t,g)
@@ -37,15 +37,26 @@ Gradients (d/dS = d/dx / T, the per-row gradients g_t of TCKD and g_n of NCKD co
 Why this formulation (u = 2^-24): `R = M + log Z` and `x - R`, `x_g - logaddexp(R, x_g)` carry an absolute
 error u |M| (logits offset by 1e3, T = 0.05, float16 logits near 6e4); `a = x - M` and `x_g - M` are exact
 for the entries that carry the mass, and `log Z <= log C`. NCKD is formed as in `fastkd.triton.kl`. The
-backward recomputes the binary split from the saved u_s, u_t with the same code, and uses the forward's own
-TCKD and Ebar: for a one-hot teacher (logits of 1e4) the teacher's gradient is exactly 0, as it must be.
+gradient uses the binary split, TCKD and Ebar of the same program: for a one-hot teacher (logits of 1e4) the
+teacher's gradient is exactly 0, as it must be.
 
-Design and cost: the forward saves per-row statistics (M_x, Z_x, M_y, Z_y, u_s, u_t, TCKD, Ebar) and the
-backward re-reads both rows; the teacher's gradient is computed only when asked for. DKD's rows are
-image-classifier logits (C up to a few thousand): one block per row (C <= `rows.MAX_BLOCK_V`), read once
-in the forward; a longer row streams in two passes (the maxima, then the sums against them). Element
-traffic, forward plus backward with the student's gradient: 2 + 2 reads + 1 write = 5 x N x C (7 beyond
-one block). Per element: forward 2 exp (plus ~10 multiply-adds for D), backward 2 exp.
+Design and cost: the gradient is made in the forward pass. One program per row computes the statistics and,
+in the same program, writes the student's and/or the teacher's gradient with the formulas above, each row's
+already weighted by its TCKD and NCKD weights in the loss (`tckd_weight_r`, `nckd_weight_r`, known at forward
+time: alpha T^2 / rows and beta T^2 / rows, `fastkd.kernel_losses`); the binary split, TCKD and Ebar the
+gradient needs are this program's own values, kept in registers. Nothing else is kept for the backward pass,
+which only scales the stored gradient by grad_output (`rows.scale_rows_`: no N x C traffic when grad_output
+is exactly 1). Without a gradient flag (inference) the kernel writes no N x C tensor. DKD's rows are
+image-classifier logits (C up to a few thousand):
+- one block per row (C <= `rows.MAX_BLOCK_V`), read once and kept in registers: element traffic
+  2 x N x C reads + 1 x N x C write per gradient (g = 0, 1 or 2), (2 + g) x N x C x 2 bytes for bf16/fp16,
+  x 4 for fp32; per element 2 exp (the gradient reuses them) plus ~10 multiply-adds for D;
+- a longer row streams in three passes of the same program (the maxima, the sums against them, the
+  gradient): 6 x N x C reads (the later passes often served from L2) + 1 x N x C write per gradient,
+  (6 + g) x N x C x 2 (bf16/fp16) or x 4 (fp32) bytes, 4 exp per element; 4 reads without a gradient.
+Per row besides: the scalar loads of x_g, y_g and of the weights. Against the earlier forward + backward pair
+(5 x N x C for one gradient), one block moves 3 x N x C in one launch; the gradient buffer is held from
+forward to backward instead of the inputs, and a second backward through the graph is refused.
 """
 from __future__ import annotations
 
@@ -53,13 +64,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..kernel_ops import DKD_STATS
 from .rows import (block_size, exp_diff, finite_or_zero, flat_index, log1p, log_ratio, num_warps, row_layout,
-                   row_start)
-
-# The per-row statistics, as wide as the op's declaration says (fastkd.kernel_ops):
-# M_x, Z_x, M_y, Z_y, u_s, u_t (NaN for an out-of-range target), TCKD, Ebar (NCKD's)
-STATS = tl.constexpr(DKD_STATS)
+                   row_start, row_weight)
 
 
 @triton.jit
@@ -83,11 +89,9 @@ def load_rest(x_row, y_row, offs, mask, is_target, x_col, y_col, inv_temperature
 
 
 @triton.jit
-def nckd_terms(x, y, m_x, m_y):
-    """Per element: `exp(a)`, `exp(b)`, `exp(b) (b - a)` (0 where p~ = 0 or q~ = 0), `exp(b) - exp(a)`, and
-    whether p~ > 0 meets x = -inf."""
-    a = x - m_x
-    b = y - m_y
+def nckd_terms(a, b):
+    """Per element, from `a = x - M_x`, `b = y - M_y`: `exp(a)`, `exp(b)`, `exp(b) (b - a)` (0 where p~ = 0
+    or q~ = 0), `exp(b) - exp(a)`, and whether p~ > 0 meets x = -inf."""
     ea = tl.exp(a)
     eb = tl.exp(b)
     x_masked = a == float("-inf")
@@ -96,11 +100,31 @@ def nckd_terms(x, y, m_x, m_y):
 
 
 @triton.jit
-def dkd_forward_kernel(
-    x_ptr, y_ptr, target_ptr, tckd_ptr, nckd_ptr, stats_ptr,
-    V, inner_size, x_outer, x_inner, x_col, y_outer, y_inner, y_col,
+def store_gradients(dx_ptr, dy_ptr, row, offs, V, is_target, valid, a, b, ea, eb, z_x, z_y, e_bar, g_n,
+                    dx_target, q_factor, dy_target, p_factor, X_GRAD: tl.constexpr, Y_GRAD: tl.constexpr):
+    """The weighted gradients of one block. The non-target distributions are 0 on the target column and
+    where a logit is -inf (also when Z = 0, where exp(a) / Z would be NaN)."""
+    mask = offs < V
+    q = tl.where(ea > 0, ea / z_x, 0.0)
+    p = tl.where(eb > 0, eb / z_y, 0.0)
+    if X_GRAD:
+        dx = tl.where(is_target, dx_target, q_factor * q - g_n * p)
+        dx = tl.where(valid, dx, float("nan"))
+        tl.store(dx_ptr + row * V + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+    if Y_GRAD:
+        # The same `b - a` as the sum behind Ebar: exactly 0 for a one-hot p~.
+        nckd_term = tl.where(p > 0, p * ((b - a) - e_bar), 0.0)
+        dy = tl.where(is_target, dy_target, p_factor * p + g_n * nckd_term)
+        dy = tl.where(valid, dy, float("nan"))
+        tl.store(dy_ptr + row * V + offs, dy.to(dy_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def dkd_rows_kernel(
+    x_ptr, y_ptr, target_ptr, tckd_ptr, nckd_ptr, tckd_w_ptr, nckd_w_ptr, dx_ptr, dy_ptr,
+    V, inner_size, x_outer, x_inner, x_col, y_outer, y_inner, y_col, tckd_w_stride, nckd_w_stride,
     inv_temperature,
-    BLOCK_V: tl.constexpr, ONE_BLOCK: tl.constexpr,
+    X_GRAD: tl.constexpr, Y_GRAD: tl.constexpr, BLOCK_V: tl.constexpr, ONE_BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     x_row = row_start(x_ptr, row, inner_size, x_outer, x_inner)
@@ -114,10 +138,13 @@ def dkd_forward_kernel(
     cols = tl.arange(0, BLOCK_V)
     if ONE_BLOCK:
         offs = cols.to(tl.int64)
-        x, y = load_rest(x_row, y_row, offs, offs < V, offs == target, x_col, y_col, inv_temperature)
+        is_target = offs == target
+        x, y = load_rest(x_row, y_row, offs, offs < V, is_target, x_col, y_col, inv_temperature)
         m_x = finite_or_zero(tl.max(x, 0))
         m_y = finite_or_zero(tl.max(y, 0))
-        ea, eb, w, d, inf_term = nckd_terms(x, y, m_x, m_y)
+        a = x - m_x
+        b = y - m_y
+        ea, eb, w, d, inf_term = nckd_terms(a, b)
         z_x = tl.sum(ea, 0)
         z_y = tl.sum(eb, 0)
         e_sum = tl.sum(w, 0)
@@ -140,7 +167,7 @@ def dkd_forward_kernel(
         for start in range(0, V, BLOCK_V):
             offs = (start + cols).to(tl.int64)
             x, y = load_rest(x_row, y_row, offs, offs < V, offs == target, x_col, y_col, inv_temperature)
-            ea, eb, w, d, inf_term = nckd_terms(x, y, m_x, m_y)
+            ea, eb, w, d, inf_term = nckd_terms(x - m_x, y - m_y)
             zx_lane += ea
             zy_lane += eb
             e_lane += w
@@ -158,8 +185,8 @@ def dkd_forward_kernel(
     nckd = tl.where(any_inf, float("inf"), nckd)
     nckd = tl.where(has_rest, nckd, 0.0)  # no non-target teacher mass (one class): nothing to transfer
 
-    u_s = (x_g - m_x) - tl.log(z_x)
-    u_t = (y_g - m_y) - tl.log(z_y)
+    u_s = tl.where(valid, (x_g - m_x) - tl.log(z_x), float("nan"))
+    u_t = tl.where(valid, (y_g - m_y) - tl.log(z_y), float("nan"))
     log_bs_g, log_bs_r, log_bt_g, log_bt_r = binary_split(u_s, u_t)
     bt_g = tl.exp(log_bt_g)
     bt_r = tl.exp(log_bt_r)
@@ -172,112 +199,54 @@ def dkd_forward_kernel(
     nckd = tl.where(valid & ~nan_in_row, nckd, float("nan"))
     tl.store(tckd_ptr + row, tckd)
     tl.store(nckd_ptr + row, nckd)
-    tl.store(stats_ptr + row * STATS + 0, m_x)
-    tl.store(stats_ptr + row * STATS + 1, z_x)
-    tl.store(stats_ptr + row * STATS + 2, m_y)
-    tl.store(stats_ptr + row * STATS + 3, z_y)
-    tl.store(stats_ptr + row * STATS + 4, tl.where(valid, u_s, float("nan")))
-    tl.store(stats_ptr + row * STATS + 5, tl.where(valid, u_t, float("nan")))
-    tl.store(stats_ptr + row * STATS + 6, tckd)
-    tl.store(stats_ptr + row * STATS + 7, e_bar)
+
+    if X_GRAD or Y_GRAD:
+        # The row's weights in the loss; d/dS = d/dx / T rides on them.
+        g_t = tl.load(tckd_w_ptr + row * tckd_w_stride) * inv_temperature
+        g_n = tl.load(nckd_w_ptr + row * nckd_w_stride) * inv_temperature
+        bs_g = tl.exp(log_bs_g)
+        bs_r = tl.exp(log_bs_r)
+        # Student: the target column, and the factor of q~ on the others.
+        dx_target = g_t * (bs_g - bt_g)
+        q_factor = g_t * (bs_r - bt_r) + g_n
+        # Teacher: the target column, and the factor of p~ (through R_y) on the others.
+        dy_target = g_t * tl.where(bt_g > 0, bt_g * ((log_bt_g - log_bs_g) - tckd), 0.0)
+        p_factor = g_t * tl.where(bt_r > 0, bt_r * ((log_bt_r - log_bs_r) - tckd), 0.0)
+        if ONE_BLOCK:
+            store_gradients(dx_ptr, dy_ptr, row, offs, V, is_target, valid, a, b, ea, eb, z_x, z_y, e_bar, g_n,
+                            dx_target, q_factor, dy_target, p_factor, X_GRAD, Y_GRAD)
+        else:
+            # Pass 3: the gradient.
+            for start in range(0, V, BLOCK_V):
+                offs = (start + cols).to(tl.int64)
+                is_target = offs == target
+                x, y = load_rest(x_row, y_row, offs, offs < V, is_target, x_col, y_col, inv_temperature)
+                a = x - m_x
+                b = y - m_y
+                store_gradients(dx_ptr, dy_ptr, row, offs, V, is_target, valid, a, b, tl.exp(a), tl.exp(b), z_x,
+                                z_y, e_bar, g_n, dx_target, q_factor, dy_target, p_factor, X_GRAD, Y_GRAD)
 
 
-@triton.jit
-def dkd_backward_kernel(
-    x_ptr, y_ptr, target_ptr, stats_ptr, grad_tckd_ptr, grad_nckd_ptr, dx_ptr, dy_ptr,
-    V, inner_size, x_outer, x_inner, x_col, y_outer, y_inner, y_col,
-    inv_temperature,
-    X_GRAD: tl.constexpr, Y_GRAD: tl.constexpr, BLOCK_V: tl.constexpr,
-):
-    row = tl.program_id(0).to(tl.int64)
-    x_row = row_start(x_ptr, row, inner_size, x_outer, x_inner)
-    y_row = row_start(y_ptr, row, inner_size, y_outer, y_inner)
-    m_x = tl.load(stats_ptr + row * STATS + 0)
-    z_x = tl.load(stats_ptr + row * STATS + 1)
-    m_y = tl.load(stats_ptr + row * STATS + 2)
-    z_y = tl.load(stats_ptr + row * STATS + 3)
-    u_s = tl.load(stats_ptr + row * STATS + 4)
-    u_t = tl.load(stats_ptr + row * STATS + 5)
-    tckd = tl.load(stats_ptr + row * STATS + 6)
-    e_bar = tl.load(stats_ptr + row * STATS + 7)
-    target = tl.load(target_ptr + row).to(tl.int64)
-    valid = (target >= 0) & (target < V)
-    # d/dS = d/dx / T: the 1/T rides on the incoming gradients.
-    g_t = tl.load(grad_tckd_ptr + row) * inv_temperature
-    g_n = tl.load(grad_nckd_ptr + row) * inv_temperature
-
-    log_bs_g, log_bs_r, log_bt_g, log_bt_r = binary_split(u_s, u_t)
-    bs_g = tl.exp(log_bs_g)
-    bs_r = tl.exp(log_bs_r)
-    bt_g = tl.exp(log_bt_g)
-    bt_r = tl.exp(log_bt_r)
-    # Student: the target column, and the factor of q~ on the others.
-    dx_target = g_t * (bs_g - bt_g)
-    q_factor = g_t * (bs_r - bt_r) + g_n
-    # Teacher: the target column, and the factor of p~ (through R_y) on the others.
-    dy_target = g_t * tl.where(bt_g > 0, bt_g * ((log_bt_g - log_bs_g) - tckd), 0.0)
-    p_factor = g_t * tl.where(bt_r > 0, bt_r * ((log_bt_r - log_bs_r) - tckd), 0.0)
-
-    cols = tl.arange(0, BLOCK_V)
-    for start in range(0, V, BLOCK_V):
-        offs = (start + cols).to(tl.int64)
-        mask = offs < V
-        is_target = offs == target
-        x, y = load_rest(x_row, y_row, offs, mask, is_target, x_col, y_col, inv_temperature)
-        # The non-target distributions; 0 on the target column and where a logit is -inf (also when
-        # Z = 0, where exp(a) / Z would be NaN).
-        a = x - m_x
-        b = y - m_y
-        ea = tl.exp(a)
-        eb = tl.exp(b)
-        q = tl.where(ea > 0, ea / z_x, 0.0)
-        p = tl.where(eb > 0, eb / z_y, 0.0)
-        if X_GRAD:
-            dx = tl.where(is_target, dx_target, q_factor * q - g_n * p)
-            dx = tl.where(valid, dx, float("nan"))
-            tl.store(dx_ptr + row * V + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
-        if Y_GRAD:
-            # The same `b - a` as the forward's Ebar: exactly 0 for a one-hot p~.
-            nckd_term = tl.where(p > 0, p * ((b - a) - e_bar), 0.0)
-            dy = tl.where(is_target, dy_target, p_factor * p + g_n * nckd_term)
-            dy = tl.where(valid, dy, float("nan"))
-            tl.store(dy_ptr + row * V + offs, dy.to(dy_ptr.dtype.element_ty), mask=mask)
-
-
-def dkd_rows(student, teacher, target, temperature):
-    """Per-row `(TCKD, NCKD, stats)`, without the `T^2 / rows` factor and the weights; NaN for a target
-    outside [0, C)."""
+def dkd_rows(student, teacher, target, temperature, tckd_weight, nckd_weight, student_grad, teacher_grad):
+    """Per-row `(TCKD, NCKD, d_student, d_teacher)`, the terms without the `T^2 / rows` factor and the weights
+    (NaN for a target outside [0, C)); when `student_grad` / `teacher_grad`,
+    `sum_r tckd_weight_r dTCKD_r/d input + nckd_weight_r dNCKD_r/d input` in the input's dtype and shape
+    (contiguous), else an empty tensor. The weights: float32 `(rows,)`, any stride (None: 1)."""
     V = student.shape[-1]
     rows = student.numel() // V
+    device = student.device
     x, x_outer, x_inner, x_col, inner = row_layout(student)
     y, y_outer, y_inner, y_col, _ = row_layout(teacher)
-    tckd = torch.empty(rows, dtype=torch.float32, device=student.device)
-    nckd = torch.empty(rows, dtype=torch.float32, device=student.device)
-    stats = torch.empty(rows, STATS, dtype=torch.float32, device=student.device)
+    tckd = torch.empty(rows, dtype=torch.float32, device=device)
+    nckd = torch.empty(rows, dtype=torch.float32, device=device)
+    d_student = torch.empty(student.shape if student_grad else 0, dtype=student.dtype, device=device)
+    d_teacher = torch.empty(teacher.shape if teacher_grad else 0, dtype=teacher.dtype, device=device)
+    (t_w, t_stride), (n_w, n_stride) = ((row_weight(tckd_weight, tckd), row_weight(nckd_weight, tckd))
+                                        if student_grad or teacher_grad else ((tckd, 0), (tckd, 0)))
     block = block_size(V)
-    dkd_forward_kernel[(rows,)](
-        x, y, flat_index(target), tckd, nckd, stats,
-        V, inner, x_outer, x_inner, x_col, y_outer, y_inner, y_col, 1.0 / temperature,
-        BLOCK_V=block, ONE_BLOCK=V <= block, num_warps=num_warps(block))
-    return tckd, nckd, stats
-
-
-def dkd_rows_backward(grad_tckd, grad_nckd, student, teacher, stats, target, temperature, student_grad, teacher_grad):
-    """`(d student, d teacher)` in the inputs' dtypes and shapes; an empty tensor for a gradient not asked for.
-    A None gradient (an output that was not used) counts as zeros."""
-    V = student.shape[-1]
-    rows = student.numel() // V
-    x, x_outer, x_inner, x_col, inner = row_layout(student)
-    y, y_outer, y_inner, y_col, _ = row_layout(teacher)
-    if grad_tckd is None:
-        grad_tckd = stats.new_zeros(rows)
-    if grad_nckd is None:
-        grad_nckd = stats.new_zeros(rows)
-    d_student = torch.empty(student.shape if student_grad else 0, dtype=student.dtype, device=student.device)
-    d_teacher = torch.empty(teacher.shape if teacher_grad else 0, dtype=teacher.dtype, device=teacher.device)
-    block = block_size(V)
-    dkd_backward_kernel[(rows,)](
-        x, y, flat_index(target), stats, grad_tckd.contiguous(), grad_nckd.contiguous(), d_student, d_teacher,
-        V, inner, x_outer, x_inner, x_col, y_outer, y_inner, y_col, 1.0 / temperature,
-        X_GRAD=student_grad, Y_GRAD=teacher_grad, BLOCK_V=block, num_warps=num_warps(block))
-    return d_student, d_teacher
+    dkd_rows_kernel[(rows,)](
+        x, y, flat_index(target), tckd, nckd, t_w, n_w, d_student, d_teacher,
+        V, inner, x_outer, x_inner, x_col, y_outer, y_inner, y_col, t_stride, n_stride, 1.0 / temperature,
+        X_GRAD=student_grad, Y_GRAD=teacher_grad, BLOCK_V=block, ONE_BLOCK=V <= block,
+        num_warps=num_warps(block))
+    return tckd, nckd, d_student, d_teacher

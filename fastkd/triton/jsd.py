@@ -38,8 +38,8 @@ and through the softmax `dq_i/dx_j = q_i ([i = j] - q_j)`, with `sum_i q_i (log 
 (the teacher side likewise, weight beta):
     dJSD/dx_j = (1 - beta) q_j ((log q_j - log m_j) - KL(q || m))        (0 where q_j = 0)
     dJSD/dy_j = beta p_j ((log p_j - log m_j) - KL(p || m))              (0 where p_j = 0)
-with the per-element log-ratios recomputed exactly as the forward summed them, and d/dS = d/dx / T,
-d/dT_logits = d/dy / T.
+with the per-element log-ratios exactly those the divergences summed (the same code, in the same program),
+and d/dS = d/dx / T, d/dT_logits = d/dy / T.
 
 Why this formulation (u = 2^-24): `x - lse(x)` carries an absolute error u |lse|, the whole loss for logits
 offset by 1e3, at T = 0.05 or near float16's 6e4 (there `log m` came out wrong by O(1) and the gradient
@@ -49,18 +49,30 @@ the terms `p (log p - log m)` are first order in delta and their sum second orde
 terms), which the `h` form never subtracts. (`rows.expm1` is a series near 0 and `exp - 1` elsewhere:
 Kahan's `(u - 1) x / log u` loses its bits once exp(x) is subnormal, x < -87, as at T = 0.05.)
 
-Design and cost: `delta` needs L, known only after the sums, which need the maxima. A row that fits one
-block (V <= `rows.MAX_BLOCK_V`) is read once and kept in registers. A longer row is read three times in the
-same program: pass 1 the maxima, pass 2 Z_x, Z_y, D (against the final maxima, no rescaling), pass 3 the
-two divergences (the re-reads are often served from L2). The forward saves per-row statistics
-(M_x, Z_x, M_y, Z_y, L, KL(p||m), KL(q||m)); the backward re-reads both rows and recomputes `delta`.
-Element traffic, forward plus backward with the student's gradient only: 2 + 2 reads + 1 write = 5 x N x V
-for V <= 2048, 6 + 2 + 1 = 9 x N x V beyond, with O(N) memory besides the gradient. Per element: forward
-2 exp, 1 exp (`expm1` away from 0) and 1 log (`log1p`) for `log m`, and ~40 multiply-adds and 2 divisions
-(the series of `exp_diff`, `expm1_small`, `h`); backward 2 exp, 1 exp and 1 log. Compute stays below the
-memory time on a GPU at these counts (MUFU exp/log, FMA pipes for the series); the series could be skipped
-where no element has |delta| <= 1/2 if profiling ever says otherwise. Keeping long rows on chip between the
-passes would cap V; streaming keeps any V up to 262144 on one program.
+Design and cost: the gradient is made in the forward pass. `delta` needs L, known only after the sums, which
+need the maxima, and the gradient needs the two divergences, known only after their sums; one program per row
+does it all and writes `dJSD/dS` and/or `dJSD/dT_logits`, each row's already multiplied by its weight in the loss
+(`weight_r`, known at forward time: `fastkd.kernel_losses`). Nothing else is kept for the backward pass, which
+only scales the stored gradient by grad_output (`rows.scale_rows_`: no N x V traffic when grad_output is
+exactly 1). Without a gradient flag (inference) the kernel writes no N x V tensor.
+- A row that fits one block (V <= `rows.MAX_BLOCK_V`) is read once and stays in registers; the gradient
+  reuses the per-element `p`, `q`, `log p - log m`, `log q - log m` of the divergences' sums. Element traffic
+  per call: 2 x N x V reads + 1 x N x V write per gradient asked for (g = 0, 1 or 2): (2 + g) x N x V x 2
+  bytes for bf16/fp16, x 4 for fp32. Per element: 2 exp, 1 exp (`expm1` away from 0) and 1 log (`log1p`)
+  for `log m`, ~40 multiply-adds and 2 divisions (the series of `exp_diff`, `expm1_small`, `h`); the
+  gradient adds a few multiplies.
+- A longer row streams in the same program: pass 1 the maxima, pass 2 Z_x, Z_y, D (against the final
+  maxima, no rescaling), pass 3 the two divergences, pass 4 the gradient (it needs the divergences, which
+  pass 3 ends with). Element traffic: 8 x N x V reads (S and T four times; the re-reads are often served
+  from L2) + 1 x N x V write per gradient, (8 + g) x N x V x 2 bytes (bf16/fp16) or x 4 (fp32); without a
+  gradient flag pass 4 is skipped: 6 reads. Per element: passes 2-4 each 2 exp, passes 3 and 4 each 1 exp
+  and 1 log more: 8 exp and 2 log.
+Compute stays below the memory time on a GPU at these counts (MUFU exp/log, FMA pipes for the series); the
+series could be skipped where no element has |delta| <= 1/2 if profiling ever says otherwise. Keeping long
+rows on chip between the passes would cap V; streaming keeps any V up to 262144 on one program. Against the
+earlier forward + backward pair (5 x N x V for one gradient), one block moves 3 x N x V in one launch; the
+gradient buffer (N x V in the input dtype) is held from forward to backward instead of the inputs, and a
+second backward through the graph is refused (the buffer is scaled in place).
 Tokens whose label is `ignore_index` read nothing, get loss 0 and a zero gradient.
 """
 from __future__ import annotations
@@ -69,13 +81,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..kernel_ops import JSD_STATS
 from .rows import (block_size, exp_diff, expm1, expm1_small, finite_or_zero, flat_index, log1p, log_ratio,
-                   num_warps, row_layout, row_start)
-
-# The per-row statistics, as wide as the op's declaration says (fastkd.kernel_ops):
-# M_x, Z_x, M_y, Z_y, L = log(Z_y / Z_x), KL(p || m), KL(q || m)
-STATS = tl.constexpr(JSD_STATS)
+                   num_warps, row_layout, row_start, row_weight)
 
 
 @triton.jit
@@ -114,12 +121,14 @@ def x_minus_log1p_x(w):
     return 2.0 * s2 / (1.0 - s) - 2.0 * (s2 * s) * r
 
 
+
 @triton.jit
 def jsd_terms(a, b, ea, eb, z_x, z_y, log_ratio_yx, beta, one_minus_beta):
     """Per element `(p (log p - log m) or its second-order part, the same for q, p - q where not small)`:
     where |delta| <= 1/2, `p h((1 - beta) expm1(-delta))` and `q h(beta expm1(delta))`, whose sums are
     KL(p || m) + (1 - beta) C and KL(q || m) - beta C with `C = sum_{|delta| > 1/2} (p - q)`
-    (as `sum (p - q) = 0`); elsewhere `p (log p - log m)`, `q (log q - log m)` and `p - q` (for C)."""
+    (as `sum (p - q) = 0`); elsewhere `p (log p - log m)`, `q (log q - log m)` and `p - q` (for C).
+    Also `p`, `q`, `log p - log m`, `log q - log m`, which the gradient uses."""
     p = eb / z_y
     q = ea / z_x
     lp_m, lq_m = mixture_log_ratios(a, b, log_ratio_yx, beta, one_minus_beta)
@@ -129,28 +138,54 @@ def jsd_terms(a, b, ea, eb, z_x, z_y, log_ratio_yx, beta, one_minus_beta):
     term_p = tl.where(small, p * x_minus_log1p_x(one_minus_beta * expm1_small(-d)),
                       tl.where(p > 0, p * lp_m, 0.0))
     term_q = tl.where(small, q * x_minus_log1p_x(beta * expm1_small(d)), tl.where(q > 0, q * lq_m, 0.0))
-    return term_p, term_q, tl.where(small, 0.0, p - q)
+    return term_p, term_q, tl.where(small, 0.0, p - q), p, q, lp_m, lq_m
 
 
 @triton.jit
-def jsd_forward_kernel(
-    x_ptr, y_ptr, labels_ptr, loss_ptr, stats_ptr,
-    V, inner_size, x_outer, x_inner, x_col, y_outer, y_inner, y_col,
+def store_gradients(dx_ptr, dy_ptr, row, offs, V, ea, eb, p, q, lp_m, lq_m, active, kl_p, kl_q, g_x, g_y,
+                    X_GRAD: tl.constexpr, Y_GRAD: tl.constexpr):
+    """The weighted gradients of one block (`g_x = weight_r (1 - beta) / T`, `g_y = weight_r beta / T`); 0
+    where the probability is 0 (`exp(a) != 0` lets a NaN through: a NaN logit gives a NaN gradient)."""
+    mask = offs < V
+    if X_GRAD:
+        dx = tl.where(ea != 0, q * (lq_m - kl_q), 0.0) * g_x
+        dx = tl.where(active, dx, 0.0)  # an ignored token: a zero gradient
+        tl.store(dx_ptr + row * V + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+    if Y_GRAD:
+        dy = tl.where(eb != 0, p * (lp_m - kl_p), 0.0) * g_y
+        dy = tl.where(active, dy, 0.0)
+        tl.store(dy_ptr + row * V + offs, dy.to(dy_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def jsd_rows_kernel(
+    x_ptr, y_ptr, labels_ptr, loss_ptr, w_ptr, dx_ptr, dy_ptr,
+    V, inner_size, x_outer, x_inner, x_col, y_outer, y_inner, y_col, w_stride,
     inv_temperature, beta, one_minus_beta, ignore_index,
-    HAS_LABELS: tl.constexpr, BLOCK_V: tl.constexpr, ONE_BLOCK: tl.constexpr,
+    HAS_LABELS: tl.constexpr, X_GRAD: tl.constexpr, Y_GRAD: tl.constexpr,
+    BLOCK_V: tl.constexpr, ONE_BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     x_row = row_start(x_ptr, row, inner_size, x_outer, x_inner)
     y_row = row_start(y_ptr, row, inner_size, y_outer, y_inner)
     n_cols = V
+    active = True
     if HAS_LABELS:
         active = tl.load(labels_ptr + row) != ignore_index
         n_cols = tl.where(active, V, 0)  # an ignored token reads nothing
+    # The row's weight in the loss, read only when a gradient is written; the 1/T and the mixture weights
+    # ride on it (d/dS = d/dx / T).
+    g_x = 0.0
+    g_y = 0.0
+    if X_GRAD or Y_GRAD:
+        g = tl.load(w_ptr + row * w_stride) * inv_temperature
+        g_x = g * one_minus_beta
+        g_y = g * beta
 
     zeros = tl.zeros([BLOCK_V], tl.float32)
     cols = tl.arange(0, BLOCK_V)
     if ONE_BLOCK:
-        # The whole row in registers, read once.
+        # The whole row in registers, read once: the sums, the divergences and the gradient.
         offs = cols.to(tl.int64)
         x, y = load_block(x_row, y_row, offs, offs < n_cols, x_col, y_col, inv_temperature)
         m_x = finite_or_zero(tl.max(x, 0))
@@ -162,10 +197,12 @@ def jsd_forward_kernel(
         z_x = tl.sum(ea, 0)
         z_y = tl.sum(eb, 0)
         l_yx = log_ratio(z_y, z_x, tl.sum(exp_diff(b, a, eb, ea), 0))
-        term_p, term_q, c = jsd_terms(a, b, ea, eb, z_x, z_y, l_yx, beta, one_minus_beta)
-        sum_p = tl.sum(term_p, 0)
-        sum_q = tl.sum(term_q, 0)
-        c_sum = tl.sum(c, 0)
+        term_p, term_q, c, p, q, lp_m, lq_m = jsd_terms(a, b, ea, eb, z_x, z_y, l_yx, beta, one_minus_beta)
+        kl_p = tl.sum(term_p, 0) - one_minus_beta * tl.sum(c, 0)
+        kl_q = tl.sum(term_q, 0) + beta * tl.sum(c, 0)
+        if X_GRAD or Y_GRAD:
+            store_gradients(dx_ptr, dy_ptr, row, offs, V, ea, eb, p, q, lp_m, lq_m, active, kl_p, kl_q, g_x, g_y,
+                            X_GRAD, Y_GRAD)
     else:
         # Pass 1: the maxima.
         mx_lane = tl.full([BLOCK_V], float("-inf"), tl.float32)
@@ -199,77 +236,30 @@ def jsd_forward_kernel(
             x, y = load_block(x_row, y_row, offs, offs < n_cols, x_col, y_col, inv_temperature)
             a = x - m_x
             b = y - m_y
-            ea = tl.exp(a)
-            eb = tl.exp(b)
-            term_p, term_q, c = jsd_terms(a, b, ea, eb, z_x, z_y, l_yx, beta, one_minus_beta)
+            term_p, term_q, c, _p, _q, _lp_m, _lq_m = jsd_terms(a, b, tl.exp(a), tl.exp(b), z_x, z_y, l_yx, beta,
+                                                              one_minus_beta)
             p_lane += term_p
             q_lane += term_q
             c_lane += c
-        sum_p = tl.sum(p_lane, 0)
-        sum_q = tl.sum(q_lane, 0)
         c_sum = tl.sum(c_lane, 0)
-    kl_p = sum_p - one_minus_beta * c_sum
-    kl_q = sum_q + beta * c_sum
+        kl_p = tl.sum(p_lane, 0) - one_minus_beta * c_sum
+        kl_q = tl.sum(q_lane, 0) + beta * c_sum
+        if X_GRAD or Y_GRAD:
+            # Pass 4: the gradient, over the whole row (an ignored token's is written as zeros, read from nothing).
+            for start in range(0, V, BLOCK_V):
+                offs = (start + cols).to(tl.int64)
+                x, y = load_block(x_row, y_row, offs, offs < n_cols, x_col, y_col, inv_temperature)
+                a = x - m_x
+                b = y - m_y
+                ea = tl.exp(a)
+                eb = tl.exp(b)
+                lp_m, lq_m = mixture_log_ratios(a, b, l_yx, beta, one_minus_beta)
+                store_gradients(dx_ptr, dy_ptr, row, offs, V, ea, eb, eb / z_y, ea / z_x, lp_m, lq_m, active, kl_p,
+                                kl_q, g_x, g_y, X_GRAD, Y_GRAD)
     loss = beta * kl_p + one_minus_beta * kl_q
     if HAS_LABELS:
-        # An ignored token's statistics are 0 (its sums are empty: 0 / 0 must not reach the saved tensor).
         loss = tl.where(active, loss, 0.0)
-        m_x, z_x, m_y, z_y = (tl.where(active, m_x, 0.0), tl.where(active, z_x, 0.0), tl.where(active, m_y, 0.0),
-                              tl.where(active, z_y, 0.0))
-        l_yx, kl_p, kl_q = tl.where(active, l_yx, 0.0), tl.where(active, kl_p, 0.0), tl.where(active, kl_q, 0.0)
     tl.store(loss_ptr + row, loss)
-    tl.store(stats_ptr + row * STATS + 0, m_x)
-    tl.store(stats_ptr + row * STATS + 1, z_x)
-    tl.store(stats_ptr + row * STATS + 2, m_y)
-    tl.store(stats_ptr + row * STATS + 3, z_y)
-    tl.store(stats_ptr + row * STATS + 4, l_yx)
-    tl.store(stats_ptr + row * STATS + 5, kl_p)
-    tl.store(stats_ptr + row * STATS + 6, kl_q)
-
-
-@triton.jit
-def jsd_backward_kernel(
-    x_ptr, y_ptr, labels_ptr, stats_ptr, grad_ptr, dx_ptr, dy_ptr,
-    V, inner_size, x_outer, x_inner, x_col, y_outer, y_inner, y_col,
-    inv_temperature, beta, one_minus_beta, ignore_index,
-    HAS_LABELS: tl.constexpr, X_GRAD: tl.constexpr, Y_GRAD: tl.constexpr, BLOCK_V: tl.constexpr,
-):
-    row = tl.program_id(0).to(tl.int64)
-    x_row = row_start(x_ptr, row, inner_size, x_outer, x_inner)
-    y_row = row_start(y_ptr, row, inner_size, y_outer, y_inner)
-    m_x = tl.load(stats_ptr + row * STATS + 0)
-    z_x = tl.load(stats_ptr + row * STATS + 1)
-    m_y = tl.load(stats_ptr + row * STATS + 2)
-    z_y = tl.load(stats_ptr + row * STATS + 3)
-    l_yx = tl.load(stats_ptr + row * STATS + 4)
-    kl_p = tl.load(stats_ptr + row * STATS + 5)
-    kl_q = tl.load(stats_ptr + row * STATS + 6)
-    # d/dS = d/dx / T: the 1/T rides on the incoming gradient, and so do the mixture weights.
-    g = tl.load(grad_ptr + row) * inv_temperature
-    g_x = g * one_minus_beta
-    g_y = g * beta
-    active = True
-    if HAS_LABELS:
-        active = tl.load(labels_ptr + row) != ignore_index
-    cols = tl.arange(0, BLOCK_V)
-    for start in range(0, V, BLOCK_V):
-        offs = (start + cols).to(tl.int64)
-        mask = offs < V
-        # An ignored token reads nothing and gets a zero gradient.
-        x, y = load_block(x_row, y_row, offs, mask & active, x_col, y_col, inv_temperature)
-        a = x - m_x
-        b = y - m_y
-        lp_m, lq_m = mixture_log_ratios(a, b, l_yx, beta, one_minus_beta)
-        if X_GRAD:
-            ea = tl.exp(a)
-            dx = tl.where(ea > 0, (ea / z_x) * (lq_m - kl_q), 0.0) * g_x
-            dx = tl.where(active, dx, 0.0)
-            tl.store(dx_ptr + row * V + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
-        if Y_GRAD:
-            eb = tl.exp(b)
-            dy = tl.where(eb > 0, (eb / z_y) * (lp_m - kl_p), 0.0) * g_y
-            dy = tl.where(active, dy, 0.0)
-            tl.store(dy_ptr + row * V + offs, dy.to(dy_ptr.dtype.element_ty), mask=mask)
 
 
 def _check_beta(beta):
@@ -277,42 +267,27 @@ def _check_beta(beta):
         raise ValueError(f"the JSD kernels take 0 < beta < 1 (0 and 1 are the KL kernels), got beta={beta}")
 
 
-def jsd_rows(student, teacher, beta, temperature, labels, ignore_index):
-    """Per-row `(JSD, stats)`; JSD is 0 for tokens whose label is `ignore_index`."""
+def jsd_rows(student, teacher, beta, temperature, labels, ignore_index, weight, student_grad, teacher_grad):
+    """Per-row `(JSD, d_student, d_teacher)`: JSD 0 for tokens whose label is `ignore_index`; when
+    `student_grad` / `teacher_grad`, `sum_r weight_r dJSD_r/d input` in the input's dtype and shape
+    (contiguous; a zero gradient for an ignored token), else an empty tensor. `weight`: float32 `(rows,)`,
+    any stride (None: 1)."""
     _check_beta(beta)
     V = student.shape[-1]
     rows = student.numel() // V
+    device = student.device
     x, x_outer, x_inner, x_col, inner = row_layout(student)
     y, y_outer, y_inner, y_col, _ = row_layout(teacher)
-    loss = torch.empty(rows, dtype=torch.float32, device=student.device)
-    stats = torch.empty(rows, STATS, dtype=torch.float32, device=student.device)
+    loss = torch.empty(rows, dtype=torch.float32, device=device)
+    d_student = torch.empty(student.shape if student_grad else 0, dtype=student.dtype, device=device)
+    d_teacher = torch.empty(teacher.shape if teacher_grad else 0, dtype=teacher.dtype, device=device)
+    w, w_stride = row_weight(weight, loss) if student_grad or teacher_grad else (loss, 0)
     labels = flat_index(labels)
     block = block_size(V)
-    jsd_forward_kernel[(rows,)](
-        x, y, labels if labels is not None else loss, loss, stats,
-        V, inner, x_outer, x_inner, x_col, y_outer, y_inner, y_col,
-        1.0 / temperature, beta, 1.0 - beta, ignore_index,
-        HAS_LABELS=labels is not None, BLOCK_V=block, ONE_BLOCK=V <= block,
-        num_warps=num_warps(block))
-    return loss, stats
-
-
-def jsd_rows_backward(grad_loss, student, teacher, stats, beta, temperature, labels, ignore_index, student_grad,
-                 teacher_grad):
-    """`(d student, d teacher)` in the inputs' dtypes and shapes; an empty tensor for a gradient not asked for."""
-    _check_beta(beta)
-    V = student.shape[-1]
-    rows = student.numel() // V
-    x, x_outer, x_inner, x_col, inner = row_layout(student)
-    y, y_outer, y_inner, y_col, _ = row_layout(teacher)
-    d_student = torch.empty(student.shape if student_grad else 0, dtype=student.dtype, device=student.device)
-    d_teacher = torch.empty(teacher.shape if teacher_grad else 0, dtype=teacher.dtype, device=teacher.device)
-    labels = flat_index(labels)
-    block = block_size(V)
-    jsd_backward_kernel[(rows,)](
-        x, y, labels if labels is not None else stats, stats, grad_loss.contiguous(), d_student, d_teacher,
-        V, inner, x_outer, x_inner, x_col, y_outer, y_inner, y_col,
+    jsd_rows_kernel[(rows,)](
+        x, y, labels if labels is not None else loss, loss, w, d_student, d_teacher,
+        V, inner, x_outer, x_inner, x_col, y_outer, y_inner, y_col, w_stride,
         1.0 / temperature, beta, 1.0 - beta, ignore_index,
         HAS_LABELS=labels is not None, X_GRAD=student_grad, Y_GRAD=teacher_grad,
-        BLOCK_V=block, num_warps=num_warps(block))
-    return d_student, d_teacher
+        BLOCK_V=block, ONE_BLOCK=V <= block, num_warps=num_warps(block))
+    return loss, d_student, d_teacher

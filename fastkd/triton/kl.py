@@ -30,18 +30,28 @@ own terms. The teacher's gradient uses `e_j - Ebar` with `Ebar` from the forward
 `exp(a_j) e_j`: for a one-hot p (logits of 1e4) it is exactly 0, as it must be, and the `L` shared by the
 per-element log-ratio and the KL cancels out of it exactly instead of leaving u log V behind.
 
-Design and cost: the sums need the final maxima. A row that fits one block (V <= `rows.MAX_BLOCK_V`) is
-loaded once and kept in registers: the forward reads each row once. A longer row is read twice: pass 1
-takes the maxima, pass 2 all the sums (no rescaling, so no rescaling error). The forward saves per-row
-statistics (M_x, Z_x, M_y, Z_y, Ebar, M_s, Z_s); the backward re-reads X and Y and writes the gradient.
-Element traffic, forward plus backward with one gradient: 2 + 2 reads + 1 write = 5 x N x V for V <= 2048,
-4 + 2 + 1 = 7 x N x V beyond (the second forward read is often served from L2), against 3 for a gradient
-computed in the forward pass. We take the re-read because the gradient then follows `grad_output` exactly
-(any per-row weight, a second backward, reduction "none") without an N x V buffer held from forward to
-backward, and an inference-only forward costs 2 reads. Per element: forward 2 exp (3 with CE) plus the
-multiply-adds of `expm1_small` for D; backward 2 exp (3 with CE). On a GPU the kernels are bound by memory
-traffic at these counts (an exp is one MUFU op; the Taylor series is ~10 FMAs). Peak memory above the
-inputs is the gradient itself plus O(N).
+Design and cost: the gradient is made in the forward pass. One program per row computes the statistics
+(maxima, sums, Ebar, L) and, in the same program, writes `dKL/dX`, `dKL/dY` (and `dCE/dY`) with the formulas
+above, each row's gradient already multiplied by its weight in the loss (`kl_weight_r`, `ce_weight_r`, known
+at forward time: `fastkd.kernel_losses`). Nothing else is kept for the backward pass, which only scales the
+stored gradient by grad_output (`rows.scale_rows_`: no N x V traffic when grad_output is exactly 1). Without a
+gradient flag (inference) the kernel writes no N x V tensor.
+- A row that fits one block (V <= `rows.MAX_BLOCK_V`) is loaded once and stays in registers: the
+  statistics and then the gradient come from that one read. Element traffic per call: 2 x N x V reads
+  (X and Y once) + 1 x N x V write per gradient asked for; in bytes, (2 + g) x N x V x 2 for bf16/fp16 and
+  x 4 for fp32 (g = number of gradients, 0, 1 or 2). Exponentials per element: 2 (exp(a), exp(b)), 3 with
+  CE (exp(s - M_s)); the gradient reuses them. Plus ~10 multiply-adds for D (`expm1_small`), 2 divisions
+  per gradient.
+- A longer row streams in three passes of the same program: pass 1 the maxima, pass 2 all the sums against
+  them (no rescaling, so no rescaling error), pass 3 the gradient. Element traffic: 6 x N x V reads (X and Y
+  three times; passes 2 and 3 are often served from L2) + 1 x N x V write per gradient, in bytes
+  (6 + g) x N x V x 2 (bf16/fp16) or x 4 (fp32); without a gradient flag pass 3 is skipped: 4 reads.
+  Exponentials per element: 4 (6 with CE), twice those of one pass.
+Per row besides: a scalar load of the target logit (CE) and of the weights. Against the earlier
+forward + backward pair (5 x N x V for one gradient), one block moves 3 x N x V and one launch. The cost of
+the design: the gradient buffer (N x V in the input dtype) is held from forward to backward instead of the
+inputs, which autograd holds anyway when the caller keeps them; a second backward through the graph is
+refused (the buffer has been scaled in place), and per-row weights must be known at forward time.
 """
 from __future__ import annotations
 
@@ -49,12 +59,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..kernel_ops import KL_STATS
-from .rows import block_size, exp_diff, finite_or_zero, flat_index, log_ratio, num_warps, row_layout, row_start
-
-# The per-row statistics, as wide as the op's declaration says (fastkd.kernel_ops):
-# M_x, Z_x, M_y, Z_y, Ebar = sum p (a - b), M_s, Z_s (M_s, Z_s: the raw student, for CE)
-STATS = tl.constexpr(KL_STATS)
+from .rows import (block_size, exp_diff, finite_or_zero, flat_index, log_ratio, num_warps, row_layout, row_start,
+                   row_weight)
 
 
 @triton.jit
@@ -66,11 +72,9 @@ def load_block(x_row, y_row, offs, mask, x_col, y_col, inv_temperature):
 
 
 @triton.jit
-def kl_terms(x, y, m_x, m_y):
-    """Per element: `exp(a)`, `exp(b)`, `exp(a) e` (0 where p = 0 or q = 0), `exp(a) - exp(b)`, and whether
-    p > 0 meets y = -inf; `m_x`, `m_y` are the row maxima made finite."""
-    a = x - m_x
-    b = y - m_y
+def kl_terms(a, b):
+    """Per element, from `a = x - M_x`, `b = y - M_y` (the maxima made finite): `exp(a)`, `exp(b)`,
+    `exp(a) e` (0 where p = 0 or q = 0), `exp(a) - exp(b)`, and whether p > 0 meets y = -inf."""
     ea = tl.exp(a)
     eb = tl.exp(b)
     y_masked = b == float("-inf")
@@ -79,29 +83,64 @@ def kl_terms(x, y, m_x, m_y):
 
 
 @triton.jit
-def kl_forward_kernel(
-    x_ptr, y_ptr, labels_ptr, target_ptr, kl_ptr, ce_ptr, stats_ptr,
-    V, inner_size, x_outer, x_inner, x_col, y_outer, y_inner, y_col,
+def store_gradients(dx_ptr, dy_ptr, row, offs, V, a, b, ea, eb, es, active, z_x, z_y, e_bar, z_s, target,
+                    g_kl, g_ce, HAS_CE: tl.constexpr, X_GRAD: tl.constexpr, Y_GRAD: tl.constexpr):
+    """The weighted gradients of one block, from the statistics of this same program (`g_kl` the row's KL
+    weight times 1/T, `g_ce` its CE weight; `es = exp(s - M_s)` for CE)."""
+    mask = offs < V
+    p = ea / z_x
+    if Y_GRAD:
+        dy = (eb / z_y - p) * g_kl
+        if HAS_CE:
+            dy += g_ce * (es / z_s - tl.where(offs == target, 1.0, 0.0))
+        dy = tl.where(active, dy, 0.0)  # an ignored token: a zero gradient
+        tl.store(dy_ptr + row * V + offs, dy.to(dy_ptr.dtype.element_ty), mask=mask)
+    if X_GRAD:
+        # The same `a - b` as the sum `E`: exactly 0 for a one-hot p. 0 where p = 0 (`ea != 0` lets a NaN
+        # through: a NaN logit gives a NaN gradient, as the reference's).
+        dx = tl.where(ea != 0, p * ((a - b) - e_bar), 0.0) * g_kl
+        dx = tl.where(active, dx, 0.0)
+        tl.store(dx_ptr + row * V + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def kl_rows_kernel(
+    x_ptr, y_ptr, labels_ptr, target_ptr, kl_ptr, ce_ptr, kl_w_ptr, ce_w_ptr, dx_ptr, dy_ptr,
+    V, inner_size, x_outer, x_inner, x_col, y_outer, y_inner, y_col, kl_w_stride, ce_w_stride,
     inv_temperature, ignore_index,
-    HAS_LABELS: tl.constexpr, HAS_CE: tl.constexpr, BLOCK_V: tl.constexpr, ONE_BLOCK: tl.constexpr,
+    HAS_LABELS: tl.constexpr, HAS_CE: tl.constexpr, X_GRAD: tl.constexpr, Y_GRAD: tl.constexpr,
+    BLOCK_V: tl.constexpr, ONE_BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     x_row = row_start(x_ptr, row, inner_size, x_outer, x_inner)
     y_row = row_start(y_ptr, row, inner_size, y_outer, y_inner)
     n_cols = V
+    active = True
     if HAS_LABELS:
         active = tl.load(labels_ptr + row) != ignore_index
         n_cols = tl.where(active, V, 0)  # an ignored token reads nothing
+    target = -1
+    if HAS_CE:
+        target = tl.load(target_ptr + row).to(tl.int64)
+    # The row's weights in the loss, read only when a gradient is written; d/dX = d/dx / T rides on g_kl.
+    g_kl = 0.0
+    g_ce = 0.0
+    if X_GRAD or Y_GRAD:
+        g_kl = tl.load(kl_w_ptr + row * kl_w_stride) * inv_temperature
+        if HAS_CE:
+            g_ce = tl.load(ce_w_ptr + row * ce_w_stride)
 
     cols = tl.arange(0, BLOCK_V)
     zeros = tl.zeros([BLOCK_V], tl.float32)
     if ONE_BLOCK:
-        # The whole row in registers: maxima, then every sum, from one read.
+        # The whole row in registers: maxima, every sum and the gradient, from one read.
         offs = cols.to(tl.int64)
         x, y, y_raw = load_block(x_row, y_row, offs, offs < n_cols, x_col, y_col, inv_temperature)
         m_x = finite_or_zero(tl.max(x, 0))
         m_y = finite_or_zero(tl.max(y, 0))
-        ea, eb, w, d, inf_term = kl_terms(x, y, m_x, m_y)
+        a = x - m_x
+        b = y - m_y
+        ea, eb, w, d, inf_term = kl_terms(a, b)
         z_x = tl.sum(ea, 0)
         z_y = tl.sum(eb, 0)
         e_sum = tl.sum(w, 0)
@@ -109,9 +148,15 @@ def kl_forward_kernel(
         any_inf = tl.max(inf_term.to(tl.int32), 0) > 0
         m_s = 0.0
         z_s = 0.0
+        es = zeros
         if HAS_CE:
             m_s = finite_or_zero(tl.max(y_raw, 0))
-            z_s = tl.sum(tl.exp(y_raw - m_s), 0)
+            es = tl.exp(y_raw - m_s)
+            z_s = tl.sum(es, 0)
+        e_bar = e_sum / z_x
+        if X_GRAD or Y_GRAD:
+            store_gradients(dx_ptr, dy_ptr, row, offs, V, a, b, ea, eb, es, active, z_x, z_y, e_bar, z_s, target,
+                            g_kl, g_ce, HAS_CE, X_GRAD, Y_GRAD)
     else:
         # Pass 1: the maxima.
         mx_lane = tl.full([BLOCK_V], float("-inf"), tl.float32)
@@ -133,7 +178,7 @@ def kl_forward_kernel(
         for start in range(0, n_cols, BLOCK_V):
             offs = (start + cols).to(tl.int64)
             x, y, y_raw = load_block(x_row, y_row, offs, offs < n_cols, x_col, y_col, inv_temperature)
-            ea, eb, w, d, inf_term = kl_terms(x, y, m_x, m_y)
+            ea, eb, w, d, inf_term = kl_terms(x - m_x, y - m_y)
             zx_lane += ea
             zy_lane += eb
             e_lane += w
@@ -147,121 +192,59 @@ def kl_forward_kernel(
         d_sum = tl.sum(d_lane, 0)
         any_inf = tl.max(inf_lane, 0) > 0
         z_s = tl.sum(zs_lane, 0)
+        e_bar = e_sum / z_x
+        if X_GRAD or Y_GRAD:
+            # Pass 3: the gradient, over the whole row (an ignored token's is written as zeros, read from nothing).
+            for start in range(0, V, BLOCK_V):
+                offs = (start + cols).to(tl.int64)
+                x, y, y_raw = load_block(x_row, y_row, offs, offs < n_cols, x_col, y_col, inv_temperature)
+                a = x - m_x
+                b = y - m_y
+                es = zeros
+                if HAS_CE:
+                    es = tl.exp(y_raw - m_s)
+                store_gradients(dx_ptr, dy_ptr, row, offs, V, a, b, tl.exp(a), tl.exp(b), es, active, z_x, z_y,
+                                e_bar, z_s, target, g_kl, g_ce, HAS_CE, X_GRAD, Y_GRAD)
 
-    e_bar = e_sum / z_x
     kl = e_bar - log_ratio(z_x, z_y, d_sum)
     kl = tl.where(any_inf, float("inf"), kl)
     if HAS_CE:
-        target = tl.load(target_ptr + row).to(tl.int64)
         valid = (target >= 0) & (target < V)  # out of range: NaN, never an out-of-bounds read
         s_target = tl.load(y_row + target * y_col, mask=valid, other=0.0).to(tl.float32)
         tl.store(ce_ptr + row, tl.where(valid, (m_s - s_target) + tl.log(z_s), float("nan")))
     if HAS_LABELS:
-        # An ignored token's statistics are 0 (its sums are empty: 0 / 0 must not reach the saved tensor).
         kl = tl.where(active, kl, 0.0)
-        m_x, z_x, e_bar = tl.where(active, m_x, 0.0), tl.where(active, z_x, 0.0), tl.where(active, e_bar, 0.0)
-        m_y, z_y = tl.where(active, m_y, 0.0), tl.where(active, z_y, 0.0)
-        m_s, z_s = tl.where(active, m_s, 0.0), tl.where(active, z_s, 0.0)
     tl.store(kl_ptr + row, kl)
-    tl.store(stats_ptr + row * STATS + 0, m_x)
-    tl.store(stats_ptr + row * STATS + 1, z_x)
-    tl.store(stats_ptr + row * STATS + 2, m_y)
-    tl.store(stats_ptr + row * STATS + 3, z_y)
-    tl.store(stats_ptr + row * STATS + 4, e_bar)
-    tl.store(stats_ptr + row * STATS + 5, m_s)
-    tl.store(stats_ptr + row * STATS + 6, z_s)
 
 
-@triton.jit
-def kl_backward_kernel(
-    x_ptr, y_ptr, labels_ptr, target_ptr, stats_ptr, grad_kl_ptr, grad_ce_ptr, dx_ptr, dy_ptr,
-    V, inner_size, x_outer, x_inner, x_col, y_outer, y_inner, y_col,
-    inv_temperature, ignore_index,
-    HAS_LABELS: tl.constexpr, HAS_CE: tl.constexpr, X_GRAD: tl.constexpr, Y_GRAD: tl.constexpr,
-    BLOCK_V: tl.constexpr,
-):
-    row = tl.program_id(0).to(tl.int64)
-    x_row = row_start(x_ptr, row, inner_size, x_outer, x_inner)
-    y_row = row_start(y_ptr, row, inner_size, y_outer, y_inner)
-    m_x = tl.load(stats_ptr + row * STATS + 0)
-    z_x = tl.load(stats_ptr + row * STATS + 1)
-    m_y = tl.load(stats_ptr + row * STATS + 2)
-    z_y = tl.load(stats_ptr + row * STATS + 3)
-    e_bar = tl.load(stats_ptr + row * STATS + 4)
-    m_s = tl.load(stats_ptr + row * STATS + 5)
-    z_s = tl.load(stats_ptr + row * STATS + 6)
-    # d/dX = d/dx / T: the 1/T rides on the incoming gradient.
-    g_kl = tl.load(grad_kl_ptr + row) * inv_temperature
-    active = True
-    if HAS_LABELS:
-        active = tl.load(labels_ptr + row) != ignore_index
-    g_ce = 0.0
-    target = -1
-    if HAS_CE:
-        g_ce = tl.load(grad_ce_ptr + row)
-        target = tl.load(target_ptr + row).to(tl.int64)
-    cols = tl.arange(0, BLOCK_V)
-    for start in range(0, V, BLOCK_V):
-        offs = (start + cols).to(tl.int64)
-        mask = offs < V
-        # An ignored token reads nothing and gets a zero gradient.
-        x, y, y_raw = load_block(x_row, y_row, offs, mask & active, x_col, y_col, inv_temperature)
-        a = x - m_x
-        b = y - m_y
-        ea = tl.exp(a)
-        p = ea / z_x
-        if Y_GRAD:
-            dy = (tl.exp(b) / z_y - p) * g_kl
-            if HAS_CE:
-                dy += g_ce * (tl.exp(y_raw - m_s) / z_s - tl.where(offs == target, 1.0, 0.0))
-            dy = tl.where(active, dy, 0.0)
-            tl.store(dy_ptr + row * V + offs, dy.to(dy_ptr.dtype.element_ty), mask=mask)
-        if X_GRAD:
-            # The same `a - b` as the forward's `E`: exactly 0 for a one-hot p.
-            dx = tl.where(ea > 0, p * ((a - b) - e_bar), 0.0) * g_kl
-            dx = tl.where(active, dx, 0.0)
-            tl.store(dx_ptr + row * V + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
-
-
-def _layouts(student, teacher, reverse):
-    x, y = (student, teacher) if reverse else (teacher, student)
-    return row_layout(x), row_layout(y)
-
-
-def kl_rows(student, teacher, temperature, reverse, target, labels, ignore_index):
-    """Per-row `(KL, CE, stats)`: KL(p_t || p_s) (or reverse) and CE(student, target) (empty without target)."""
+def kl_rows(student, teacher, temperature, reverse, target, labels, ignore_index, kl_weight, ce_weight,
+            student_grad, teacher_grad):
+    """Per-row `(KL, CE, d_student, d_teacher)`: KL(p_t || p_s) (or reverse, `KL(p_s || p_t)`), CE(y, target)
+    with y the second row of the KL (the student when not `reverse`; an empty tensor without target), and
+    when `student_grad` / `teacher_grad`, `sum_r kl_weight_r dKL_r/d input + ce_weight_r dCE_r/d input` in the
+    input's dtype and shape (contiguous), else an empty tensor. The weights are float32 `(rows,)` (any stride;
+    None: 1). A token whose label is `ignore_index` reads nothing and gets loss 0 and a zero gradient."""
     V = student.shape[-1]
     rows = student.numel() // V
-    (x, x_outer, x_inner, x_col, inner), (y, y_outer, y_inner, y_col, _) = _layouts(student, teacher, reverse)
-    kl = torch.empty(rows, dtype=torch.float32, device=student.device)
-    ce = torch.empty(rows if target is not None else 0, dtype=torch.float32, device=student.device)
-    stats = torch.empty(rows, STATS, dtype=torch.float32, device=student.device)
-    labels, target = flat_index(labels), flat_index(target)
-    block = block_size(V)
-    kl_forward_kernel[(rows,)](
-        x, y, labels if labels is not None else kl, target if target is not None else kl, kl, ce, stats,
-        V, inner, x_outer, x_inner, x_col, y_outer, y_inner, y_col, 1.0 / temperature, ignore_index,
-        HAS_LABELS=labels is not None, HAS_CE=target is not None, BLOCK_V=block, ONE_BLOCK=V <= block,
-        num_warps=num_warps(block))
-    return kl, ce, stats
-
-
-def kl_rows_backward(grad_kl, grad_ce, student, teacher, stats, temperature, reverse, target, labels, ignore_index,
-                student_grad, teacher_grad):
-    """`(d student, d teacher)` in the inputs' dtypes and shapes; an empty tensor for a gradient not asked for."""
-    V = student.shape[-1]
-    rows = student.numel() // V
-    (x, x_outer, x_inner, x_col, inner), (y, y_outer, y_inner, y_col, _) = _layouts(student, teacher, reverse)
-    d_student = torch.empty(student.shape if student_grad else 0, dtype=student.dtype, device=student.device)
-    d_teacher = torch.empty(teacher.shape if teacher_grad else 0, dtype=teacher.dtype, device=teacher.device)
+    device = student.device
+    x_in, y_in = (student, teacher) if reverse else (teacher, student)
+    x, x_outer, x_inner, x_col, inner = row_layout(x_in)
+    y, y_outer, y_inner, y_col, _ = row_layout(y_in)
+    kl = torch.empty(rows, dtype=torch.float32, device=device)
+    ce = torch.empty(rows if target is not None else 0, dtype=torch.float32, device=device)
+    d_student = torch.empty(student.shape if student_grad else 0, dtype=student.dtype, device=device)
+    d_teacher = torch.empty(teacher.shape if teacher_grad else 0, dtype=teacher.dtype, device=device)
     dx, dy = (d_student, d_teacher) if reverse else (d_teacher, d_student)
     x_grad, y_grad = (student_grad, teacher_grad) if reverse else (teacher_grad, student_grad)
+    grads = x_grad or y_grad
+    (kl_w, kl_w_stride), (ce_w, ce_w_stride) = ((row_weight(kl_weight, kl), row_weight(ce_weight, kl)) if grads
+                                                else ((kl, 0), (kl, 0)))
     labels, target = flat_index(labels), flat_index(target)
     block = block_size(V)
-    kl_backward_kernel[(rows,)](
-        x, y, labels if labels is not None else stats, target if target is not None else stats, stats,
-        grad_kl.contiguous(), grad_ce.contiguous() if grad_ce is not None else stats, dx, dy,
-        V, inner, x_outer, x_inner, x_col, y_outer, y_inner, y_col, 1.0 / temperature, ignore_index,
+    kl_rows_kernel[(rows,)](
+        x, y, labels if labels is not None else kl, target if target is not None else kl, kl, ce, kl_w, ce_w, dx, dy,
+        V, inner, x_outer, x_inner, x_col, y_outer, y_inner, y_col, kl_w_stride, ce_w_stride,
+        1.0 / temperature, ignore_index,
         HAS_LABELS=labels is not None, HAS_CE=target is not None, X_GRAD=x_grad, Y_GRAD=y_grad,
-        BLOCK_V=block, num_warps=num_warps(block))
-    return d_student, d_teacher
+        BLOCK_V=block, ONE_BLOCK=V <= block, num_warps=num_warps(block))
+    return kl, ce, d_student, d_teacher

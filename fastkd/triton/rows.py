@@ -47,6 +47,16 @@ def flat_index(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.reshape(-1).contiguous()
 
 
+def row_weight(w: torch.Tensor | None, like: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """`(tensor, stride)` of a per-row weight: float32 `(rows,)`, any stride (an expanded 0-stride view of one
+    number is read through its stride 0); None reads as 1 for every row."""
+    if w is None:
+        return torch.ones(1, dtype=torch.float32, device=like.device), 0
+    if w.dtype != torch.float32:
+        w = w.float()
+    return w, w.stride(0)
+
+
 @triton.jit
 def row_start(ptr, row, inner_size, outer_stride, inner_stride):
     outer = row // inner_size
@@ -134,3 +144,47 @@ def log_ratio(z_num, z_den, d):
     not u log V), the plain `log(z_num / z_den)` elsewhere (no cancellation there)."""
     small = tl.abs(d) <= 0.5 * z_den
     return tl.where(small, log1p(d / z_den), tl.log(z_num / z_den))
+
+
+# --- Scaling a gradient made in the forward pass by the incoming gradient ---------------------------------
+#
+# The logit losses write their gradient in the forward pass, already multiplied by each row's weight in the
+# loss (fastkd.kernel_losses). The backward only multiplies row r by grad_output_r, and in the usual case
+# (`loss.backward()`, grad_output exactly 1) each program reads its scale, sees 1.0 and returns: no load and
+# no store of the gradient, decided on the device with no host sync. Any other scale is a plain multiply in
+# float32, rounded once to the gradient's dtype, as autograd's `grad_output * local_gradient`: a scale of 0
+# against an infinite (or NaN) gradient entry gives NaN, as PyTorch does through the reference's formula.
+# Traffic: rows scalar loads of the scale, plus 1 read + 1 write of N x V where the scale is not 1.
+
+SCALE_BLOCK = 4096  # columns per program of the scale kernel (a long row is split over several programs)
+
+
+@triton.jit
+def scale_rows_kernel(d_ptr, scale_ptr, scale_stride, V, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    scale = tl.load(scale_ptr + row * scale_stride)
+    if scale == 1.0:
+        return  # the usual loss.backward(): the gradient is final as the forward wrote it
+    offs = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < V
+    d = tl.load(d_ptr + row * V + offs, mask=mask).to(tl.float32)
+    tl.store(d_ptr + row * V + offs, (d * scale).to(d_ptr.dtype.element_ty), mask=mask)
+
+
+def scale_rows_(d: torch.Tensor, scale: torch.Tensor) -> None:
+    """Multiply each row of the contiguous `(..., V)` tensor `d` in place by `scale[r]` (float32, `(rows,)`,
+    any stride: an expanded 0-stride view of one number is read as such); rows whose scale is exactly 1.0
+    are neither read nor written."""
+    if d.numel() == 0:
+        return
+    if not d.is_contiguous():
+        raise ValueError("scale_rows_ takes a contiguous gradient buffer")
+    V = d.shape[-1]
+    rows = d.numel() // V
+    if scale.dim() != 1 or scale.shape[0] != rows:
+        raise ValueError(f"scale_rows_: scale must have shape ({rows},), got {tuple(scale.shape)}")
+    if scale.dtype != torch.float32:
+        scale = scale.float()
+    block = min(triton.next_power_of_2(V), SCALE_BLOCK)
+    scale_rows_kernel[(rows, triton.cdiv(V, block))](d, scale, scale.stride(0), V, BLOCK=block,
+                                                     num_warps=num_warps(block))

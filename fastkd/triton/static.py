@@ -24,8 +24,8 @@ from dataclasses import dataclass
 import torch
 
 ARCHS = ("8.0", "9.0")
-LOGIT_KERNELS = ("kl_forward_kernel", "kl_backward_kernel", "jsd_forward_kernel", "jsd_backward_kernel",
-                 "dkd_forward_kernel", "dkd_backward_kernel")
+LOGIT_KERNELS = ("kl_rows_kernel", "jsd_rows_kernel", "dkd_rows_kernel")
+SCALE_KERNELS = ("scale_rows_kernel",)
 AT_KERNELS = ("at_map_forward_kernel", "at_map_backward_kernel")
 RKD_KERNELS = ("rkd_sq_dist_kernel", "rkd_weighted_diff_kernel", "rkd_angle_forward_kernel",
                "rkd_angle_rows_kernel", "rkd_angle_cols_kernel")
@@ -143,6 +143,7 @@ def _cases():
     """(label, kernels, thunk): the public launchers on small CPU tensors, covering the specialisations,
     and the kernels each case launches."""
     from . import attention, dkd, jsd, kl, rkd
+    from . import rows as row_kernels
 
     cases = []
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -158,28 +159,41 @@ def _cases():
         g = torch.ones(rows)
         return s, t, y, g, rows
 
-    def logit_case(V, dtype, strided, labels, ce):
+    # The row kernels write the gradient(s) in the forward pass: each case compiles one specialisation of the
+    # gradient flags, "grads" (student and teacher: mutual learning, the most registers), "student grad" (the
+    # usual distillation) and "no grad" (inference: no gradient written).
+    flags = {"grads": (True, True), "student grad": (True, False), "no grad": (False, False)}
+
+    def logit_case(V, dtype, strided, labels, ce, grads):
         def thunk():
             s, t, y, g, rows = logits(V, dtype, strided)
             lab = y if labels else None
             tgt = y if ce else None
-            _, _, stats = kl.kl_rows(s, t, 2.0, False, tgt, lab, -100)
-            kl.kl_rows_backward(g, g if ce else None, s, t, stats, 2.0, False, tgt, lab, -100, True, True)
-            _, stats = jsd.jsd_rows(s, t, 0.5, 2.0, lab, -100)
-            jsd.jsd_rows_backward(g, s, t, stats, 0.5, 2.0, lab, -100, True, True)
+            one = torch.ones(1).expand(rows)  # a weight the same for every row: read through stride 0
+            kl.kl_rows(s, t, 2.0, False, tgt, lab, -100, one, g if ce else None, *flags[grads])
+            jsd.jsd_rows(s, t, 0.5, 2.0, lab, -100, g, *flags[grads])
             if ce:  # DKD always has its target
-                _, _, stats = dkd.dkd_rows(s, t, y, 4.0)
-                dkd.dkd_rows_backward(g, g, s, t, stats, y, 4.0, True, True)
+                dkd.dkd_rows(s, t, y, 4.0, one, g, *flags[grads])
         return thunk
 
     for name, dtype in dtypes.items():
         for V in (1024, 4096):  # one block, and a long row (V > 2048: the streaming loop)
             for strided in ((False, True) if name != "fp16" else (False,)):  # fp16 strided: as bf16's
                 layout = "strided" if strided else "contiguous"
-                cases.append((f"{name} {layout} V={V} labels+ce", LOGIT_KERNELS,
-                              logit_case(V, dtype, strided, True, True)))
-        cases.append((f"{name} contiguous V=4096 plain", LOGIT_KERNELS[:4],
-                      logit_case(4096, dtype, False, False, False)))
+                for grads in (("grads", "student grad", "no grad") if not strided else ("grads",)):
+                    cases.append((f"{name} {layout} V={V} labels+ce {grads}", LOGIT_KERNELS,
+                                  logit_case(V, dtype, strided, True, True, grads)))
+        cases.append((f"{name} contiguous V=4096 plain student grad", LOGIT_KERNELS[:2],
+                      logit_case(4096, dtype, False, False, False, "student grad")))
+
+    def scale_case(V, dtype):
+        def thunk():
+            row_kernels.scale_rows_(torch.zeros(8, V, dtype=dtype), torch.ones(1).expand(8))
+        return thunk
+
+    for name, dtype in dtypes.items():
+        for V in (1024, 32000):  # one program a row, and several
+            cases.append((f"{name} contiguous V={V} scale", SCALE_KERNELS, scale_case(V, dtype)))
 
     def at_case(dtype, p, channels_last):
         def thunk():
