@@ -4,6 +4,8 @@ Examples:
     python -m bench --quick                               # tiny shapes, CPU is fine, under a minute
     python -m bench                                       # the full suite (needs a CUDA GPU)
     python -m bench --losses kd,jsd --shapes llm --peers eager,compile,liger,triton --passes fwd+bwd
+    python -m bench --list --losses kd --shapes llm        # the cases, their floor and fastkd's path bytes
+    python -m bench --losses fused_jsd --peers eager,liger,triton  # the fused linear + JSD loss, BT x H x V
     python -m bench --resume --budget-min 8               # go on where the last run at this commit stopped
     python -m bench report                                # README.md and plots beside the newest of
                                                           # bench/results/results.csv and quick.csv
@@ -27,7 +29,9 @@ def parse_args(argv):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--losses", type=_list, help=f"comma-separated, from {','.join(LOSSES)} (default: all)")
     p.add_argument("--shapes", type=_list,
-                   help="comma-separated shape groups (image, llm, rkd, resnet) or shapes like 256x1000 (default: all)")
+                   help="comma-separated shape groups (image, llm, rkd, resnet, llm_fused, llm_fused_sweep) or shapes "
+                        "like 256x1000 (fused cases: BTxHxV, e.g. 8192x4096x128256) (default: all groups but "
+                        "llm_fused_sweep)")
     p.add_argument("--dtypes", type=_list, help=f"comma-separated, from {','.join(DTYPES)} (default: each case's own)")
     p.add_argument("--peers", type=_list, default=list(PEERS), help=f"comma-separated, from {','.join(PEERS)}")
     p.add_argument("--passes", type=_list, default=list(PASSES), help=f"comma-separated, from {','.join(PASSES)}")
@@ -36,7 +40,8 @@ def parse_args(argv):
     p.add_argument("--out", default=None, help=f"CSV to append to (default {DEFAULT_OUT}; with --quick {QUICK_OUT})")
     p.add_argument("--resume", action="store_true", help="skip cases already in --out for this device and commit")
     p.add_argument("--budget-min", type=float, default=None, help="start no new case after this many minutes")
-    p.add_argument("--list", action="store_true", help="print the cases and exit")
+    p.add_argument("--list", action="store_true",
+                   help="print the cases, with the floor and fastkd's path bytes per pass (logit losses), and exit")
     args = p.parse_args(argv)
     for name, values, allowed in (("peers", args.peers, PEERS), ("passes", args.passes, PASSES),
                                   ("dtypes", args.dtypes or [], DTYPES)):
@@ -62,8 +67,9 @@ def main(argv=None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if args.list:
-        for case in cases:
-            print(case.label)
+        # Each case; for a logit case one line per pass with its floor and fastkd's path bytes (bench/traffic.py).
+        from .traffic import list_lines
+        print("\n".join(list_lines(cases, args.passes, args.peers)))
         return 0
     if not cases:
         print("error: no case matches these --losses/--shapes/--dtypes", file=sys.stderr)

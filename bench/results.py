@@ -18,6 +18,11 @@ COLUMNS = [
     "date", "run_id", "mode", "commit", "device", "torch", "triton", "cuda", "fastkd", "liger",
     "loss", "shape", "dtype", "peer", "pass",
     "median_ms", "peak_mb", "min_bytes", "gbps", "pct_copy_bw", "copy_gbps", "max_err", "status",
+    # Added with bench/traffic.py; files written before lack them (read as empty, upgraded on the next append).
+    "path_bytes", "pct_path",
+    # Added with the fused linear + loss cases (bench/cases.py), empty for the other losses and in older files:
+    # the matmul FLOPs the peer runs in the pass, TFLOP/s, its % of mm_tflops (the device's measured matmul rate).
+    "flops", "tflops", "pct_mm", "mm_tflops",
 ]
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO / "bench" / "results" / "results.csv"
@@ -67,7 +72,9 @@ def environment(device, mode: str) -> dict:
 
 
 def append_rows(path, rows: list[dict]) -> None:
-    """Append rows, writing the header when the file is new. A file with other columns is not mixed into."""
+    """Append rows, writing the header when the file is new. A file written by an earlier version (its columns
+    a subset of these) is first rewritten with this header, its rows' new columns empty; a file with columns
+    this version does not know is not mixed into."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     new = not path.exists() or path.stat().st_size == 0
@@ -75,7 +82,9 @@ def append_rows(path, rows: list[dict]) -> None:
         with open(path, newline="") as f:
             header = next(csv.reader(f), [])
         if header != COLUMNS:
-            raise SystemExit(f"{path} has other columns than this version writes; pass another --out")
+            if not set(header) <= set(COLUMNS):
+                raise SystemExit(f"{path} has other columns than this version writes; pass another --out")
+            upgrade(path)
     with open(path, "a", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS)
         if new:
@@ -85,8 +94,22 @@ def append_rows(path, rows: list[dict]) -> None:
 
 
 def read_rows(path) -> list[dict]:
+    """The rows as dicts, each with every column of COLUMNS (those an older file lacks are empty strings)."""
     with open(path, newline="") as f:
-        return list(csv.DictReader(f))
+        return [{**dict.fromkeys(COLUMNS, ""), **{k: v for k, v in row.items() if k is not None}}
+                for row in csv.DictReader(f)]
+
+
+def upgrade(path) -> None:
+    """Rewrite an older results file with this version's header (new columns empty), atomically."""
+    path = Path(path)
+    rows = read_rows(path)
+    tmp = path.with_name(path.name + ".upgrade")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, path)
 
 
 def _fmt(value) -> str:

@@ -12,14 +12,14 @@ import torch  # noqa: E402
 
 from bench import peers as peers_mod  # noqa: E402
 from bench.cases import build_cases  # noqa: E402
-from bench.suite import TOLERANCE, disagreement, loss_and_grad  # noqa: E402
+from bench.suite import TOLERANCE, disagreement, grad_leaves, loss_and_grad  # noqa: E402
 from bench.timing import is_oom, synchronize  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 QUICK = DEVICE == "cpu"
 CASES = build_cases(quick=QUICK)
 # On a CPU the interpreted Triton kernels are slow: time only the fused forward + backward there.
-PASSES = ("fwd+bwd",) if QUICK else ("fwd", "fwd+bwd")
+PASSES = ("fwd+bwd",) if QUICK else ("fwd-nograd", "fwd", "fwd+bwd")
 
 
 @pytest.mark.parametrize("pass_", PASSES)
@@ -29,7 +29,7 @@ def test_bench(benchmark, case, peer, pass_):
     try:
         fn = peers_mod.build(peer, case, DEVICE, quick=QUICK)
         inputs = case.make_inputs(DEVICE)
-        err = disagreement(loss_and_grad(peers_mod.build("eager", case, DEVICE), inputs),
+        err = disagreement(loss_and_grad(peers_mod.reference_fn(case, DEVICE), inputs),
                            loss_and_grad(fn, inputs))
     except peers_mod.Unavailable as why:
         pytest.skip(f"unavailable: {why}")
@@ -45,9 +45,15 @@ def test_bench(benchmark, case, peer, pass_):
     benchmark.group = f"{case.label} {pass_}"
 
     def call():
+        if pass_ == "fwd-nograd":  # inference: fastkd's kernels write no gradient
+            with torch.no_grad():
+                fn(*inputs)
+            synchronize(DEVICE)
+            return
         loss = fn(*inputs)
         if pass_ == "fwd+bwd":
             loss.backward()
-            inputs[0].grad = None
+            for x in grad_leaves(inputs):  # the student (fused cases: its hidden states and weight)
+                x.grad = None
         synchronize(DEVICE)
     benchmark.pedantic(call, rounds=3 if QUICK else 20, warmup_rounds=1)

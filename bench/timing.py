@@ -71,6 +71,29 @@ def copy_bandwidth_gbps(device, quick=False) -> float:
     return 2 * nbytes / (ms * 1e-3) / 1e9
 
 
+MATMUL_N = {"cuda": 8192, "cpu": 512}
+
+
+def matmul_note(device) -> str:
+    on_gpu = torch.device(device).type == "cuda"
+    n = MATMUL_N["cuda" if on_gpu else "cpu"]
+    return f"torch.mm of two {n}x{n} {'bfloat16' if on_gpu else 'float32'} matrices"
+
+
+def matmul_tflops(device, quick=False) -> float:
+    """The matrix-product rate this device reaches, in TFLOP/s (1e12): `torch.mm` of two 8192 x 8192 bfloat16
+    matrices on a GPU (cuBLAS on the tensor cores: the practical roofline of the fused cases, below the
+    datasheet's peak), 512 x 512 float32 on a CPU (a rough figure for --quick). Measured once per run."""
+    on_gpu = torch.device(device).type == "cuda"
+    n = MATMUL_N["cuda" if on_gpu else "cpu"]
+    dtype = torch.bfloat16 if on_gpu else torch.float32
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    ms = median_ms(lambda: torch.mm(a, b), device, quick=quick)
+    del a, b
+    return 2 * n ** 3 / (ms * 1e-3) / 1e12
+
+
 def is_oom(err: BaseException) -> bool:
     if isinstance(err, torch.OutOfMemoryError):
         return True

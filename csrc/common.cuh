@@ -10,7 +10,10 @@
 // per-thread max, then a block max), then re-read the row for the sums against the final maxima (no rescaling,
 // so no rescaling error): each thread sums over the columns it visits, and the per-thread sums are added across
 // the block (every thread gets them). Where a gradient is asked for, a last pass re-reads the row and writes it,
-// weighted, from those statistics (`write_row_gradients`); the backward only scales it (rows.cu).
+// weighted, from those statistics (`write_row_gradients`); the backward only scales it (rows.cu). The temperature
+// is the float one or a per-row tensor (`RowTemperature`), and where its gradient d_T is asked for (a runtime flag,
+// not a template argument: no kernel instance more) the gradient pass also runs without an input gradient, computes
+// both sides' gradients and sums -(GX a + GY b) over the row (`temperature_term`, one more block sum).
 //
 // Precision under nvcc's --use_fast_math (which maps expf/logf/x/y to __expf/__logf/__fdividef and flushes
 // subnormals to zero): every rounding that the accuracy analysis of rows.py relies on is made explicit here.
@@ -30,6 +33,7 @@
 #include <cstring>
 #include <optional>
 #include <tuple>
+#include <type_traits>
 #include <utility>
 
 namespace fastkd {
@@ -108,6 +112,16 @@ __device__ __forceinline__ float exp_diff(float a, float b, float ea, float eb) 
 // 1 ulp, the division correctly rounded), the correctly rounded log of the ratio elsewhere.
 __device__ __forceinline__ float log_ratio(float z_num, float z_den, float d) {
   return fabsf(d) <= 0.5f * z_den ? log1pf(__fdiv_rn(d, z_den)) : log_rn(__fdiv_rn(z_num, z_den));
+}
+
+// e / z for a per-element e in [0, 1] and a row sum z >= 1 (or 0, NaN), given the row's rz = __frcp_rn(z): RN(e / z),
+// the same float as __fdiv_rn(e, z) (Markstein: q0 = RN(e rz) is faithful, the remainder e - z q0 is exact in one
+// FMA, and RN(q0 + rem rz) is the correctly rounded quotient), but for quotients below ~2^-100 (the remainder
+// underflows: a faithful one there); NaN where z is 0 or NaN. Multiplies and FMAs only: no slow-path call per
+// element, whose saved registers gave some kernels a stack frame.
+__device__ __forceinline__ float div_by_row(float e, float z, float rz) {
+  const float q0 = __fmul_rn(e, rz);
+  return __fmaf_rn(__fmaf_rn(-z, q0, e), rz, q0);
 }
 
 // The elements of a row divided by the temperature, x = X * (1/T) rounded once (as Triton's `x * inv_t`):
@@ -351,7 +365,7 @@ __device__ __forceinline__ void add_kl_terms(Floats<N>& s, float a, float b, Mor
 
 // The per-row weights of a row operator's gradient (float32, any stride: often an expanded 0-stride view of one
 // number): weight i of row r is data[i][r * stride[i]], 1 where data[i] is nullptr (not given). Read by a block
-// only when it writes a gradient.
+// only in its gradient pass (a gradient written, or the temperature's asked for).
 struct RowWeights {
   const float* data[2];
   int64_t stride[2];
@@ -361,21 +375,67 @@ struct RowWeights {
   }
 };
 
+// The temperature of a row operator: the float one (`data` nullptr: `inv` = 1/T, rounded once on the host), or
+// row r's own T_r = data[r * stride] (float32, any stride: often an expanded 0-stride view), inverted here once
+// per row: __frcp_rn(T_r), correctly rounded, so the same float as the host's float(1.0 / T) for a T that is a
+// float. A row temperature that is not > 0 (or NaN) gives 1/T = NaN: NaN terms and gradients for the row.
+struct RowTemperature {
+  const float* data;
+  int64_t stride;
+  float inv;
+
+  __device__ __forceinline__ float inverse(int64_t row) const {
+    if (data == nullptr) return inv;
+    const float t = data[row * stride];
+    return t > 0.0f ? __frcp_rn(t) : quiet_nan();
+  }
+};
+
+// One element's part of d_T = -sum_j (GX_j a_j + GY_j b_j) (the row's weighted gradients GX, GY with respect to
+// the raw logits, a and b the shifted scaled logits): g a, and 0 where g is exactly 0 (also against a = -inf,
+// where the product would be NaN); a NaN g stays NaN.
+__device__ __forceinline__ float temperature_term(float g, float a) { return g != 0.0f ? g * a : 0.0f; }
+
 // The gradient pass of a row kernel (after its statistics, which every thread holds): re-reads the row pair
 // (mostly from L2: the block has just read it) and writes the contiguous gradient rows dx, dy asked for
-// (X_GRAD, Y_GRAD), `f` as visit_row's. An ignored token (`active` false) reads nothing and gets zeros.
+// (X_GRAD, Y_GRAD). `f(col, x, y, gx, gy, T_GRAD)` is visit_row's with a last argument, std::bool_constant<T_GRAD>:
+// with T_GRAD it computes both sides' gradients (whichever are written) and returns the element's temperature sum
+// GX_j a_j + GY_j b_j; without, only the gradients written (its return value unused). The pass runs where a
+// gradient is written or the temperature's is asked for (`d_t`, the row's d_T output, non-null: a runtime flag,
+// the same for the whole launch, so no kernel instance more; the row loop is compiled twice, with and without
+// T_GRAD, so that the loop without it is the one without d_T, registers included); with d_t, thread 0 stores
+// d_T = -(block sum) at d_t (one more block reduction), its own sum starting from `t_first` (a term the kernel
+// adds once per row). An ignored token (`active` false) reads nothing and gets zero gradients and d_T = 0.
 template <bool X_GRAD, bool Y_GRAD, typename TX, typename TY, typename F>
 __device__ __forceinline__ void write_row_gradients(const TX* __restrict__ x, int64_t x_col, const TY* __restrict__ y,
                                                     int64_t y_col, TX* __restrict__ dx, TY* __restrict__ dy,
-                                                    int64_t V, bool active, F&& f) {
-  if constexpr (X_GRAD || Y_GRAD) {
-    if (!active) {
-      if constexpr (X_GRAD) zero_row(dx, V);
-      if constexpr (Y_GRAD) zero_row(dy, V);
-      return;
-    }
-    visit_row<X_GRAD, Y_GRAD>(x, x_col, y, y_col, dx, dy, V, f);
+                                                    int64_t V, bool active, float* __restrict__ d_t, float t_first,
+                                                    F&& f) {
+  if (!X_GRAD && !Y_GRAD && d_t == nullptr) return;
+  if (!active) {
+    if constexpr (X_GRAD) zero_row(dx, V);
+    if constexpr (Y_GRAD) zero_row(dy, V);
+    if (d_t != nullptr && threadIdx.x == 0) *d_t = 0.0f;
+    return;
   }
+  if (d_t == nullptr) {
+    if constexpr (X_GRAD || Y_GRAD) {
+      visit_row<X_GRAD, Y_GRAD>(x, x_col, y, y_col, dx, dy, V,
+                                [&](int64_t c, float x_raw, float y_raw, float& gx, float& gy) {
+        f(c, x_raw, y_raw, gx, gy, std::false_type{});
+      });
+    }
+    return;
+  }
+  float t_sum = threadIdx.x == 0 ? t_first : 0.0f;
+  visit_row<X_GRAD, Y_GRAD>(x, x_col, y, y_col, dx, dy, V,
+                            [&](int64_t c, float x_raw, float y_raw, float& gx, float& gy) {
+    t_sum += f(c, x_raw, y_raw, gx, gy, std::true_type{});
+  });
+  Floats<1> s;
+  s.v[0] = t_sum;
+  s = block_sum<1>(s);
+  if (threadIdx.x == 0) *d_t = -s.v[0];
 }
 
 // ------------------------------------------------------------------------------------------------------
@@ -590,24 +650,42 @@ struct RowLaunch : Launch {
 
 // A call of a row operator that writes the weighted gradient in the same pass: also the input gradients, each in
 // its input's shape and dtype (contiguous) where asked for, else empty (0,) (the contract of every row operator,
-// as of the Triton launchers), and the kernel's X_GRAD, Y_GRAD.
+// as of the Triton launchers), and the kernel's X_GRAD, Y_GRAD; the temperature (`temperature()`: the float, or
+// the per-row `temperature_rows`) and d_T, float32 (rows,) where `temperature_grad`, else empty (0,).
 struct RowCall : RowLaunch {
-  at::Tensor d_student, d_teacher;
-  bool x_grad, y_grad;
+  at::Tensor d_student, d_teacher, d_temperature;
+  bool x_grad, y_grad, t_grad;
 
   RowCall(const char* op_name, const at::Tensor& student, const at::Tensor& teacher, double temperature,
-          bool x_student, bool student_grad, bool teacher_grad)
+          const std::optional<at::Tensor>& temperature_rows, bool x_student, bool student_grad, bool teacher_grad,
+          bool temperature_grad)
       : RowLaunch(op_name, student, teacher, temperature, x_student),
         d_student(gradient(student, student_grad)),
         d_teacher(gradient(teacher, teacher_grad)),
+        d_temperature(at::empty({temperature_grad ? rows : 0}, floats)),
         x_grad(x_student ? student_grad : teacher_grad),
-        y_grad(x_student ? teacher_grad : student_grad) {}
+        y_grad(x_student ? teacher_grad : student_grad),
+        t_grad(temperature_grad) {
+    temperature_ = RowTemperature{nullptr, 0, inv_temperature};
+    if (!temperature_rows.has_value() || idle()) return;
+    kept_temperature_ = per_row("temperature_rows", *temperature_rows);
+    temperature_.data = data_of<float>(kept_temperature_);
+    temperature_.stride = kept_temperature_.stride(0);
+  }
 
-  bool grads() const { return x_grad || y_grad; }
+  // Whether the kernel runs its gradient pass: a gradient written, or d_T asked for.
+  bool grads() const { return x_grad || y_grad || t_grad; }
+
+  // The kernel's temperature: the float one, or row r's `temperature_rows[r]` (float32, any stride; another
+  // float dtype converted, the copy kept alive by this context).
+  RowTemperature temperature() const { return temperature_; }
+
+  // Where the kernel writes d_T (row r at [r]): nullptr where not asked for (the kernel's runtime flag).
+  float* d_temperature_data() const { return t_grad ? mutable_data_of<float>(d_temperature) : nullptr; }
 
   // The per-row weights of the kernel (float32 (rows,), any stride; other float dtypes converted, the copy kept
-  // alive by this context): slot i is nullptr (weight 1) where not given or where no gradient is written (the
-  // kernel does not read it then).
+  // alive by this context): slot i is nullptr (weight 1) where not given or where the kernel runs no gradient
+  // pass (it does not read it then).
   RowWeights weights(const char* name0, const std::optional<at::Tensor>& w0, const char* name1 = nullptr,
                      const std::optional<at::Tensor>& w1 = std::nullopt) const {
     RowWeights w{};
@@ -616,14 +694,9 @@ struct RowCall : RowLaunch {
     for (int i = 0; i < 2; ++i) {
       const std::optional<at::Tensor>& t = *given[i];
       if (!t.has_value() || !grads() || idle()) continue;
-      check_same_device(op, names[i], *t, "the logits", x);
-      TORCH_CHECK(t->dim() == 1 && t->size(0) == rows, op, ": ", names[i], " must have shape (", rows, "), got ",
-                  t->sizes());
-      TORCH_CHECK_TYPE(at::isFloatingType(t->scalar_type()), op, ": ", names[i], " must be float32, got ",
-                       t->scalar_type());
-      kept_weights[i] = t->scalar_type() == at::kFloat ? *t : t->to(at::kFloat);
-      w.data[i] = data_of<float>(kept_weights[i]);
-      w.stride[i] = kept_weights[i].stride(0);
+      kept_weights_[i] = per_row(names[i], *t);
+      w.data[i] = data_of<float>(kept_weights_[i]);
+      w.stride[i] = kept_weights_[i].stride(0);
     }
     return w;
   }
@@ -642,7 +715,20 @@ struct RowCall : RowLaunch {
   }
 
  private:
-  mutable at::Tensor kept_weights[2];
+  RowTemperature temperature_{};
+  at::Tensor kept_temperature_;
+  mutable at::Tensor kept_weights_[2];
+
+  // A per-row float input (weights, temperatures): on the logits' device, shape (rows,), any stride, a float
+  // dtype; returned as float32 (converted only where it is not).
+  at::Tensor per_row(const char* name, const at::Tensor& t) const {
+    check_same_device(op, name, t, "the logits", x);
+    TORCH_CHECK(t.dim() == 1 && t.size(0) == rows, op, ": ", name, " must have shape (", rows, "), got ",
+                t.sizes());
+    TORCH_CHECK_TYPE(at::isFloatingType(t.scalar_type()), op, ": ", name, " must be float32, got ",
+                     t.scalar_type());
+    return t.scalar_type() == at::kFloat ? t : t.to(at::kFloat);
+  }
 
   static at::Tensor gradient(const at::Tensor& input, bool wanted) {
     return wanted ? at::empty(input.sizes(), input.options()) : at::empty({0}, input.options());

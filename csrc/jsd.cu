@@ -13,7 +13,13 @@
 //   JSD = beta KL(p || m) + (1 - beta) KL(q || m).
 // Gradient: dJSD/dx_j = (1 - beta) q_j ((log q_j - log m_j) - KL(q || m)), dJSD/dy_j = beta p_j ((log p_j -
 // log m_j) - KL(p || m)), the log-ratios recomputed exactly as the divergences' sums formed them; times the
-// row's weight / T, read per row only when a gradient is written. An ignored token: loss 0, gradient 0.
+// row's weight / T, read per row only when the gradient pass runs. An ignored token: loss 0, gradient 0, d_T 0.
+// Temperature: the float T, or row r's own T_r = temperature_rows[r] (any stride; read once per row, inverted
+// correctly rounded; not > 0 or NaN: NaN terms and gradients). d_T (temperature_grad): JSD is a function of x, y
+// that a constant added to a row does not change, so with GX_j = (weight / T) (1 - beta) q_j ((log q_j - log m_j)
+// - KL(q || m)), GY_j = (weight / T) beta p_j ((log p_j - log m_j) - KL(p || m)) (both computed whichever are
+// written),  d_T = d(weight JSD)/dT = -sum_j (GX_j x_j + GY_j y_j) = -sum_j (GX_j a_j + GY_j b_j), a term whose
+// gradient is exactly 0 adding 0 (also against a = -inf).
 //
 // Design: one block per row, one launch, the row re-read rather than staged (any V; the longest row held on
 // chip: none): pass 1 the maxima, pass 2 Z_x, Z_y and D against them, pass 3 the two divergences against L,
@@ -24,6 +30,9 @@
 // 6 x N x V x 2 (x 4) without (no N x V write). Exponentials per element: pass 2
 // two `exp_accurate`, pass 3 two, and where |delta| > 1/2 one more and one log1pf, plus the series (~40 FMAs)
 // and 3 correctly rounded divisions; pass 4: 1 `expm1_accurate`, 1 log1pf and one `exp_accurate` per gradient.
+// d_T: with both gradients written, two multiply-adds per element and one block sum per row more (and a float per
+// row written); asked for alone, pass 4 runs for it (the 2 x N x V re-read, no N x V write), and with one gradient
+// the other side's (one `exp_accurate` and a division per element) is computed too, not stored.
 // Precision: see common.cuh.
 #include "common.cuh"
 
@@ -63,9 +72,11 @@ template <typename TX, typename TY, bool X_GRAD, bool Y_GRAD>
 __global__ void __launch_bounds__(kMaxThreads)
     jsd_rows_kernel(const TX* __restrict__ x_base, const TY* __restrict__ y_base,
                     const int64_t* __restrict__ labels, float* __restrict__ loss_out, TX* __restrict__ dx_base,
-                    TY* __restrict__ dy_base, RowWeights weights, int64_t V, RowLayout xl, RowLayout yl,
-                    float inv_temperature, float beta, float one_minus_beta, int64_t ignore_index) {
+                    TY* __restrict__ dy_base, float* __restrict__ dt_out, RowWeights weights, int64_t V,
+                    RowLayout xl, RowLayout yl, RowTemperature temperature, float beta, float one_minus_beta,
+                    int64_t ignore_index) {
   const int64_t row = blockIdx.x;
+  const float inv_temperature = temperature.inverse(row);
   const TX* x_row = x_base + row_offset(row, xl);
   const TY* y_row = y_base + row_offset(row, yl);
   bool active = true;
@@ -125,27 +136,36 @@ __global__ void __launch_bounds__(kMaxThreads)
   const float kl_p = acc.v[0] - one_minus_beta * acc.v[2];
   const float kl_q = acc.v[1] + beta * acc.v[2];
 
-  // Pass 4 (re-read), when a gradient is asked for: the weighted gradient from the statistics above.
-  if constexpr (X_GRAD || Y_GRAD) {
+  // Pass 4 (re-read), when a gradient or d_T is asked for: the weighted gradient from the statistics above, and
+  // d_T = -sum (GX a + GY b) over both sides' gradients (whichever are written).
+  float* const d_t = dt_out != nullptr ? dt_out + row : nullptr;
+  const bool t_grad = d_t != nullptr;
+  if (X_GRAD || Y_GRAD || t_grad) {
     // d/dS = d/dx / T: the 1/T rides on the row's weight, and so do the mixture weights.
     const float g = weights.at(0, row) * inv_temperature;
     const float g_x = g * one_minus_beta;
     const float g_y = g * beta;
     write_row_gradients<X_GRAD, Y_GRAD>(x_row, xl.col, y_row, yl.col, X_GRAD ? dx_base + row * V : nullptr,
-                                        Y_GRAD ? dy_base + row * V : nullptr, V, active,
-                                        [&](int64_t, float x_raw, float y_raw, float& gx, float& gy) {
+                                        Y_GRAD ? dy_base + row * V : nullptr, V, active, d_t, 0.0f,
+                                        [&](int64_t, float x_raw, float y_raw, float& gx, float& gy,
+                                            auto t_grad_flag) {
+      constexpr bool T_GRAD = decltype(t_grad_flag)::value;
       const float a = scaled(x_raw, inv_temperature) - m_x;
       const float b = scaled(y_raw, inv_temperature) - m_y;
       const MixtureLogRatios r = mixture_log_ratios(a, b, l_yx, beta, one_minus_beta);
       // 0 where the probability is 0 (`!= 0` lets a NaN through: a NaN logit gives a NaN gradient).
-      if (X_GRAD) {
+      float gx_v = 0.0f, gy_v = 0.0f;
+      if (X_GRAD || T_GRAD) {
         const float ea = exp_accurate(a);
-        gx = (ea != 0.0f ? __fdiv_rn(ea, z_x) * (r.lq_m - kl_q) : 0.0f) * g_x;
+        gx_v = (ea != 0.0f ? __fdiv_rn(ea, z_x) * (r.lq_m - kl_q) : 0.0f) * g_x;
       }
-      if (Y_GRAD) {
+      if (Y_GRAD || T_GRAD) {
         const float eb = exp_accurate(b);
-        gy = (eb != 0.0f ? __fdiv_rn(eb, z_y) * (r.lp_m - kl_p) : 0.0f) * g_y;
+        gy_v = (eb != 0.0f ? __fdiv_rn(eb, z_y) * (r.lp_m - kl_p) : 0.0f) * g_y;
       }
+      if (X_GRAD) gx = gx_v;
+      if (Y_GRAD) gy = gy_v;
+      return T_GRAD ? temperature_term(gx_v, a) + temperature_term(gy_v, b) : 0.0f;
     });
   }
   if (threadIdx.x != 0) return;
@@ -160,26 +180,25 @@ void check_beta(double beta) {
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> jsd_rows(const at::Tensor& student, const at::Tensor& teacher,
-                                                        double beta, double temperature,
-                                                        const std::optional<at::Tensor>& labels, int64_t ignore_index,
-                                                        const std::optional<at::Tensor>& weight, bool student_grad,
-                                                        bool teacher_grad) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> jsd_rows(
+    const at::Tensor& student, const at::Tensor& teacher, double beta, double temperature,
+    const std::optional<at::Tensor>& temperature_rows, const std::optional<at::Tensor>& labels, int64_t ignore_index,
+    const std::optional<at::Tensor>& weight, bool student_grad, bool teacher_grad, bool temperature_grad) {
   check_beta(beta);
-  const RowCall L("fastkd::cuda_jsd_rows", student, teacher, temperature, /*x_student=*/true, student_grad,
-                  teacher_grad);
+  const RowCall L("fastkd::cuda_jsd_rows", student, teacher, temperature, temperature_rows, /*x_student=*/true,
+                  student_grad, teacher_grad, temperature_grad);
   at::Tensor loss = at::empty({L.rows}, L.floats);
-  if (L.idle()) return {loss, L.d_student, L.d_teacher};
+  if (L.idle()) return {loss, L.d_student, L.d_teacher, L.d_temperature};
   const at::Tensor labels_v = L.indices("labels", labels);
   const RowWeights w = L.weights("weight", weight);
   const float beta_f = static_cast<float>(beta);
   const float one_minus_beta = static_cast<float>(1.0 - beta);
   L.dispatch([&]<typename TX, typename TY, bool X_GRAD, bool Y_GRAD>(const TX* x, const TY* y, TX* dx, TY* dy) {
     L.launch(jsd_rows_kernel<TX, TY, X_GRAD, Y_GRAD>, x, y, data_or_null<int64_t>(labels_v),
-             mutable_data_of<float>(loss), dx, dy, w, L.V, L.xl, L.yl, L.inv_temperature, beta_f, one_minus_beta,
-             ignore_index);
+             mutable_data_of<float>(loss), dx, dy, L.d_temperature_data(), w, L.V, L.xl, L.yl, L.temperature(),
+             beta_f, one_minus_beta, ignore_index);
   });
-  return {loss, L.d_student, L.d_teacher};
+  return {loss, L.d_student, L.d_teacher, L.d_temperature};
 }
 
 }  // namespace fastkd

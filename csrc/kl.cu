@@ -11,7 +11,17 @@
 // CE = (M_s - s_target) + log Z_s on the raw Y logits s (NaN for a target outside [0, V)).
 // Gradient: dKL/dy_j = q_j - p_j, dKL/dx_j = p_j ((a_j - b_j) - Ebar) (the row's own Ebar: exactly 0 for a
 // one-hot p), dCE/ds_j = exp(s_j - M_s) / Z_s - [j = target]; times the row's weight (kl_weight / T,
-// ce_weight), read per row only when a gradient is written.
+// ce_weight), read per row only when the gradient pass runs.
+// Temperature: the float T, or row r's own T_r = temperature_rows[r] (any stride; read once per row, inverted
+// correctly rounded: the float T's bits for the same value; not > 0 or NaN: 1/T = NaN, so NaN terms and gradients).
+// d_T (temperature_grad): KL is a function of x = X / T and y = Y / T that a constant added to a row does not change,
+// so with GX_j = g_kl p_j ((a_j - b_j) - Ebar), GY_j = g_kl (q_j - p_j) the weighted gradients by the raw logits
+// (g_kl = kl_weight / T; both computed whichever are written; CE excluded: it has no T),
+//   d_T = d(kl_weight KL)/dT = -(1/T) sum_j (GX_j X_j + GY_j Y_j) = -sum_j (GX_j a_j + GY_j b_j),
+// a term with GX_j (GY_j) exactly 0 adding 0 (also against a = -inf); an ignored token gets 0. Formed per element
+// from exp(a_j), exp(b_j) and the row factors g_kl / Z_x, g_kl / Z_y (no per-element division, so the d_T sum adds
+// no division call to the loop): exp(a_j) (g_kl / Z_x) (((a_j - b_j) - Ebar) a_j - b_j) + exp(b_j) (g_kl / Z_y) b_j,
+// each part 0 where its exp is 0.
 //
 // Design: one block per row, one launch, the row re-read rather than staged (no shared-memory staging, so any
 // V; the longest row held on chip: none). Pass 1 the maxima, pass 2 the sums against them (no rescaling), and,
@@ -22,7 +32,10 @@
 // hundred KB), writes g x N x V. In bytes: (6 + g) x N x V x 2 for bf16/fp16, x 4 for fp32, with a gradient;
 // 4 x N x V x 2 (x 4) without (no N x V write). Plus per row the weights, the label and the target logit (CE).
 // Exponentials per element: pass 2 two `exp_accurate` (three with CE) and the series of `exp_diff`; pass 3 two
-// (three with CE) and one correctly rounded division per probability. Precision: see common.cuh.
+// (three with CE) and one correctly rounded division per probability. d_T costs nothing more where both gradients
+// are written but two multiply-adds per element and one block sum per row (plus a float written per row); asked
+// for alone, pass 3 runs to compute it (the 2 x N x V re-read above, no N x V write), and with one gradient the
+// other side's values are computed too (not stored). Precision: see common.cuh.
 #include "common.cuh"
 
 namespace fastkd {
@@ -32,9 +45,11 @@ template <typename TX, typename TY, bool X_GRAD, bool Y_GRAD>
 __global__ void __launch_bounds__(kMaxThreads)
     kl_rows_kernel(const TX* __restrict__ x_base, const TY* __restrict__ y_base, const int64_t* __restrict__ labels,
                    const int64_t* __restrict__ target, float* __restrict__ kl_out, float* __restrict__ ce_out,
-                   TX* __restrict__ dx_base, TY* __restrict__ dy_base, RowWeights weights, int64_t V,
-                   RowLayout xl, RowLayout yl, float inv_temperature, int64_t ignore_index) {
+                   TX* __restrict__ dx_base, TY* __restrict__ dy_base, float* __restrict__ dt_out,
+                   RowWeights weights, int64_t V, RowLayout xl, RowLayout yl, RowTemperature temperature,
+                   int64_t ignore_index) {
   const int64_t row = blockIdx.x;
+  const float inv_temperature = temperature.inverse(row);
   const TX* x_row = x_base + row_offset(row, xl);
   const TY* y_row = y_base + row_offset(row, yl);
   const bool has_ce = target != nullptr;
@@ -71,63 +86,88 @@ __global__ void __launch_bounds__(kMaxThreads)
   const float e_bar = __fdiv_rn(s.v[2], z_x);
   const int64_t t = has_ce ? target[row] : -1;
 
-  // Pass 3 (re-read), when a gradient is asked for: the weighted gradient from the statistics above.
-  if constexpr (X_GRAD || Y_GRAD) {
+  // The terms, by thread 0, before the gradient pass (as dkd.cu): nothing of them stays live across it and its calls.
+  if (threadIdx.x == 0) {
+    float kl = e_bar - log_ratio(z_x, z_y, s.v[3]);
+    if (s.v[5] > 0.0f) kl = pos_inf();
+    if (has_ce) {
+      const bool valid = t >= 0 && t < V;  // out of range: NaN, never an out-of-bounds read
+      const float s_target = valid ? to_float(y_row[t * yl.col]) : 0.0f;
+      ce_out[row] = valid ? (m_s - s_target) + log_rn(z_s) : quiet_nan();
+    }
+    if (!active) kl = 0.0f;  // an ignored token (its sums are empty: 0 / 0)
+    kl_out[row] = kl;
+  }
+
+  // Pass 3 (re-read), when a gradient or d_T is asked for: the weighted gradient from the statistics above, and
+  // d_T = -sum (GX a + GY b) over the KL part of both sides' gradients (whichever are written; CE excluded).
+  float* const d_t = dt_out != nullptr ? dt_out + row : nullptr;
+  const bool t_grad = d_t != nullptr;
+  if (X_GRAD || Y_GRAD || t_grad) {
     // d/dX = d/dx / T: the 1/T rides on the KL weight.
     const float g_kl = weights.at(0, row) * inv_temperature;
     const float g_ce = has_ce ? weights.at(1, row) : 0.0f;
+    // d_T's row factors of exp(a) and exp(b) (below): g_kl / Z_x, g_kl / Z_y, where d_T is asked for (__fdividef:
+    // ~2 ulp, no slow-path call; Z <= V, and a Z of 0 is never used).
+    const float t_x = t_grad ? __fdividef(g_kl, z_x) : 0.0f;
+    const float t_y = t_grad ? __fdividef(g_kl, z_y) : 0.0f;
+    // The row reciprocals of the probabilities' divisions (div_by_row: per element a multiply and two FMAs, no call).
+    const float r_x = __frcp_rn(z_x);
+    const float r_y = Y_GRAD ? __frcp_rn(z_y) : 0.0f;
+    const float r_s = Y_GRAD && has_ce ? __frcp_rn(z_s) : 0.0f;
     write_row_gradients<X_GRAD, Y_GRAD>(x_row, xl.col, y_row, yl.col, X_GRAD ? dx_base + row * V : nullptr,
-                                        Y_GRAD ? dy_base + row * V : nullptr, V, active,
-                                        [&](int64_t c, float x_raw, float y_raw, float& gx, float& gy) {
+                                        Y_GRAD ? dy_base + row * V : nullptr, V, active, d_t, 0.0f,
+                                        [&](int64_t c, float x_raw, float y_raw, float& gx, float& gy,
+                                            auto t_grad_flag) {
+      constexpr bool T_GRAD = decltype(t_grad_flag)::value;
       const float a = scaled(x_raw, inv_temperature) - m_x;
       const float b = scaled(y_raw, inv_temperature) - m_y;
       const float ea = exp_accurate(a);
-      const float p = __fdiv_rn(ea, z_x);
+      // d_T's element GX a + GY b, with GX = g_kl p ((a - b) - Ebar), GY = g_kl (q - p), formed from exp(a), exp(b)
+      // and the row factors rather than p, q: before the divisions, so that no value of it lives across their
+      // calls, and none in the loop without an input gradient. Each part 0 where its exp is 0 (`!= 0` lets a NaN
+      // through).
+      float t_term = 0.0f;
+      if (T_GRAD) {
+        const float eb = exp_accurate(b);
+        t_term = (ea != 0.0f ? (ea * t_x) * (((a - b) - e_bar) * a - b) : 0.0f) + (eb != 0.0f ? (eb * t_y) * b : 0.0f);
+      }
+      const float p = div_by_row(ea, z_x, r_x);
       if (Y_GRAD) {
-        float d = (__fdiv_rn(exp_accurate(b), z_y) - p) * g_kl;
-        if (has_ce) d += g_ce * (__fdiv_rn(exp_accurate(y_raw - m_s), z_s) - (c == t ? 1.0f : 0.0f));
+        float d = (div_by_row(exp_accurate(b), z_y, r_y) - p) * g_kl;
+        if (has_ce) d += g_ce * (div_by_row(exp_accurate(y_raw - m_s), z_s, r_s) - (c == t ? 1.0f : 0.0f));
         gy = d;
       }
       // The same `a - b` as the sum E: exactly 0 for a one-hot p. 0 where p = 0 (`ea != 0` lets a NaN through:
       // a NaN logit gives a NaN gradient, as the reference's).
       if (X_GRAD) gx = (ea != 0.0f ? p * ((a - b) - e_bar) : 0.0f) * g_kl;
+      return t_term;
     });
   }
-  if (threadIdx.x != 0) return;
-
-  float kl = e_bar - log_ratio(z_x, z_y, s.v[3]);
-  if (s.v[5] > 0.0f) kl = pos_inf();
-  if (has_ce) {
-    const bool valid = t >= 0 && t < V;  // out of range: NaN, never an out-of-bounds read
-    const float s_target = valid ? to_float(y_row[t * yl.col]) : 0.0f;
-    ce_out[row] = valid ? (m_s - s_target) + log_rn(z_s) : quiet_nan();
-  }
-  if (!active) kl = 0.0f;  // an ignored token (its sums are empty: 0 / 0)
-  kl_out[row] = kl;
 }
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> kl_rows(
-    const at::Tensor& student, const at::Tensor& teacher, double temperature, bool reverse,
-    const std::optional<at::Tensor>& target, const std::optional<at::Tensor>& labels, int64_t ignore_index,
-    const std::optional<at::Tensor>& kl_weight, const std::optional<at::Tensor>& ce_weight, bool student_grad,
-    bool teacher_grad) {
-  const RowCall L("fastkd::cuda_kl_rows", student, teacher, temperature, /*x_student=*/reverse, student_grad,
-                  teacher_grad);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> kl_rows(
+    const at::Tensor& student, const at::Tensor& teacher, double temperature,
+    const std::optional<at::Tensor>& temperature_rows, bool reverse, const std::optional<at::Tensor>& target,
+    const std::optional<at::Tensor>& labels, int64_t ignore_index, const std::optional<at::Tensor>& kl_weight,
+    const std::optional<at::Tensor>& ce_weight, bool student_grad, bool teacher_grad, bool temperature_grad) {
+  const RowCall L("fastkd::cuda_kl_rows", student, teacher, temperature, temperature_rows, /*x_student=*/reverse,
+                  student_grad, teacher_grad, temperature_grad);
   at::Tensor kl = at::empty({L.rows}, L.floats);
   at::Tensor ce = at::empty({target.has_value() ? L.rows : 0}, L.floats);
-  if (L.idle()) return {kl, ce, L.d_student, L.d_teacher};
+  if (L.idle()) return {kl, ce, L.d_student, L.d_teacher, L.d_temperature};
   const at::Tensor target_v = L.indices("target", target);
   const at::Tensor labels_v = L.indices("labels", labels);
   const RowWeights w = L.weights("kl_weight", kl_weight, "ce_weight", ce_weight);
   L.dispatch([&]<typename TX, typename TY, bool X_GRAD, bool Y_GRAD>(const TX* x, const TY* y, TX* dx, TY* dy) {
     L.launch(kl_rows_kernel<TX, TY, X_GRAD, Y_GRAD>, x, y, data_or_null<int64_t>(labels_v),
              data_or_null<int64_t>(target_v), mutable_data_of<float>(kl),
-             target_v.defined() ? mutable_data_of<float>(ce) : nullptr, dx, dy, w, L.V, L.xl, L.yl,
-             L.inv_temperature, ignore_index);
+             target_v.defined() ? mutable_data_of<float>(ce) : nullptr, dx, dy, L.d_temperature_data(), w, L.V,
+             L.xl, L.yl, L.temperature(), ignore_index);
   });
-  return {kl, ce, L.d_student, L.d_teacher};
+  return {kl, ce, L.d_student, L.d_teacher, L.d_temperature};
 }
 
 }  // namespace fastkd

@@ -28,17 +28,24 @@ FASTKD_TORCH_LIBRARY(FASTKD_LIBRARY, m) {
   // The logit row losses, each with its weighted gradient made in the same launch (per-row float32 weights,
   // any stride, None = 1; a gradient not asked for is an empty (0,) tensor), and the backward that scales a
   // gradient buffer by grad_output in place (rows whose scale is exactly 1 untouched) -- see fastkd/kernel_ops.py.
+  // The temperature is the float, or per row `temperature_rows` (float32 (rows,), any stride; a row's T not > 0
+  // gives NaN); `temperature_grad` asks for the last output d_T (float32 (rows,), else empty (0,)): the derivative
+  // of each row's weighted terms (CE excluded) by its temperature, -sum_j (GX_j a_j + GY_j b_j) over both sides'
+  // weighted gradients and shifted scaled logits, summed in the gradient pass (which then runs without an input
+  // gradient too).
   // Per-row KL(p_t || p_s) (reverse: KL(p_s || p_t)), CE(student, target) (empty without target), d_student,
-  // d_teacher -- fastkd/triton/kl.py.
-  m.def("cuda_kl_rows(Tensor student, Tensor teacher, float temperature, bool reverse, Tensor? target, "
-        "Tensor? labels, int ignore_index, Tensor? kl_weight, Tensor? ce_weight, bool student_grad, "
-        "bool teacher_grad) -> (Tensor, Tensor, Tensor, Tensor)");
-  // Per-row generalized JSD for 0 < beta < 1, d_student, d_teacher -- fastkd/triton/jsd.py.
-  m.def("cuda_jsd_rows(Tensor student, Tensor teacher, float beta, float temperature, Tensor? labels, "
-        "int ignore_index, Tensor? weight, bool student_grad, bool teacher_grad) -> (Tensor, Tensor, Tensor)");
-  // Per-row TCKD, NCKD, d_student, d_teacher -- fastkd/triton/dkd.py.
-  m.def("cuda_dkd_rows(Tensor student, Tensor teacher, Tensor target, float temperature, Tensor? tckd_weight, "
-        "Tensor? nckd_weight, bool student_grad, bool teacher_grad) -> (Tensor, Tensor, Tensor, Tensor)");
+  // d_teacher, d_T -- fastkd/triton/kl.py.
+  m.def("cuda_kl_rows(Tensor student, Tensor teacher, float temperature, Tensor? temperature_rows, bool reverse, "
+        "Tensor? target, Tensor? labels, int ignore_index, Tensor? kl_weight, Tensor? ce_weight, bool student_grad, "
+        "bool teacher_grad, bool temperature_grad) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // Per-row generalized JSD for 0 < beta < 1, d_student, d_teacher, d_T -- fastkd/triton/jsd.py.
+  m.def("cuda_jsd_rows(Tensor student, Tensor teacher, float beta, float temperature, Tensor? temperature_rows, "
+        "Tensor? labels, int ignore_index, Tensor? weight, bool student_grad, bool teacher_grad, "
+        "bool temperature_grad) -> (Tensor, Tensor, Tensor, Tensor)");
+  // Per-row TCKD, NCKD, d_student, d_teacher, d_T -- fastkd/triton/dkd.py.
+  m.def("cuda_dkd_rows(Tensor student, Tensor teacher, Tensor target, float temperature, Tensor? temperature_rows, "
+        "Tensor? tckd_weight, Tensor? nckd_weight, bool student_grad, bool teacher_grad, bool temperature_grad) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   // d_row *= scale[row] in place -- fastkd/triton/rows.py.
   m.def("cuda_scale_rows_(Tensor(a!) d, Tensor scale) -> ()");
   // RKD: direct squared distances (B, B) of float32 rows (B, D); out_m = sum_k w_mk (x_m - x_k) for a symmetric

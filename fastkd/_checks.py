@@ -47,6 +47,42 @@ def check_positive(name: str, value: object) -> float:
     return float(value)
 
 
+def check_temperature(value: object, logits: torch.Tensor, name: str = "temperature") -> float | torch.Tensor:
+    """A positive Python number, or a floating tensor (learnable or per row) on the logits' device whose shape
+    broadcasts to the rows `logits.shape[:-1]`; a tensor comes back expanded to that shape (a view). Its values
+    are not read here (that would wait on the device): a row whose temperature is not > 0 gets a NaN loss."""
+    if not isinstance(value, torch.Tensor):
+        if isinstance(value, bool) or not isinstance(value, Real):
+            raise TypeError(f"{name} must be a positive Python number or a floating-point tensor (0-d, or one "
+                            f"temperature per row), got {type(value).__name__}")
+        return check_positive(name, value)
+    if not value.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {value.dtype}")
+    if value.device != logits.device:
+        raise ValueError(f"{name} must be on the logits' device {logits.device}, got {value.device}")
+    rows_shape = logits.shape[:-1]
+    try:
+        if torch.broadcast_shapes(value.shape, rows_shape) != rows_shape:
+            raise RuntimeError
+    except RuntimeError:
+        raise ValueError(f"{name} must be a 0-d tensor or have a shape that broadcasts to the rows of the logits "
+                         f"{tuple(rows_shape)} (one temperature per row), got {tuple(value.shape)}") from None
+    return value.expand(rows_shape)
+
+
+def check_temperature_setting(value: object, name: str = "temperature") -> float | torch.Tensor:
+    """A module's temperature: a positive number, or a floating tensor (an `nn.Parameter` to learn it),
+    checked against the logits at each call."""
+    if isinstance(value, torch.Tensor):
+        if not value.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {value.dtype}")
+        return value
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise TypeError(f"{name} must be a positive Python number or a floating-point tensor, "
+                        f"got {type(value).__name__}")
+    return check_positive(name, value)
+
+
 def check_number(name: str, value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, Real):
         raise TypeError(f"{name} must be a finite Python number, got {type(value).__name__}")
@@ -74,18 +110,37 @@ def check_choice(name: str, value: object, choices: Sequence[str]) -> str:
     return value
 
 
-def check_logits(student_logits: object, teacher_logits: object) -> None:
-    """Student and teacher logits: floating tensors of the same shape `(..., classes)` on one device."""
+VOCAB_MISMATCH = ("error", "truncate")
+
+
+def check_vocab_sizes(student_vocab: int, teacher_vocab: int, vocab_mismatch: object, what: str = "") -> None:
+    """Equal vocabularies, or `vocab_mismatch="truncate"` (the shared first min(V_s, V_t) ids)."""
+    check_choice("vocab_mismatch", vocab_mismatch, VOCAB_MISMATCH)
+    if student_vocab != teacher_vocab and vocab_mismatch == "error":
+        raise ValueError(f"the student's vocabulary has {student_vocab} ids and the teacher's {teacher_vocab}{what}; "
+                         f"pass vocab_mismatch='truncate' to distil over the first {min(student_vocab, teacher_vocab)} "
+                         f"ids both share (the usual case: one of them padded for the GPU, e.g. 151936 vs 152064)")
+
+
+def check_logits(student_logits: object, teacher_logits: object, vocab_mismatch: str = "error") -> None:
+    """Student and teacher logits: floating tensors of the same shape `(..., classes)` on one device; the last
+    dimension may differ with `vocab_mismatch="truncate"`."""
     check_float_tensor("student_logits", student_logits)
     check_float_tensor("teacher_logits", teacher_logits)
     check_same_device(student_logits=student_logits, teacher_logits=teacher_logits)
     if student_logits.dim() < 1:
         raise ValueError("student_logits must have a class dimension, got a 0-d tensor")
-    if student_logits.shape != teacher_logits.shape:
+    if teacher_logits.dim() != student_logits.dim() or student_logits.shape[:-1] != teacher_logits.shape[:-1]:
         raise ValueError(f"student_logits and teacher_logits must have the same shape (rows, classes), got "
                          f"{tuple(student_logits.shape)} and {tuple(teacher_logits.shape)}")
+    if student_logits.shape != teacher_logits.shape:
+        check_vocab_sizes(student_logits.shape[-1], teacher_logits.shape[-1], vocab_mismatch,
+                          f" (student_logits {tuple(student_logits.shape)}, teacher_logits "
+                          f"{tuple(teacher_logits.shape)})")
     if student_logits.shape[-1] == 0:
         raise ValueError("student_logits must have at least one class, got 0")
+    if teacher_logits.shape[-1] == 0:
+        raise ValueError("teacher_logits must have at least one class, got 0")
     if student_logits.numel() == 0:
         raise ValueError(f"the batch is empty: student_logits has shape {tuple(student_logits.shape)}")
 

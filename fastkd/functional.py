@@ -5,6 +5,17 @@ what to pass. Every function takes `backend`: None (the `FASTKD_BACKEND` environ
 "auto"), "auto", "torch", "triton" or "cuda" (see `fastkd.available_backends()`).
 The loss is returned in float32 for float16/bfloat16 inputs (float64 for float64 inputs).
 
+Temperature: the logit losses take a positive number or a floating tensor on the logits' device, 0-d (a
+learnable temperature, e.g. an `nn.Parameter` as in CTKD) or broadcastable to the rows `logits.shape[:-1]` (one
+per row, per sequence, ...). A tensor gets its gradient like any input; the kernel backends make it in the same
+pass as the logits' gradient, and never read its value on the host. The `T^2` factors of KD and DKD are then
+per row (`T_r^2 KL_r`). A row whose tensor temperature is not > 0 gets a NaN loss (a number is checked here).
+
+Vocabularies of different sizes (a student and a teacher padded differently, e.g. Qwen2.5's 151936 and
+152064): the logit losses raise a ValueError naming both sizes unless `vocab_mismatch="truncate"`, which distils
+over the first min(V_s, V_t) ids of both (views, no copy; both distributions renormalised there); KD's
+cross-entropy term keeps the student's whole vocabulary.
+
 Mixed dtypes: the student and the teacher may have different floating dtypes (float16, bfloat16, float32,
 float64), e.g. a float32 student against a bfloat16 teacher. The arithmetic then runs in the wider of the
 two and at least float32 (`torch.promote_types(s.dtype, t.dtype, float32)`), the loss comes back in that
@@ -18,11 +29,11 @@ from typing import Callable, Sequence
 import torch
 
 from . import _checks as checks
-from . import reference
+from . import fused_linear, reference
 from ._dispatch import resolve
 
 __all__ = [
-    "kd_loss", "kl_div_loss", "jsd_loss", "dkd_loss", "kl_div", "mutual_learning_loss",
+    "kd_loss", "kl_div_loss", "jsd_loss", "dkd_loss", "fused_linear_distill_loss", "kl_div", "mutual_learning_loss",
     "rkd_loss", "rkd_distance_loss", "rkd_angle_loss", "attention_map", "at_loss", "sp_loss",
     "fsp_matrix", "fsp_loss", "pkt_loss", "nst_loss", "cc_loss", "hint_loss",
 ]
@@ -38,18 +49,20 @@ AT_MODES = ("code", "paper")
 SP_NORMS = ("l2", "l1")
 
 
-def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 4.0, *,
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+            temperature: float | torch.Tensor = 4.0, *,
             reduction: str = "batchmean", target: torch.Tensor | None = None, ce_weight: float = 0.0,
-            kd_weight: float = 1.0, backend: str | None = None) -> torch.Tensor:
+            kd_weight: float = 1.0, vocab_mismatch: str = "error", backend: str | None = None) -> torch.Tensor:
     """Hinton KD: `ce_weight * CE(z_s, target) + kd_weight * T^2 * KL(softmax(z_t/T) || softmax(z_s/T))`.
 
     Logits `(..., C)`; `target` `(...)` class indices, needed when `ce_weight != 0`.
     reduction: "batchmean" (default, per row), "sum", "mean" (PyTorch's per element), "none" (per row).
     Defaults give RepDistiller's `DistillKL(4)`; its training mix is `ce_weight=0.1, kd_weight=0.9`.
     The logits may differ in floating dtype: computed in the wider and at least float32 (module docstring).
+    Vocabularies of different sizes: module docstring (the CE term keeps the student's whole vocabulary).
     """
-    checks.check_logits(student_logits, teacher_logits)
-    temperature = checks.check_positive("temperature", temperature)
+    checks.check_logits(student_logits, teacher_logits, vocab_mismatch)
+    temperature = checks.check_temperature(temperature, student_logits)
     checks.check_choice("reduction", reduction, checks.LOGIT_REDUCTIONS)
     ce_weight = checks.check_number("ce_weight", ce_weight)
     kd_weight = checks.check_number("kd_weight", kd_weight)
@@ -58,22 +71,37 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
     elif ce_weight != 0.0:
         raise ValueError(f"ce_weight={ce_weight} needs target (the hard labels), got target=None")
     impl = resolve("kd_loss", backend, student_logits, teacher_logits)
+    if student_logits.shape[-1] != teacher_logits.shape[-1]:
+        s, t = _shared_vocabulary(student_logits, teacher_logits)
+        loss = impl(s, t, temperature, reduction=reduction, target=None, ce_weight=0.0, kd_weight=kd_weight)
+        if target is None or ce_weight == 0.0:
+            return loss
+        return loss + ce_weight * reference.logits.hard_label_term(student_logits, target, reduction, loss.dtype)
     return impl(student_logits, teacher_logits, temperature, reduction=reduction, target=target,
                 ce_weight=ce_weight, kd_weight=kd_weight)
 
 
-def _check_token_loss_args(student_logits, teacher_logits, temperature, labels, ignore_index, reduction):
-    checks.check_logits(student_logits, teacher_logits)
+def _shared_vocabulary(student_logits: torch.Tensor, teacher_logits: torch.Tensor):
+    """Both logit tensors over their first min(V_s, V_t) ids: views, no copy."""
+    vocab = min(student_logits.shape[-1], teacher_logits.shape[-1])
+    return student_logits[..., :vocab], teacher_logits[..., :vocab]
+
+
+def _check_token_loss_args(student_logits, teacher_logits, temperature, labels, ignore_index, reduction,
+                           vocab_mismatch):
+    checks.check_logits(student_logits, teacher_logits, vocab_mismatch)
     checks.check_choice("reduction", reduction, checks.LOGIT_REDUCTIONS)
     checks.check_int("ignore_index", ignore_index)
     if labels is not None:
         checks.check_labels(labels, student_logits)
-    return checks.check_positive("temperature", temperature)
+    return checks.check_temperature(temperature, student_logits)
 
 
-def kl_div_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0, *,
+def kl_div_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                temperature: float | torch.Tensor = 1.0, *,
                 direction: str = "forward", labels: torch.Tensor | None = None, ignore_index: int = -100,
-                reduction: str = "batchmean", backend: str | None = None) -> torch.Tensor:
+                reduction: str = "batchmean", vocab_mismatch: str = "error",
+                backend: str | None = None) -> torch.Tensor:
     """Token-level KL for language-model distillation: forward `KL(p_t || p_s)` or reverse `KL(p_s || p_t)`.
 
     Logits `(..., V)`; `labels` `(...)`: tokens equal to `ignore_index` are left out, and "batchmean"
@@ -81,46 +109,185 @@ def kl_div_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temp
     The logits may differ in floating dtype: computed in the wider and at least float32 (module docstring).
     """
     temperature = _check_token_loss_args(student_logits, teacher_logits, temperature, labels, ignore_index,
-                                         reduction)
+                                         reduction, vocab_mismatch)
     checks.check_choice("direction", direction, DIRECTIONS)
     impl = resolve("kl_div_loss", backend, student_logits, teacher_logits)
+    student_logits, teacher_logits = _shared_vocabulary(student_logits, teacher_logits)
     return impl(student_logits, teacher_logits, temperature, direction=direction, labels=labels,
                 ignore_index=ignore_index, reduction=reduction)
 
 
 def jsd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, beta: float = 0.5,
-             temperature: float = 1.0, labels: torch.Tensor | None = None, ignore_index: int = -100,
-             reduction: str = "batchmean", backend: str | None = None) -> torch.Tensor:
+             temperature: float | torch.Tensor = 1.0, labels: torch.Tensor | None = None,
+             ignore_index: int = -100, reduction: str = "batchmean", vocab_mismatch: str = "error",
+             backend: str | None = None) -> torch.Tensor:
     """TRL's generalized JSD: beta 0 is `KL(p_t || p_s)`, beta 1 is `KL(p_s || p_t)`, 0.5 the symmetric JSD.
 
     Logits `(..., V)`; masking and reductions as in `kl_div_loss`.
     The logits may differ in floating dtype: computed in the wider and at least float32 (module docstring).
     """
     temperature = _check_token_loss_args(student_logits, teacher_logits, temperature, labels, ignore_index,
-                                         reduction)
+                                         reduction, vocab_mismatch)
     beta = checks.check_unit_interval("beta", beta)
     impl = resolve("jsd_loss", backend, student_logits, teacher_logits)
+    student_logits, teacher_logits = _shared_vocabulary(student_logits, teacher_logits)
     return impl(student_logits, teacher_logits, beta=beta, temperature=temperature, labels=labels,
                 ignore_index=ignore_index, reduction=reduction)
 
 
 def dkd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target: torch.Tensor, *,
-             alpha: float = 1.0, beta: float = 8.0, temperature: float = 4.0,
-             backend: str | None = None) -> torch.Tensor:
+             alpha: float = 1.0, beta: float = 8.0, temperature: float | torch.Tensor = 4.0,
+             vocab_mismatch: str = "error", backend: str | None = None) -> torch.Tensor:
     """Decoupled KD, mdistiller's `dkd_loss`: `alpha * TCKD + beta * NCKD`. Logits `(B, C)`, target `(B,)`.
 
     The logits may differ in floating dtype: computed in the wider and at least float32 (module docstring).
     """
-    checks.check_logits(student_logits, teacher_logits)
+    checks.check_logits(student_logits, teacher_logits, vocab_mismatch)
     if student_logits.dim() != 2:
         raise ValueError(f"student_logits must be 2-d (batch, classes) for DKD, got shape "
                          f"{tuple(student_logits.shape)}")
+    student_logits, teacher_logits = _shared_vocabulary(student_logits, teacher_logits)
     checks.check_target("target", target, student_logits)
     alpha = checks.check_number("alpha", alpha)
     beta = checks.check_number("beta", beta)
-    temperature = checks.check_positive("temperature", temperature)
+    temperature = checks.check_temperature(temperature, student_logits)
     impl = resolve("dkd_loss", backend, student_logits, teacher_logits)
     return impl(student_logits, teacher_logits, target, alpha=alpha, beta=beta, temperature=temperature)
+
+
+def fused_linear_distill_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor,
+                              teacher_hidden: torch.Tensor | None = None, teacher_weight: torch.Tensor | None = None,
+                              labels: torch.Tensor | None = None, *, loss: str = "forward_kl", beta: float = 0.5,
+                              temperature: float = 1.0, ignore_index: int = -100, ce_weight: float = 0.0,
+                              kd_weight: float = 1.0, student_bias: torch.Tensor | None = None,
+                              teacher_bias: torch.Tensor | None = None, teacher_logits: torch.Tensor | None = None,
+                              student_softcap: float | None = None, teacher_softcap: float | None = None,
+                              vocab_mismatch: str = "error", num_items_in_batch=None, chunk_size: int | None = None,
+                              backend: str | None = None) -> torch.Tensor:
+    """Output layer + distillation loss for language models, fused by chunks of tokens: the `N x V` logits of
+    either side never exist (`fastkd.fused_linear`).
+
+    Hidden states `(..., H)`, weights `(V, H)` as in `nn.Linear` (biases `(V,)`), labels `(...)` token ids. With
+    `z = softcap(hidden @ weight.T + bias)` (`softcap(z) = c * tanh(z / c)` when given, as Gemma's final logits),
+    the value is exactly that of the unfused composition
+        kd_weight * D(z_s, z_t) + ce_weight * CE(z_s, labels),
+    D per token by `loss`: "forward_kl" / "reverse_kl" (`kl_div_loss`), "jsd" (`jsd_loss`, TRL's beta), "kd"
+    (forward KL times T^2); CE on the raw (capped, untempered) student logits. Both are sums over the tokens whose
+    label is not `ignore_index` (every token without labels), divided by their count (at least 1), or by
+    `num_items_in_batch` when given (gradient accumulation: the count of the whole accumulated batch, a number or
+    a 0-d tensor). The teacher comes as hidden states and weight (and bias), or as precomputed `teacher_logits`
+    `(..., V_t)`; it gets no gradient. The student's hidden states, weight and bias get theirs.
+    `vocab_mismatch`: as the logit losses ("truncate": the divergence over the first min(V_s, V_t) ids, CE over
+    the student's whole vocabulary). `chunk_size`: tokens per chunk (default `fused_linear.default_chunk_size`).
+    Differentiable once (the gradients are made in the forward pass).
+    """
+    return _fused_linear_distill(student_hidden, student_weight, teacher_hidden, teacher_weight, labels, loss=loss,
+                                 beta=beta, temperature=temperature, ignore_index=ignore_index, ce_weight=ce_weight,
+                                 kd_weight=kd_weight, student_bias=student_bias, teacher_bias=teacher_bias,
+                                 teacher_logits=teacher_logits, student_softcap=student_softcap,
+                                 teacher_softcap=teacher_softcap, vocab_mismatch=vocab_mismatch,
+                                 num_items_in_batch=num_items_in_batch, chunk_size=chunk_size, backend=backend)
+
+
+def _fused_linear_distill(student_hidden, student_weight, teacher_hidden, teacher_weight, labels, *, loss, beta,
+                          temperature, ignore_index, ce_weight, kd_weight, student_bias, teacher_bias,
+                          teacher_logits, student_softcap, teacher_softcap, vocab_mismatch, num_items_in_batch,
+                          chunk_size, backend, return_terms=False):
+    """`fused_linear_distill_loss`, validated and dispatched; `return_terms`: `(loss, terms)`, the terms
+    `[kd_weight * D, ce_weight * CE]` not differentiable (for the Liger drop-in's `return_soft_hard_loss`)."""
+    checks.check_float_tensor("student_hidden", student_hidden)
+    checks.check_float_tensor("student_weight", student_weight)
+    if student_hidden.dim() < 1 or student_hidden.numel() == 0:
+        raise ValueError(f"student_hidden must be (..., hidden) with at least one token, got shape "
+                         f"{tuple(student_hidden.shape)}")
+    rows_shape, hidden = student_hidden.shape[:-1], student_hidden.shape[-1]
+    _check_layer("student", student_hidden, student_weight, student_bias)
+    if teacher_logits is not None:
+        if teacher_hidden is not None or teacher_weight is not None:
+            raise ValueError("pass the teacher either as teacher_hidden and teacher_weight or as teacher_logits, "
+                             "not both")
+        checks.check_float_tensor("teacher_logits", teacher_logits)
+        checks.check_same_device(teacher_logits=teacher_logits, student_hidden=student_hidden)
+        if teacher_logits.shape[:-1] != rows_shape or teacher_logits.dim() != student_hidden.dim():
+            raise ValueError(f"teacher_logits must have shape {tuple(rows_shape)} + (V_t,) (one row per token of "
+                             f"student_hidden), got {tuple(teacher_logits.shape)}")
+        if teacher_softcap is not None or teacher_bias is not None:
+            raise ValueError("teacher_softcap and teacher_bias apply to logits made from teacher_hidden; "
+                             "precomputed teacher_logits are taken as the teacher's final logits")
+        teacher_vocab = teacher_logits.shape[-1]
+    else:
+        if teacher_hidden is None or teacher_weight is None:
+            raise ValueError("the teacher is missing: pass teacher_hidden and teacher_weight, or teacher_logits")
+        checks.check_float_tensor("teacher_hidden", teacher_hidden)
+        checks.check_float_tensor("teacher_weight", teacher_weight)
+        if teacher_hidden.shape[:-1] != rows_shape:
+            raise ValueError(f"teacher_hidden must have the tokens of student_hidden, shape {tuple(rows_shape)} + "
+                             f"(H_t,), got {tuple(teacher_hidden.shape)}")
+        _check_layer("teacher", teacher_hidden, teacher_weight, teacher_bias)
+        checks.check_same_device(teacher_hidden=teacher_hidden, student_hidden=student_hidden)
+        teacher_vocab = teacher_weight.shape[0]
+    checks.check_choice("loss", loss, fused_linear.LOSSES)
+    beta = checks.check_unit_interval("beta", beta)
+    if isinstance(temperature, torch.Tensor):
+        raise TypeError("fused_linear_distill_loss takes temperature as a positive Python number; a tensor "
+                        "(learnable) temperature is supported by kd_loss, kl_div_loss, jsd_loss and dkd_loss, "
+                        "not by the fused loss yet")
+    temperature = checks.check_positive("temperature", temperature)
+    checks.check_int("ignore_index", ignore_index)
+    ce_weight = checks.check_number("ce_weight", ce_weight)
+    kd_weight = checks.check_number("kd_weight", kd_weight)
+    softcaps = [None if c is None else checks.check_positive(name, c)
+                for name, c in (("student_softcap", student_softcap), ("teacher_softcap", teacher_softcap))]
+    checks.check_vocab_sizes(student_weight.shape[0], teacher_vocab, vocab_mismatch,
+                             " (student_weight rows against the teacher's)")
+    if labels is not None:
+        checks.check_index_tensor("labels", labels)
+        checks.check_same_device(labels=labels, student_hidden=student_hidden)
+        if labels.shape != rows_shape:
+            raise ValueError(f"labels must have shape {tuple(rows_shape)} (one per token), got {tuple(labels.shape)}")
+        if labels.device.type == "cpu" and not torch.compiler.is_compiling():
+            kept = labels[labels != ignore_index]
+            if kept.numel() and (int(kept.min()) < 0 or int(kept.max()) >= student_weight.shape[0]):
+                raise ValueError(f"labels holds token ids outside [0, {student_weight.shape[0]}) that are not "
+                                 f"ignore_index={ignore_index}: min {int(kept.min())}, max {int(kept.max())}")
+    elif ce_weight != 0.0:
+        raise ValueError(f"ce_weight={ce_weight} needs labels (the next-token ids), got labels=None")
+    if num_items_in_batch is not None:
+        if isinstance(num_items_in_batch, torch.Tensor):
+            if num_items_in_batch.numel() != 1:
+                raise ValueError(f"num_items_in_batch must be a number or a tensor of one element, got shape "
+                                 f"{tuple(num_items_in_batch.shape)}")
+        elif isinstance(num_items_in_batch, bool) or not isinstance(num_items_in_batch, (int, float)) \
+                or not num_items_in_batch > 0:
+            raise ValueError(f"num_items_in_batch must be a positive number (the tokens counted over the whole "
+                             f"accumulated batch) or a tensor, got {num_items_in_batch!r}")
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
+                                   or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int (tokens per chunk), got {chunk_size!r}")
+    floats = [student_hidden, student_weight] + [t for t in (teacher_hidden, teacher_weight, teacher_logits)
+                                                 if t is not None]
+    impl = resolve("fused_linear_distill_terms" if return_terms else "fused_linear_distill_loss", backend, *floats)
+    return impl(student_hidden, student_weight, teacher_hidden, teacher_weight, labels, loss=loss, beta=beta,
+                temperature=temperature, ignore_index=ignore_index, ce_weight=ce_weight, kd_weight=kd_weight,
+                student_bias=student_bias, teacher_bias=teacher_bias, teacher_logits=teacher_logits,
+                student_softcap=softcaps[0], teacher_softcap=softcaps[1], vocab_mismatch=vocab_mismatch,
+                num_items_in_batch=num_items_in_batch, chunk_size=chunk_size)
+
+
+def _check_layer(side: str, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    """An output layer `(V, H)` (and bias `(V,)`) that the hidden states `(..., H)` multiply, in their dtype."""
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1] or weight.shape[0] == 0:
+        raise ValueError(f"{side}_weight must be (vocabulary, hidden) = (V, {hidden.shape[-1]}) as nn.Linear's "
+                         f"weight for {side}_hidden of shape {tuple(hidden.shape)}, got {tuple(weight.shape)}")
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"{side}_weight ({weight.dtype}) and {side}_hidden ({hidden.dtype}) must have the same dtype")
+    checks.check_same_device(**{f"{side}_hidden": hidden, f"{side}_weight": weight})
+    if bias is not None:
+        checks.check_float_tensor(f"{side}_bias", bias)
+        checks.check_same_device(**{f"{side}_bias": bias, f"{side}_weight": weight})
+        if bias.shape != weight.shape[:1] or bias.dtype != weight.dtype:
+            raise ValueError(f"{side}_bias must be ({weight.shape[0]},) in {weight.dtype}, got "
+                             f"{tuple(bias.shape)} in {bias.dtype}")
 
 
 def kl_div(input: torch.Tensor, target: torch.Tensor, reduction: str = "mean", log_target: bool = False, *,
@@ -146,7 +313,7 @@ def kl_div(input: torch.Tensor, target: torch.Tensor, reduction: str = "mean", l
 
 
 def mutual_learning_loss(logits: Sequence[torch.Tensor], target: torch.Tensor | None = None, *,
-                         temperature: float = 1.0, ce_weight: float = 1.0, kl_weight: float = 1.0,
+                         temperature: float | torch.Tensor = 1.0, ce_weight: float = 1.0, kl_weight: float = 1.0,
                          backend: str | None = None) -> torch.Tensor:
     """Deep mutual learning (Zhang et al. 2018) over a cohort of K >= 2 students' logits `(..., C)` each.
 

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from . import rkd_autograd
+from . import fused_linear, rkd_autograd
 from .reference.attention import match_spatial
 from .reference.logits import compute_dtype, masked_reduce, reduce_rows
 from .reference.relational import distances_from_squared, flat_features, mean_normalized
@@ -31,10 +31,12 @@ KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # The loss value is the same PyTorch reduction of the per-row terms as the reference's. Only the gradient
 # buffers are saved, never the logits; the backward scales them in place by grad_output
 # (`kernels.scale_rows_`, which reads and writes nothing where grad_output is exactly 1, decided on the
-# device) and returns them. The loss is therefore differentiable once: a second backward through the same
-# graph (retain_graph=True) is refused, as the buffers have been scaled already, and there is no double
-# backward (create_graph=True). Any backend's KernelSet with the declared `kl_rows`, `jsd_rows`, `dkd_rows`
-# and `scale_rows_` runs these.
+# device) and returns them. A tensor temperature (learnable, or one per row) goes to the kernels as float32
+# `(rows,)`; they make its gradient through the logits in the same pass (one more row sum), and the weights'
+# own T^2 (KD, DKD) is differentiated here, on O(rows) numbers. The loss is differentiable once: a second
+# backward through the same graph (retain_graph=True) is refused, as the buffers have been scaled already, and
+# there is no double backward (create_graph=True). Any backend's KernelSet with the declared `kl_rows`,
+# `jsd_rows`, `dkd_rows` and `scale_rows_` runs these.
 
 SECOND_BACKWARD = ("this fastkd loss is once-differentiable: its gradient was made in the forward pass and "
                    "scaled in place by the first backward, so it cannot be backpropagated through a second "
@@ -45,17 +47,13 @@ def _rows(x: Tensor) -> int:
     return x.numel() // x.shape[-1]
 
 
-def _grads(student: Tensor, teacher: Tensor) -> tuple[bool, bool]:
-    """Which gradients the row kernel must write: those autograd will ask for."""
-    enabled = torch.is_grad_enabled()
-    return enabled and student.requires_grad, enabled and teacher.requires_grad
-
-
 def _per_row_weight(factor, rows: int, device) -> Tensor:
-    """A row weight the same for every row (a Python number or a 0-dim device tensor) as float32 `(rows,)`,
-    an expanded 0-stride view of one number."""
+    """A row weight as float32 `(rows,)`: one for every row (a Python number or a 0-dim device tensor) as an
+    expanded 0-stride view of one number, or a `(rows,)` tensor already (a per-row temperature's T^2)."""
     if not isinstance(factor, Tensor):
         factor = torch.full((), factor, dtype=torch.float32, device=device)
+    if factor.dim() == 1:
+        return factor.to(torch.float32)
     return factor.to(torch.float32).reshape(1).expand(rows)
 
 
@@ -78,70 +76,91 @@ def _masked_weight(labels, ignore_index: int, reduction: str, rows: int, classes
     return _reduction_weight(reduction, count, classes)
 
 
-def _kd_rows(kernels, student, teacher, target, grads, temperature, reduction, ce_weight, kd_weight):
+def _squared(temperature, t_rows):
+    """T^2 per row (t_rows given) or as one number."""
+    return t_rows * t_rows if t_rows is not None else temperature * temperature
+
+
+def _kd_rows(kernels, student, teacher, target, t_rows, grads, temperature, reduction, ce_weight, kd_weight):
     with_ce = target is not None and ce_weight != 0.0
     rows_shape, classes = student.shape[:-1], student.shape[-1]
     rows = _rows(student)
     ce_reduction = "batchmean" if reduction == "mean" else reduction
+    squared = _squared(temperature, t_rows)
     kl_w = ce_w = None
     if any(grads):
-        kl_w = _per_row_weight((kd_weight * temperature * temperature)
-                               * _reduction_weight(reduction, rows, classes), rows, student.device)
+        kl_w = _per_row_weight((kd_weight * squared) * _reduction_weight(reduction, rows, classes), rows,
+                               student.device)
         if with_ce:
             ce_w = _per_row_weight(ce_weight * _reduction_weight(ce_reduction, rows, classes), rows, student.device)
-    kl, ce, d_student, d_teacher = kernels.kl_rows(student, teacher, temperature, False,
-                                                   target if with_ce else None, None, -100, kl_w, ce_w, *grads)
-    loss = (kd_weight * temperature * temperature) * reduce_rows(kl.view(rows_shape), reduction, rows, classes)
+    kl, ce, d_student, d_teacher, d_temperature = kernels.kl_rows(
+        student, teacher, temperature, t_rows, False, target if with_ce else None, None, -100, kl_w, ce_w, *grads)
+    if t_rows is None:
+        loss = (kd_weight * squared) * reduce_rows(kl.view(rows_shape), reduction, rows, classes)
+    else:
+        loss = reduce_rows((kd_weight * squared * kl).view(rows_shape), reduction, rows, classes)
+        if grads[2]:
+            # The kernel differentiates through the logits; the weight's own T_r^2 adds 2 w_r KL_r / T_r.
+            d_temperature = d_temperature + 2.0 * kl_w * kl / t_rows
     if with_ce:
         loss = loss + ce_weight * reduce_rows(ce.view(rows_shape), ce_reduction, rows, classes)
-    return loss, d_student, d_teacher
+    return loss, d_student, d_teacher, d_temperature
 
 
-def _divergence_rows(kernels, student, teacher, labels, grads, temperature, beta, ignore_index, reduction):
+def _divergence_rows(kernels, student, teacher, labels, t_rows, grads, temperature, beta, ignore_index, reduction):
     """KL (beta 0: forward, 1: reverse, as the reference) or JSD (0 < beta < 1), masked and reduced."""
     weight = None
     if any(grads):
         weight = _per_row_weight(_masked_weight(labels, ignore_index, reduction, _rows(student), student.shape[-1]),
                                  _rows(student), student.device)
     if beta == 0.0 or beta == 1.0:
-        per_row, _, d_student, d_teacher = kernels.kl_rows(student, teacher, temperature, beta == 1.0, None, labels,
-                                                           ignore_index, weight, None, *grads)
+        per_row, _, d_student, d_teacher, d_temperature = kernels.kl_rows(
+            student, teacher, temperature, t_rows, beta == 1.0, None, labels, ignore_index, weight, None, *grads)
     else:
-        per_row, d_student, d_teacher = kernels.jsd_rows(student, teacher, float(beta), temperature, labels,
-                                                         ignore_index, weight, *grads)
+        per_row, d_student, d_teacher, d_temperature = kernels.jsd_rows(
+            student, teacher, float(beta), temperature, t_rows, labels, ignore_index, weight, *grads)
     loss = masked_reduce(per_row.view(student.shape[:-1]), labels, ignore_index, reduction, student.shape[-1])
-    return loss, d_student, d_teacher
+    return loss, d_student, d_teacher, d_temperature
 
 
-def _dkd_rows(kernels, student, teacher, target, grads, alpha, beta, temperature):
+def _dkd_rows(kernels, student, teacher, target, t_rows, grads, temperature, alpha, beta):
     rows, classes = student.shape
+    squared = _squared(temperature, t_rows)
+    # With one class NCKD is left out of the loss, as in the reference.
+    nckd_factor = beta if classes > 1 else 0.0
     tckd_w = nckd_w = None
     if any(grads):
-        scale = temperature * temperature / rows
-        tckd_w = _per_row_weight(alpha * scale, rows, student.device)
-        # With one class NCKD is left out of the loss, as in the reference.
-        nckd_w = _per_row_weight(beta * scale if classes > 1 else 0.0, rows, student.device)
-    tckd, nckd, d_student, d_teacher = kernels.dkd_rows(student, teacher, target, temperature, tckd_w, nckd_w,
-                                                        *grads)
-    # The reference's order of operations; with one class NCKD is left out, as there.
+        tckd_w = _per_row_weight(alpha * squared / rows, rows, student.device)
+        nckd_w = _per_row_weight(nckd_factor * squared / rows, rows, student.device)
+    tckd, nckd, d_student, d_teacher, d_temperature = kernels.dkd_rows(
+        student, teacher, target, temperature, t_rows, tckd_w, nckd_w, *grads)
+    if t_rows is not None:
+        per_row = alpha * tckd + beta * nckd if classes > 1 else alpha * tckd
+        if grads[2]:
+            # The weights' own T_r^2: 2 (w_tckd TCKD + w_nckd NCKD) / T_r.
+            d_temperature = d_temperature + 2.0 * (tckd_w * tckd + nckd_w * nckd) / t_rows
+        return (per_row * squared).sum() / rows, d_student, d_teacher, d_temperature
+    # The reference's order of operations.
     loss = alpha * tckd.sum()
     if classes > 1:
         loss = loss + beta * nckd.sum()
-    return loss * (temperature * temperature / rows), d_student, d_teacher
+    return loss * (temperature * temperature / rows), d_student, d_teacher, d_temperature
 
 
 class _RowLoss(torch.autograd.Function):
     """A logit loss whose gradient is made in the forward pass: `rows_loss(kernels, student, teacher, index,
-    grads, *options) -> (loss, d_student, d_teacher)` computes the loss and the gradient(s) of the loss for a
-    grad_output of 1; the backward scales them by grad_output (per row for a per-row loss)."""
+    t_rows, grads, *options) -> (loss, d_student, d_teacher, d_temperature)` computes the loss and the
+    gradients of the loss for a grad_output of 1 (`d_temperature` per row, for a tensor temperature `t_rows`);
+    the backward scales them by grad_output (per row for a per-row loss)."""
 
     @staticmethod
-    def forward(ctx, kernels, rows_loss, grads, options, student, teacher, index):
-        loss, d_student, d_teacher = rows_loss(kernels, student, teacher, index, grads, *options)
+    def forward(ctx, kernels, rows_loss, grads, options, student, teacher, index, t_rows):
+        loss, d_student, d_teacher, d_temperature = rows_loss(kernels, student, teacher, index, t_rows, grads,
+                                                              *options)
         ctx.kernels = kernels
         ctx.rows = _rows(student)
         ctx.spent = False
-        ctx.save_for_backward(d_student, d_teacher)  # only the gradient buffers: never the logits
+        ctx.save_for_backward(d_student, d_teacher, d_temperature)  # only the gradients: never the logits
         return loss
 
     @staticmethod
@@ -150,7 +169,7 @@ class _RowLoss(torch.autograd.Function):
         if ctx.spent:
             raise RuntimeError(SECOND_BACKWARD)
         ctx.spent = True
-        d_student, d_teacher = ctx.saved_tensors
+        d_student, d_teacher, d_temperature = ctx.saved_tensors
         # grad_output per row, as float32 (rows,): one number expanded (stride 0) for a reduced loss.
         scale = grad.to(torch.float32).reshape(-1)
         if scale.numel() == 1:
@@ -160,12 +179,22 @@ class _RowLoss(torch.autograd.Function):
             if needed:
                 ctx.kernels.scale_rows_(d, scale)
             wanted.append(d if needed else None)
-        return None, None, None, None, wanted[0], wanted[1], None
+        d_t = d_temperature * scale if ctx.needs_input_grad[7] else None
+        return None, None, None, None, wanted[0], wanted[1], None, d_t
 
 
-def _row_loss(kernels, rows_loss, student, teacher, index, *options):
+def _row_loss(kernels, rows_loss, student, teacher, index, temperature, *options):
+    """`temperature`: a number, or a tensor shaped as the rows (fastkd._checks.check_temperature), handed to
+    the kernels as float32 `(rows,)` (a view where it is one expanded number)."""
+    t_rows = None
+    if isinstance(temperature, Tensor):
+        t_rows = temperature.to(torch.float32).reshape(-1)
+        temperature = 1.0  # unused by the kernels when t_rows is given
     # The flags are read here: grad mode is off inside the Function's forward.
-    return _RowLoss.apply(kernels, rows_loss, _grads(student, teacher), options, student, teacher, index)
+    enabled = torch.is_grad_enabled()
+    grads = (enabled and student.requires_grad, enabled and teacher.requires_grad,
+             enabled and t_rows is not None and t_rows.requires_grad)
+    return _RowLoss.apply(kernels, rows_loss, grads, (temperature, *options), student, teacher, index, t_rows)
 
 
 def kd_loss(kernels, student_logits, teacher_logits, temperature, *, reduction, target, ce_weight, kd_weight):
@@ -185,7 +214,32 @@ def jsd_loss(kernels, student_logits, teacher_logits, *, beta, temperature, labe
 
 
 def dkd_loss(kernels, student_logits, teacher_logits, target, *, alpha, beta, temperature):
-    return _row_loss(kernels, _dkd_rows, student_logits, teacher_logits, target, alpha, beta, temperature)
+    return _row_loss(kernels, _dkd_rows, student_logits, teacher_logits, target, temperature, alpha, beta)
+
+
+def fused_linear_distill_terms(kernels, student_hidden, student_weight, teacher_hidden, teacher_weight, labels, *,
+                               loss, beta, temperature, ignore_index, ce_weight, kd_weight, student_bias,
+                               teacher_bias, teacher_logits, student_softcap, teacher_softcap, vocab_mismatch,
+                               num_items_in_batch, chunk_size):
+    # The chunk loop of fastkd.fused_linear, each chunk's rows by this backend's row operators.
+    return fused_linear.fused_linear_distill_terms(
+        fused_linear.kernel_rows(kernels), student_hidden, student_weight, teacher_hidden, teacher_weight, labels,
+        loss=loss, beta=beta, temperature=temperature, ignore_index=ignore_index, ce_weight=ce_weight,
+        kd_weight=kd_weight, student_bias=student_bias, teacher_bias=teacher_bias, teacher_logits=teacher_logits,
+        student_softcap=student_softcap, teacher_softcap=teacher_softcap, vocab_mismatch=vocab_mismatch,
+        num_items_in_batch=num_items_in_batch, chunk_size=chunk_size)
+
+
+def fused_linear_distill_loss(kernels, student_hidden, student_weight, teacher_hidden, teacher_weight, labels, *,
+                              loss, beta, temperature, ignore_index, ce_weight, kd_weight, student_bias,
+                              teacher_bias, teacher_logits, student_softcap, teacher_softcap, vocab_mismatch,
+                              num_items_in_batch, chunk_size):
+    return fused_linear_distill_terms(
+        kernels, student_hidden, student_weight, teacher_hidden, teacher_weight, labels, loss=loss, beta=beta,
+        temperature=temperature, ignore_index=ignore_index, ce_weight=ce_weight, kd_weight=kd_weight,
+        student_bias=student_bias, teacher_bias=teacher_bias, teacher_logits=teacher_logits,
+        student_softcap=student_softcap, teacher_softcap=teacher_softcap, vocab_mismatch=vocab_mismatch,
+        num_items_in_batch=num_items_in_batch, chunk_size=chunk_size)[0]
 
 
 def _distance_term(kernels, x_s, x_t, squared, eps):
@@ -241,5 +295,5 @@ def at_loss(kernels, f_s, f_t, *, p, mode):
     return torch.linalg.vector_norm(diff, dim=1).sum() / f_s.shape[0]
 
 
-LOSSES = {fn.__name__: fn for fn in (kd_loss, kl_div_loss, jsd_loss, dkd_loss, rkd_distance_loss, rkd_angle_loss,
-                                     rkd_loss, attention_map, at_loss)}
+LOSSES = {fn.__name__: fn for fn in (kd_loss, kl_div_loss, jsd_loss, dkd_loss, fused_linear_distill_loss,
+                                     fused_linear_distill_terms, rkd_distance_loss, rkd_angle_loss, rkd_loss, attention_map, at_loss)}

@@ -51,6 +51,10 @@ def _per_row(x: Tensor) -> Tensor:
     return x.new_empty((_rows(x),), dtype=torch.float32)
 
 
+def _temperature_gradient(x: Tensor, wanted: bool) -> Tensor:
+    return x.new_empty((_rows(x) if wanted else 0,), dtype=torch.float32)
+
+
 def _input_gradients(student, teacher, student_grad, teacher_grad):
     # A gradient not asked for is an empty tensor (a schema's output cannot be None); one asked for is
     # contiguous, in its input's shape and dtype.
@@ -61,37 +65,57 @@ def _input_gradients(student, teacher, student_grad, teacher_grad):
 # --- The logit row losses: per-row terms, and the gradient made in the same pass ------------------------------
 #
 # Each takes per-row weights (float32 `(rows,)`, any stride: often an expanded 0-stride view of one number;
-# None reads as 1) and two flags: `student_grad` / `teacher_grad` ask for `sum_r weight_r d term_r / d input`,
+# None reads as 1) and three flags: `student_grad` / `teacher_grad` ask for `sum_r weight_r d term_r / d input`,
 # written in the forward pass (the input's dtype and shape, contiguous), else an empty `(0,)` tensor; without
 # either flag nothing N x V is written. The outputs are not differentiable: `fastkd.kernel_losses` holds the
 # autograd, and its backward scales the buffers by grad_output with `scale_rows_`.
+#
+# The temperature is the float `temperature`, or, when `temperature_rows` is given (float32 `(rows,)`, any
+# stride), row r's own `temperature_rows[r]` (the float is then ignored): a learnable or per-token temperature,
+# read on the device. A row whose temperature is not > 0 (or NaN) gets NaN terms and NaN gradients.
+# `temperature_grad` (only with `temperature_rows`) asks for the float32 `(rows,)` output
+#     d_T[r] = d/dT_r (weighted terms of row r), the weights held constant, the CE term excluded (no T in it),
+# made in the gradient pass (one extra row sum): each term is a function of `X / T` and `Y / T` that does not
+# change when a constant is added to a row, so with `GX`, `GY` the weighted gradients with respect to the raw
+# logits (CE excluded) and `a = X / T - max(X / T)`, `b` likewise,
+#     d_T[r] = -(1/T) sum_j (GX_j X_j + GY_j Y_j) = -sum_j (GX_j a_j + GY_j b_j),
+# a term whose gradient is exactly 0 counting 0 (also where a or b is -inf). Both sides' gradients enter,
+# whichever are written. An ignored token (labels) gets 0. Without the flag the output is an empty `(0,)`.
+# (A weight that itself depends on T, the T^2 of KD and DKD, is differentiated by the caller.)
 
-# KL (both directions) and KD's cross-entropy (fastkd/triton/kl.py): (KL, CE (empty without target), d_s, d_t).
+# KL (both directions) and KD's cross-entropy (fastkd/triton/kl.py): (KL, CE (empty without target), d_s, d_t, d_T).
 kl_rows = KernelOp(
     "kl_rows",
-    "(Tensor student, Tensor teacher, float temperature, bool reverse, Tensor? target, Tensor? labels, "
-    "int ignore_index, Tensor? kl_weight, Tensor? ce_weight, bool student_grad, bool teacher_grad) "
-    "-> (Tensor, Tensor, Tensor, Tensor)",
-    lambda student, teacher, temperature, reverse, target, labels, ignore_index, kl_weight, ce_weight,
-    student_grad, teacher_grad: (
+    "(Tensor student, Tensor teacher, float temperature, Tensor? temperature_rows, bool reverse, Tensor? target, "
+    "Tensor? labels, int ignore_index, Tensor? kl_weight, Tensor? ce_weight, bool student_grad, bool teacher_grad, "
+    "bool temperature_grad) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+    lambda student, teacher, temperature, temperature_rows, reverse, target, labels, ignore_index, kl_weight,
+    ce_weight, student_grad, teacher_grad, temperature_grad: (
         _per_row(student), student.new_empty((_rows(student) if target is not None else 0,), dtype=torch.float32),
-        *_input_gradients(student, teacher, student_grad, teacher_grad)))
+        *_input_gradients(student, teacher, student_grad, teacher_grad),
+        _temperature_gradient(student, temperature_grad)))
 
-# Generalized JSD, 0 < beta < 1 (0 and 1 are KL) (fastkd/triton/jsd.py): (JSD, d_s, d_t).
+# Generalized JSD, 0 < beta < 1 (0 and 1 are KL) (fastkd/triton/jsd.py): (JSD, d_s, d_t, d_T).
 jsd_rows = KernelOp(
     "jsd_rows",
-    "(Tensor student, Tensor teacher, float beta, float temperature, Tensor? labels, int ignore_index, "
-    "Tensor? weight, bool student_grad, bool teacher_grad) -> (Tensor, Tensor, Tensor)",
-    lambda student, teacher, beta, temperature, labels, ignore_index, weight, student_grad, teacher_grad: (
-        _per_row(student), *_input_gradients(student, teacher, student_grad, teacher_grad)))
+    "(Tensor student, Tensor teacher, float beta, float temperature, Tensor? temperature_rows, Tensor? labels, "
+    "int ignore_index, Tensor? weight, bool student_grad, bool teacher_grad, bool temperature_grad) "
+    "-> (Tensor, Tensor, Tensor, Tensor)",
+    lambda student, teacher, beta, temperature, temperature_rows, labels, ignore_index, weight, student_grad,
+    teacher_grad, temperature_grad: (
+        _per_row(student), *_input_gradients(student, teacher, student_grad, teacher_grad),
+        _temperature_gradient(student, temperature_grad)))
 
-# DKD's two parts (fastkd/triton/dkd.py): (TCKD, NCKD, d_s, d_t).
+# DKD's two parts (fastkd/triton/dkd.py): (TCKD, NCKD, d_s, d_t, d_T).
 dkd_rows = KernelOp(
     "dkd_rows",
-    "(Tensor student, Tensor teacher, Tensor target, float temperature, Tensor? tckd_weight, "
-    "Tensor? nckd_weight, bool student_grad, bool teacher_grad) -> (Tensor, Tensor, Tensor, Tensor)",
-    lambda student, teacher, target, temperature, tckd_weight, nckd_weight, student_grad, teacher_grad: (
-        _per_row(student), _per_row(student), *_input_gradients(student, teacher, student_grad, teacher_grad)))
+    "(Tensor student, Tensor teacher, Tensor target, float temperature, Tensor? temperature_rows, "
+    "Tensor? tckd_weight, Tensor? nckd_weight, bool student_grad, bool teacher_grad, bool temperature_grad) "
+    "-> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+    lambda student, teacher, target, temperature, temperature_rows, tckd_weight, nckd_weight, student_grad,
+    teacher_grad, temperature_grad: (
+        _per_row(student), _per_row(student), *_input_gradients(student, teacher, student_grad, teacher_grad),
+        _temperature_gradient(student, temperature_grad)))
 
 # The backward of the row losses (fastkd/triton/rows.py): row r of the contiguous `(..., V)` gradient `d` times
 # `scale[r]` (float32 `(rows,)`, any stride), in place; a row whose scale is exactly 1.0 is neither read nor

@@ -12,7 +12,7 @@ from . import functional as KF
 from ._dispatch import check_backend_name
 
 __all__ = [
-    "KDLoss", "KLDivLoss", "KLDistillationLoss", "JSDLoss", "DKDLoss", "MutualLearningLoss", "RKDLoss",
+    "KDLoss", "KLDivLoss", "KLDistillationLoss", "JSDLoss", "DKDLoss", "FusedLinearDistillLoss", "MutualLearningLoss", "RKDLoss",
     "AttentionTransferLoss", "SimilarityLoss", "FSPLoss", "PKTLoss", "NSTLoss", "CCLoss", "HintLoss",
     "ConvRegressor",
 ]
@@ -23,17 +23,28 @@ def backend_option(backend: str | None) -> str | None:
     return None if backend is None else check_backend_name(backend)
 
 
+def set_temperature(module: nn.Module, temperature) -> None:
+    """`module.temperature`: a number; an `nn.Parameter` (learned with the model); another tensor as a buffer, so
+    that `module.to(device)` moves it with the module."""
+    temperature = checks.check_temperature_setting(temperature)
+    if isinstance(temperature, torch.Tensor) and not isinstance(temperature, nn.Parameter):
+        module.register_buffer("temperature", temperature)
+    else:
+        module.temperature = temperature
+
+
 class KDLoss(nn.Module):
     """Hinton KD with an optional hard-label term; `forward(student_logits, teacher_logits, target=None)`.
 
     `KDLoss(4.0)` is RepDistiller's `DistillKL(4)`; `KDLoss(4.0, ce_weight=0.1, kd_weight=0.9)` is its
-    default training mix, called with the target.
+    default training mix, called with the target. A learnable temperature (CTKD) is a parameter of the module:
+    `KDLoss(nn.Parameter(torch.tensor(4.0)))` (any logit loss module here takes a tensor temperature).
     """
 
-    def __init__(self, temperature: float = 4.0, *, reduction: str = "batchmean", ce_weight: float = 0.0,
+    def __init__(self, temperature: float | torch.Tensor = 4.0, *, reduction: str = "batchmean", ce_weight: float = 0.0,
                  kd_weight: float = 1.0, backend: str | None = None):
         super().__init__()
-        self.temperature = checks.check_positive("temperature", temperature)
+        set_temperature(self, temperature)
         self.reduction = checks.check_choice("reduction", reduction, checks.LOGIT_REDUCTIONS)
         self.ce_weight = checks.check_number("ce_weight", ce_weight)
         self.kd_weight = checks.check_number("kd_weight", kd_weight)
@@ -74,10 +85,10 @@ class KLDistillationLoss(nn.Module):
     are left out of the mean.
     """
 
-    def __init__(self, temperature: float = 1.0, *, direction: str = "forward", ignore_index: int = -100,
-                 reduction: str = "batchmean", backend: str | None = None):
+    def __init__(self, temperature: float | torch.Tensor = 1.0, *, direction: str = "forward",
+                 ignore_index: int = -100, reduction: str = "batchmean", backend: str | None = None):
         super().__init__()
-        self.temperature = checks.check_positive("temperature", temperature)
+        set_temperature(self, temperature)
         self.direction = checks.check_choice("direction", direction, KF.DIRECTIONS)
         self.reduction = checks.check_choice("reduction", reduction, checks.LOGIT_REDUCTIONS)
         self.ignore_index = checks.check_int("ignore_index", ignore_index)
@@ -92,11 +103,11 @@ class KLDistillationLoss(nn.Module):
 class JSDLoss(nn.Module):
     """TRL's generalized JSD; `forward(student_logits, teacher_logits, labels=None)`."""
 
-    def __init__(self, beta: float = 0.5, temperature: float = 1.0, *, ignore_index: int = -100,
+    def __init__(self, beta: float = 0.5, temperature: float | torch.Tensor = 1.0, *, ignore_index: int = -100,
                  reduction: str = "batchmean", backend: str | None = None):
         super().__init__()
         self.beta = checks.check_unit_interval("beta", beta)
-        self.temperature = checks.check_positive("temperature", temperature)
+        set_temperature(self, temperature)
         self.reduction = checks.check_choice("reduction", reduction, checks.LOGIT_REDUCTIONS)
         self.ignore_index = checks.check_int("ignore_index", ignore_index)
         self.backend = backend_option(backend)
@@ -107,6 +118,47 @@ class JSDLoss(nn.Module):
                            backend=self.backend)
 
 
+class FusedLinearDistillLoss(nn.Module):
+    """The student's output layer and a distillation loss fused by chunks of tokens (no `N x V` logits):
+    `forward(student_hidden, student_weight, teacher_hidden=None, teacher_weight=None, labels=None, *,
+    student_bias=None, teacher_bias=None, teacher_logits=None, num_items_in_batch=None)`.
+
+    The options are `fastkd.functional.fused_linear_distill_loss`'s. Typical use with Hugging Face models: the
+    hidden states of the last layer (`output_hidden_states=True`, shifted as the labels) and
+    `model.lm_head.weight` of both models, the labels shifted by one token.
+    """
+
+    def __init__(self, loss: str = "forward_kl", *, beta: float = 0.5, temperature: float = 1.0,
+                 ignore_index: int = -100, ce_weight: float = 0.0, kd_weight: float = 1.0,
+                 student_softcap: float | None = None, teacher_softcap: float | None = None,
+                 vocab_mismatch: str = "error", chunk_size: int | None = None, backend: str | None = None):
+        super().__init__()
+        self.loss = checks.check_choice("loss", loss, KF.fused_linear.LOSSES)
+        self.beta = checks.check_unit_interval("beta", beta)
+        self.temperature = checks.check_positive("temperature", temperature)
+        self.ignore_index = checks.check_int("ignore_index", ignore_index)
+        self.ce_weight = checks.check_number("ce_weight", ce_weight)
+        self.kd_weight = checks.check_number("kd_weight", kd_weight)
+        self.student_softcap, self.teacher_softcap = student_softcap, teacher_softcap
+        self.vocab_mismatch = checks.check_choice("vocab_mismatch", vocab_mismatch, checks.VOCAB_MISMATCH)
+        self.chunk_size = chunk_size
+        self.backend = backend_option(backend)
+
+    def forward(self, student_hidden, student_weight, teacher_hidden=None, teacher_weight=None, labels=None, *,
+                student_bias=None, teacher_bias=None, teacher_logits=None, num_items_in_batch=None):
+        return KF.fused_linear_distill_loss(
+            student_hidden, student_weight, teacher_hidden, teacher_weight, labels, loss=self.loss, beta=self.beta,
+            temperature=self.temperature, ignore_index=self.ignore_index, ce_weight=self.ce_weight,
+            kd_weight=self.kd_weight, student_bias=student_bias, teacher_bias=teacher_bias,
+            teacher_logits=teacher_logits, student_softcap=self.student_softcap,
+            teacher_softcap=self.teacher_softcap, vocab_mismatch=self.vocab_mismatch,
+            num_items_in_batch=num_items_in_batch, chunk_size=self.chunk_size, backend=self.backend)
+
+    def extra_repr(self):
+        return (f"loss={self.loss!r}, beta={self.beta}, temperature={self.temperature}, ce_weight={self.ce_weight}, "
+                f"kd_weight={self.kd_weight}")
+
+
 class DKDLoss(nn.Module):
     """Decoupled KD; `forward(student_logits, teacher_logits, target, epoch=None)`.
 
@@ -114,10 +166,10 @@ class DKDLoss(nn.Module):
     trainer does (its CIFAR default: warmup 20).
     """
 
-    def __init__(self, alpha: float = 1.0, beta: float = 8.0, temperature: float = 4.0, *, warmup: int = 0,
-                 backend: str | None = None):
+    def __init__(self, alpha: float = 1.0, beta: float = 8.0, temperature: float | torch.Tensor = 4.0, *,
+                 warmup: int = 0, backend: str | None = None):
         super().__init__()
-        self.temperature = checks.check_positive("temperature", temperature)
+        set_temperature(self, temperature)
         self.alpha, self.beta = checks.check_number("alpha", alpha), checks.check_number("beta", beta)
         if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
             raise ValueError(f"warmup must be a non-negative int (epochs), got {warmup!r}")
@@ -134,10 +186,10 @@ class DKDLoss(nn.Module):
 class MutualLearningLoss(nn.Module):
     """Deep mutual learning over a cohort; `forward(logits_list, target=None)` returns the cohort's sum."""
 
-    def __init__(self, temperature: float = 1.0, *, ce_weight: float = 1.0, kl_weight: float = 1.0,
+    def __init__(self, temperature: float | torch.Tensor = 1.0, *, ce_weight: float = 1.0, kl_weight: float = 1.0,
                  backend: str | None = None):
         super().__init__()
-        self.temperature = checks.check_positive("temperature", temperature)
+        set_temperature(self, temperature)
         self.ce_weight = checks.check_number("ce_weight", ce_weight)
         self.kl_weight = checks.check_number("kl_weight", kl_weight)
         self.backend = backend_option(backend)

@@ -84,11 +84,12 @@ def check_flags(call, values, weights, reference, inputs, what):
     want = reference_grads(reference, inputs, ones)
     for student_grad, teacher_grad in ((True, False), (False, True), (False, False)):
         out = call(weights, student_grad, teacher_grad)
+        assert len(out) == len(values) + 3 and out[-1].shape == (0,), (what, "d_T not asked for")
         for got, value in zip(out[:len(values)], values):
             torch.testing.assert_close(got, value, rtol=0, atol=0, equal_nan=True,
                                        msg=lambda m: f"{what}: values change with the flags: {m}")
-        for flag, got, want_grad, x, side in ((student_grad, out[-2], want[0], inputs[0], "student"),
-                                              (teacher_grad, out[-1], want[1], inputs[1], "teacher")):
+        for flag, got, want_grad, x, side in ((student_grad, out[-3], want[0], inputs[0], "student"),
+                                              (teacher_grad, out[-2], want[1], inputs[1], "teacher")):
             if flag:
                 check(got, want_grad, f"{what}: {side} grad alone", x.dtype)
             else:
@@ -98,7 +99,9 @@ def check_flags(call, values, weights, reference, inputs, what):
 def check_kl(ops, s, t, T=2.0, reverse=False, target=None, labels=None):
     rows = s.numel() // s.shape[-1]
     weights = [row_weights(rows, 1), row_weights(rows, 2) if target is not None else None]
-    kl, ce, d_s, d_t = ops.cuda_kl_rows(s, t, T, reverse, target, labels, -100, *weights, True, True)
+    kl, ce, d_s, d_t, d_T = ops.cuda_kl_rows(s, t, T, None, reverse, target, labels, -100, *weights, True, True,
+                                             False)
+    assert d_T.shape == (0,)
     want = kl_reference(s, t, T, reverse, target, labels)
     check(kl, want[0], "KL")
     if target is not None:
@@ -112,7 +115,7 @@ def check_kl(ops, s, t, T=2.0, reverse=False, target=None, labels=None):
     assert d_s.is_contiguous() and d_t.is_contiguous() and d_s.shape == s.shape and d_t.shape == t.shape
     # One gradient at a time (the kernels' other template instances) and none, with 0-stride weights (the CE's
     # None: 1).
-    check_flags(lambda w, sg, tg: ops.cuda_kl_rows(s, t, T, reverse, target, labels, -100, *w, sg, tg),
+    check_flags(lambda w, sg, tg: ops.cuda_kl_rows(s, t, T, None, reverse, target, labels, -100, *w, sg, tg, False),
                 [kl, ce], [stride0(0.7, rows), None], reference, [s, t], "KL")
 
 
@@ -130,15 +133,15 @@ def jsd_reference(s, t, beta, T, labels, ignore_index=-100):
 def check_jsd(ops, s, t, beta, T, labels=None):
     rows = s.numel() // s.shape[-1]
     weights = [row_weights(rows, 3)]
-    loss, d_s, d_t = ops.cuda_jsd_rows(s, t, beta, T, labels, -100, weights[0], True, True)
+    loss, d_s, d_t, _ = ops.cuda_jsd_rows(s, t, beta, T, None, labels, -100, weights[0], True, True, False)
     reference = lambda s, t: jsd_reference(s, t, beta, T, labels)  # noqa: E731
     check(loss, reference(s, t)[0], "JSD")
     want_s, want_t = reference_grads(reference, [s, t], weights)
     check(d_s, want_s, "student grad", s.dtype)
     check(d_t, want_t, "teacher grad", t.dtype)
-    check_flags(lambda w, sg, tg: ops.cuda_jsd_rows(s, t, beta, T, labels, -100, w[0], sg, tg), [loss],
+    check_flags(lambda w, sg, tg: ops.cuda_jsd_rows(s, t, beta, T, None, labels, -100, w[0], sg, tg, False), [loss],
                 [stride0(1.3, rows)], reference, [s, t], "JSD")
-    check_flags(lambda w, sg, tg: ops.cuda_jsd_rows(s, t, beta, T, labels, -100, w[0], sg, tg), [loss],
+    check_flags(lambda w, sg, tg: ops.cuda_jsd_rows(s, t, beta, T, None, labels, -100, w[0], sg, tg, False), [loss],
                 [None], reference, [s, t], "JSD, weight None")
 
 
@@ -180,7 +183,7 @@ def dkd_reference(s, t, target, T):
 def check_dkd(ops, s, t, target, T):
     rows = s.numel() // s.shape[-1]
     weights = [row_weights(rows, 4), row_weights(rows, 5)]
-    tckd, nckd, d_s, d_t = ops.cuda_dkd_rows(s, t, target, T, *weights, True, True)
+    tckd, nckd, d_s, d_t, _ = ops.cuda_dkd_rows(s, t, target, T, None, *weights, True, True, False)
     want = dkd_reference(s, t, target, T)
     check(tckd, want[0], "TCKD")
     check(nckd, want[1], "NCKD")
@@ -188,7 +191,7 @@ def check_dkd(ops, s, t, target, T):
     want_s, want_t = reference_grads(reference, [s, t], weights)
     check(d_s, want_s, "student grad", s.dtype)
     check(d_t, want_t, "teacher grad", t.dtype)
-    check_flags(lambda w, sg, tg: ops.cuda_dkd_rows(s, t, target, T, *w, sg, tg), [tckd, nckd],
+    check_flags(lambda w, sg, tg: ops.cuda_dkd_rows(s, t, target, T, None, *w, sg, tg, False), [tckd, nckd],
                 [stride0(0.25, rows), None], reference, [s, t], "DKD")
 
 
@@ -210,6 +213,252 @@ def test_dkd_masked_vocabulary(ops):
     s[:, 70:] = float("-inf")
     t[:, 70:] = float("-inf")
     check_dkd(ops, s, t, torch.tensor([1, 69, 30]), 2.0)
+
+
+# --- A per-row (learnable) temperature: temperature_rows and d_T ---------------------------------------------
+# Row r at its own T_r (float32 (rows,), any stride), and d_T[r] = d/dT_r of row r's weighted terms (CE excluded),
+# against float64 autograd of the plain formulas with a per-row temperature that requires grad.
+
+NEG_INF = float("-inf")
+
+
+def log_probs(x, T):
+    """log_softmax(x / T): T a float (the reference's), or a per-row tensor (float64 here), a -inf logit staying
+    -inf without a NaN in T's gradient."""
+    if not isinstance(T, torch.Tensor):
+        return R.log_probs(x, T)
+    x = x.to(T.dtype)
+    masked = x == NEG_INF
+    scaled = torch.where(masked, 0.0, x) / T.reshape(*x.shape[:-1], 1)
+    return torch.log_softmax(torch.where(masked, NEG_INF, scaled), dim=-1)
+
+
+def kl_terms(s, t, T, reverse, labels):
+    log_ps, log_pt = log_probs(s, T), log_probs(t, T)
+    kl = (R.kl_rows(log_ps, log_pt) if reverse else R.kl_rows(log_pt, log_ps)).reshape(-1)
+    return [kl if labels is None else torch.where(labels.reshape(-1) != -100, kl, 0.0)]
+
+
+def jsd_terms(s, t, T, beta, labels):
+    log_ps, log_pt = log_probs(s, T), log_probs(t, T)
+    log_m = R.log_mixture(log_ps, log_pt, beta)
+    jsd = (beta * R.kl_rows(log_pt, log_m) + (1.0 - beta) * R.kl_rows(log_ps, log_m)).reshape(-1)
+    return [jsd if labels is None else torch.where(labels.reshape(-1) != -100, jsd, 0.0)]
+
+
+def dkd_terms(s, t, T, target):
+    is_target = F.one_hot(target, s.shape[-1]).bool()
+    log_ps, log_pt = log_probs(s, T), log_probs(t, T)
+    tckd = R.kl_rows(R.target_vs_rest_log_probs(log_pt, target, is_target),
+                     R.target_vs_rest_log_probs(log_ps, target, is_target))
+    rest_s = log_probs(s.to(T.dtype).masked_fill(is_target, NEG_INF), T)
+    rest_t = log_probs(t.to(T.dtype).masked_fill(is_target, NEG_INF), T)
+    return [tckd, R.kl_rows(rest_t, rest_s)]
+
+
+def temperature_reference(terms, s, t, T_rows, weights):
+    """(float64 terms, d/ds, d/dt, d/dT) of sum_i weights[i] . terms(s, t, T)[i], T per row in float64."""
+    leaves = [x.detach().clone().requires_grad_() for x in (s, t)]
+    T64 = T_rows.detach().double().clone().requires_grad_()
+    values = terms(*leaves, T64)
+    total = sum((w.double() * v).sum() for v, w in zip(values, weights))
+    return [v.detach() for v in values], *torch.autograd.grad(total, [*leaves, T64])
+
+
+def check_temperature(call, n_values, terms, s, t, T_rows, weights, what, rows=slice(None)):
+    """`call(T_rows, student_grad, teacher_grad, temperature_grad)`: the values (of `rows`), both gradients and
+    d_T against float64 at per-row temperatures; d_T alone or beside either gradient the same bits, the values
+    unchanged by temperature_grad, d_T empty without it."""
+    values, want_s, want_t, want_T = temperature_reference(terms, s, t, T_rows, weights)
+    out = call(T_rows, True, True, True)
+    for i, (got, want) in enumerate(zip(out[:n_values], values)):
+        check(got[rows], want[rows].float(), f"{what}: value {i}")
+    check(out[n_values], want_s, f"{what}: student grad", s.dtype)
+    check(out[n_values + 1], want_t, f"{what}: teacher grad", t.dtype)
+    d_T = out[-1]
+    assert d_T.shape == (s.numel() // s.shape[-1],) and d_T.dtype == torch.float32
+    check(d_T, want_T.float(), f"{what}: d_T")
+    for student_grad, teacher_grad, t_grad in ((False, False, True), (True, False, True), (False, True, True),
+                                               (True, True, False)):
+        other = call(T_rows, student_grad, teacher_grad, t_grad)
+        for i in range(n_values):
+            torch.testing.assert_close(other[i], out[i], rtol=0, atol=0, equal_nan=True)
+        if t_grad:
+            torch.testing.assert_close(other[-1], d_T, rtol=0, atol=0, equal_nan=True,
+                                       msg=lambda m: f"{what}: d_T changes with the gradient flags: {m}")
+        else:
+            assert other[-1].shape == (0,)
+        for flag, got, want in ((student_grad, other[n_values], out[n_values]),
+                                (teacher_grad, other[n_values + 1], out[n_values + 1])):
+            if flag:
+                torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
+            else:
+                assert got.shape == (0,)
+    return out
+
+
+def temperatures(rows, seed):
+    return torch.rand(rows, generator=torch.Generator().manual_seed(seed)) * 2.5 + 0.5
+
+
+DTYPE_PAIRS = {"fp32": (torch.float32, torch.float32), "bf16": (torch.bfloat16, torch.bfloat16),
+               "fp32-fp16": (torch.float32, torch.float16)}
+
+
+# Each case in one dtype pair (a stand-in call costs ~30 ms a row): every pair is in each op's cases.
+@pytest.mark.parametrize("reverse, ce, with_labels, dtypes", [(False, False, False, "fp32"),
+                                                               (True, False, False, "bf16"),
+                                                               (False, True, True, "fp32-fp16"),
+                                                               (True, True, False, "fp32"),
+                                                               (False, False, True, "bf16")])
+def test_kl_temperature_rows(ops, reverse, ce, with_labels, dtypes):
+    ds, dt = DTYPE_PAIRS[dtypes]
+    s, t = logits(2, 2, 45, seed=100, dtype=ds), logits(2, 2, 45, seed=101, dtype=dt)
+    target = torch.tensor([[0, 44], [3, 20]]) if ce else None
+    labels = torch.tensor([[1, -100], [0, 5]]) if with_labels else None
+    T_rows = temperatures(4, 102)
+    weights = [row_weights(4, 103), row_weights(4, 104) if ce else None]
+
+    def call(T, sg, tg, Tg):
+        return ops.cuda_kl_rows(s, t, 1.0, T, reverse, target, labels, -100, *weights, sg, tg, Tg)
+
+    active = labels.reshape(-1) != -100 if labels is not None else torch.ones(4, dtype=torch.bool)
+
+    def terms(s, t, T):
+        # CE (of the raw logits of the KL's second row: the student, the teacher when reverse; no temperature) is
+        # in the written gradients, and out of d_T; an ignored token has no gradient (its CE value is not
+        # defined: only the active rows' values are compared).
+        kl = kl_terms(s, t, T, reverse, labels)
+        if not ce:
+            return kl
+        y = t if reverse else s
+        return kl + [torch.where(active, F.cross_entropy(y.double().reshape(4, -1), target.reshape(-1),
+                                                         reduction="none"), 0.0)]
+
+    out = check_temperature(call, 2, terms, s, t, T_rows, [w for w in weights if w is not None], "KL", active)
+    if not ce:
+        assert out[1].shape == (0,)
+    if labels is not None:
+        ignored = labels.reshape(-1) == -100
+        assert (out[-1][ignored] == 0).all() and (out[0][ignored] == 0).all()
+
+
+@pytest.mark.parametrize("dtypes, with_labels", [("fp32", True), ("bf16", False), ("fp32-fp16", True)])
+def test_jsd_temperature_rows(ops, dtypes, with_labels):
+    ds, dt = DTYPE_PAIRS[dtypes]
+    s, t = logits(3, 61, seed=110, dtype=ds), logits(3, 61, seed=111, dtype=dt)
+    labels = torch.tensor([1, -100, 2]) if with_labels else None
+    T_rows, w = temperatures(3, 112), row_weights(3, 113)
+    call = lambda T, sg, tg, Tg: ops.cuda_jsd_rows(s, t, 0.3, 1.0, T, labels, -100, w, sg, tg, Tg)  # noqa: E731
+    out = check_temperature(call, 1, lambda s, t, T: jsd_terms(s, t, T, 0.3, labels), s, t, T_rows, [w], "JSD")
+    if labels is not None:
+        assert (out[-1][labels == -100] == 0).all()
+
+
+@pytest.mark.parametrize("dtypes", list(DTYPE_PAIRS))
+def test_dkd_temperature_rows(ops, dtypes):
+    ds, dt = DTYPE_PAIRS[dtypes]
+    s, t = logits(3, 53, seed=120, dtype=ds), logits(3, 53, seed=121, dtype=dt)
+    target = torch.tensor([0, 52, 17])
+    T_rows, weights = temperatures(3, 122), [row_weights(3, 123), row_weights(3, 124)]
+    call = lambda T, sg, tg, Tg: ops.cuda_dkd_rows(s, t, target, 1.0, T, *weights, sg, tg, Tg)  # noqa: E731
+    check_temperature(call, 2, lambda s, t, T: dkd_terms(s, t, T, target), s, t, T_rows, weights, "DKD")
+
+
+def test_temperature_rows_with_masked_entries(ops):
+    """-inf logits (masked vocabulary, and a teacher without mass where the student has some): a zero gradient
+    against a -inf logit adds 0 to d_T, never NaN."""
+    s, t = logits(3, 70, seed=130), logits(3, 70, seed=131)
+    s[:, 60:] = NEG_INF
+    t[:, 55:] = NEG_INF  # columns 55..59: the teacher has no mass, the student has
+    s[1, 3] = t[1, 3] = NEG_INF
+    T_rows, w, w2 = temperatures(3, 132), row_weights(3, 133), row_weights(3, 134)
+    check_temperature(lambda T, sg, tg, Tg: ops.cuda_kl_rows(s, t, 1.0, T, False, None, None, -100, w, None, sg, tg,
+                                                             Tg),
+                      2, lambda s, t, T: kl_terms(s, t, T, False, None), s, t, T_rows, [w], "KL, -inf")
+    check_temperature(lambda T, sg, tg, Tg: ops.cuda_jsd_rows(s, t, 0.3, 1.0, T, None, -100, w, sg, tg, Tg),
+                      1, lambda s, t, T: jsd_terms(s, t, T, 0.3, None), s, t, T_rows, [w], "JSD, -inf")
+    s2 = s.clone()
+    s2[:, 55:60] = NEG_INF  # DKD's NCKD needs the student's mass wherever the teacher has some
+    target = torch.tensor([0, 54, 3])
+    check_temperature(lambda T, sg, tg, Tg: ops.cuda_dkd_rows(s2, t, target, 1.0, T, w, w2, sg, tg, Tg),
+                      2, lambda s, t, T: dkd_terms(s, t, T, target), s2, t, T_rows, [w, w2], "DKD, -inf")
+
+
+def row_calls(ops, s, t):
+    """The three ops at temperature `T` (a float, or None: `T_rows`), every output asked for."""
+    target, labels, w = torch.tensor([2, 0, 9]), torch.tensor([1, -100, 4]), row_weights(3, 140)
+    return {
+        "KL": lambda T, T_rows, Tg: ops.cuda_kl_rows(s, t, T, T_rows, False, target, labels, -100, w, w, True, True,
+                                                     Tg),
+        "JSD": lambda T, T_rows, Tg: ops.cuda_jsd_rows(s, t, 0.3, T, T_rows, labels, -100, w, True, True, Tg),
+        "DKD": lambda T, T_rows, Tg: ops.cuda_dkd_rows(s, t, target, T, T_rows, w, w, True, True, Tg),
+    }
+
+
+@pytest.mark.parametrize("T", [0.75, 4.0])
+def test_temperature_rows_equal_to_the_float_temperature(ops, T):
+    """temperature_rows all T (contiguous, or a 0-stride view) gives the float T's outputs bit for bit (1/T is the
+    same float); d_T of a 0-stride view of one T summed over the rows is the derivative by that one T."""
+    s, t = logits(3, 40, seed=141, dtype=torch.bfloat16), logits(3, 40, seed=142)
+    for name, call in row_calls(ops, s, t).items():
+        want = call(T, None, False)
+        for T_rows in (stride0(T, 3), torch.full((3, 2), T)[:, 1]):  # 0-stride, and stride 2
+            got = call(123.0, T_rows, True)  # the float is ignored
+            for i, (g, w) in enumerate(zip(got[:-1], want[:-1])):
+                assert same_bits(g.float(), w.float()).all(), (name, T_rows.stride(), i)
+            # temperature_grad without temperature_rows: d_T by the float temperature, per row.
+            assert same_bits(call(T, None, True)[-1], got[-1]).all(), name
+    # One shared T requiring grad, expanded: the sum of d_T is its derivative.
+    w = row_weights(3, 140)
+    T64 = torch.tensor(T, dtype=torch.float64, requires_grad=True)
+    labels = torch.tensor([1, -100, 4])
+    (want,) = torch.autograd.grad((w.double() * kl_terms(s, t, T64.expand(3), False, labels)[0]).sum(), T64)
+    d_T = row_calls(ops, s, t)["KL"](1.0, stride0(T, 3), True)[-1]
+    torch.testing.assert_close(d_T.double().sum(), want, rtol=1e-4, atol=1e-5)
+
+
+def test_temperature_rows_not_positive_give_nan(ops):
+    """A row whose temperature is 0, negative or NaN: NaN terms, gradients and d_T; the other rows as at their own
+    temperature."""
+    s, t = logits(3, 33, seed=150), logits(3, 33, seed=151)
+    T_rows = torch.tensor([2.0, 0.0, -1.5])
+    for name, call in row_calls(ops, s, t).items():
+        got = call(1.0, T_rows, True)
+        good = call(2.0, None, True)
+        for i, (g, w) in enumerate(zip(got, good)):
+            g, w = g.reshape(3, -1).float(), w.reshape(3, -1).float()
+            assert same_bits(g[0], w[0]).all(), (name, i, "row 0 at T = 2")
+            if name == "KL" and i == 1:
+                assert same_bits(g, w).all(), "CE takes no temperature"
+                continue
+            assert g[2].isnan().all(), (name, i, "T = -1.5: NaN")
+            # Row 1 (T = 0) is an ignored token for KL and JSD (labels): 0 whatever its temperature.
+            assert ((g[1] == 0) if name in ("KL", "JSD") else g[1].isnan()).all(), (name, i, "T = 0")
+    # NaN and negative temperatures, without labels.
+    for T in (-1.5, float("nan"), 0.0):
+        rows = torch.tensor([1.0, T])
+        kl, _, d_s, d_t, d_T = ops.cuda_kl_rows(s[:2], t[:2], 1.0, rows, True, None, None, -100, None, None, True,
+                                                True, True)
+        assert kl[1].isnan() and d_s[1].isnan().all() and d_t[1].isnan().all() and d_T[1].isnan(), T
+        assert torch.isfinite(kl[0]) and torch.isfinite(d_T[0])
+        jsd, d_s, d_t, d_T = ops.cuda_jsd_rows(s[:2], t[:2], 0.5, 1.0, rows, None, -100, None, True, True, True)
+        assert jsd[1].isnan() and d_s[1].isnan().all() and d_t[1].isnan().all() and d_T[1].isnan(), T
+        tckd, nckd, d_s, d_t, d_T = ops.cuda_dkd_rows(s[:2], t[:2], torch.tensor([0, 1]), 1.0, rows, None, None,
+                                                      True, True, True)
+        assert tckd[1].isnan() and nckd[1].isnan() and d_s[1].isnan().all() and d_t[1].isnan().all(), T
+        assert d_T[1].isnan(), T
+
+
+def test_temperature_rows_shape_is_checked(ops):
+    s, t = logits(3, 10, seed=160), logits(3, 10, seed=161)
+    with pytest.raises(RuntimeError, match="temperature_rows must have shape"):
+        ops.cuda_kl_rows(s, t, 1.0, torch.ones(4), False, None, None, -100, None, None, False, False, True)
+    with pytest.raises(RuntimeError, match="temperature_rows must have shape"):
+        ops.cuda_jsd_rows(s, t, 0.5, 1.0, torch.ones(3, 1), None, -100, None, True, False, False)
+    d_T = ops.cuda_dkd_rows(s[:0], t[:0], torch.zeros(0, dtype=torch.long), 1.0, torch.ones(0), None, None, False,
+                            False, True)[-1]
+    assert d_T.shape == (0,)
 
 
 # --- KL, JSD, DKD on adversarial logits ------------------------------------------------------------------------
@@ -290,23 +539,26 @@ def test_long_rows_match_the_triton_kernels(ops, T):
         torch.testing.assert_close(got, want.to(got.dtype), rtol=r, atol=1e-6, msg=lambda m: f"{what}: {m}")
 
     w_kl, w_ce = row_weights(2, 72), stride0(0.1, 2)
-    grads = [(True, True), (False, True)]  # both gradients, and one (the kernel's other instance)
-    for student_grad, teacher_grad in grads:
-        got = ops.cuda_kl_rows(s, t, T, False, target, None, -100, w_kl, w_ce, student_grad, teacher_grad)
-        want = triton_ops.kl_rows(s, t, T, False, target, None, -100, w_kl, w_ce, student_grad, teacher_grad)
-        for what, g, w in zip(["KL", "CE", "KL student grad", "KL teacher grad"], got, want):
+    # Both gradients, one (the kernel's other instance), and d_T alone from a 0-stride per-row temperature T.
+    grads = [(None, True, True, False), (None, False, True, False), (stride0(T, 2), False, False, True)]
+    for t_rows, student_grad, teacher_grad, t_grad in grads:
+        got = ops.cuda_kl_rows(s, t, T, t_rows, False, target, None, -100, w_kl, w_ce, student_grad, teacher_grad,
+                               t_grad)
+        want = triton_ops.kl_rows(s, t, T, t_rows, False, target, None, -100, w_kl, w_ce, student_grad,
+                                  teacher_grad, t_grad)
+        for what, g, w in zip(["KL", "CE", "KL student grad", "KL teacher grad", "KL d_T"], got, want):
             close(g, w, what)
     close(got[0].double(), kl_reference(s.double(), t.double(), T, False, None, None)[0], "KL vs float64")
-    for student_grad, teacher_grad in grads:
-        got = ops.cuda_jsd_rows(s, t, 0.3, T, None, -100, w_kl, student_grad, teacher_grad)
-        want = triton_jsd.jsd_rows(s, t, 0.3, T, None, -100, w_kl, student_grad, teacher_grad)
-        for what, g, w in zip(["JSD", "JSD student grad", "JSD teacher grad"], got, want):
+    for t_rows, student_grad, teacher_grad, t_grad in grads:
+        got = ops.cuda_jsd_rows(s, t, 0.3, T, t_rows, None, -100, w_kl, student_grad, teacher_grad, t_grad)
+        want = triton_jsd.jsd_rows(s, t, 0.3, T, t_rows, None, -100, w_kl, student_grad, teacher_grad, t_grad)
+        for what, g, w in zip(["JSD", "JSD student grad", "JSD teacher grad", "JSD d_T"], got, want):
             close(g, w, what)
     close(got[0].double(), jsd_reference(s.double(), t.double(), 0.3, T, None)[0], "JSD vs float64")
-    for student_grad, teacher_grad in grads:
-        got = ops.cuda_dkd_rows(s, t, target, T, w_kl, w_ce, student_grad, teacher_grad)
-        want = triton_dkd.dkd_rows(s, t, target, T, w_kl, w_ce, student_grad, teacher_grad)
-        for what, g, w in zip(["TCKD", "NCKD", "DKD student grad", "DKD teacher grad"], got, want):
+    for t_rows, student_grad, teacher_grad, t_grad in grads:
+        got = ops.cuda_dkd_rows(s, t, target, T, t_rows, w_kl, w_ce, student_grad, teacher_grad, t_grad)
+        want = triton_dkd.dkd_rows(s, t, target, T, t_rows, w_kl, w_ce, student_grad, teacher_grad, t_grad)
+        for what, g, w in zip(["TCKD", "NCKD", "DKD student grad", "DKD teacher grad", "DKD d_T"], got, want):
             close(g, w, what)
     want = dkd_reference(s.double(), t.double(), target, T)
     close(got[0].double(), want[0], "TCKD vs float64")
@@ -540,10 +792,10 @@ def planted_ops():
 
 def test_a_planted_temperature_fault_is_caught(planted_ops):
     s, t = logits(3, 50, seed=50), logits(3, 50, seed=51)
-    check(planted_ops.cuda_kl_rows(s, t, 1.0, False, None, None, -100, None, None, False, False)[0],
+    check(planted_ops.cuda_kl_rows(s, t, 1.0, None, False, None, None, -100, None, None, False, False, False)[0],
           kl_reference(s, t, 1.0, False, None, None)[0], "KL at T = 1")
     with pytest.raises(AssertionError, match="KL at T = 2"):
-        check(planted_ops.cuda_kl_rows(s, t, 2.0, False, None, None, -100, None, None, False, False)[0],
+        check(planted_ops.cuda_kl_rows(s, t, 2.0, None, False, None, None, -100, None, None, False, False, False)[0],
               kl_reference(s, t, 2.0, False, None, None)[0], "KL at T = 2")
 
 
@@ -553,7 +805,7 @@ def test_a_planted_weight_fault_is_caught(planted_ops):
     reference = lambda s, t: kl_reference(s, t, 1.0, False, target, None)  # noqa: E731
     for w_ce, what in ((row_weights(3, 55), "equal weights"), (stride0(0.1, 3), "other CE weight")):
         w_kl = row_weights(3, 55)
-        d_s = planted_ops.cuda_kl_rows(s, t, 1.0, False, target, None, -100, w_kl, w_ce, True, False)[2]
+        d_s = planted_ops.cuda_kl_rows(s, t, 1.0, None, False, target, None, -100, w_kl, w_ce, True, False, False)[2]
         want = reference_grads(reference, [s, t], [w_kl, w_ce])[0]
         if what == "equal weights":
             check(d_s, want, what)

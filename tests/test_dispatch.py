@@ -20,7 +20,8 @@ def test_available_backends_reports_every_backend_with_a_reason():
 
 def test_every_public_loss_has_a_reference_and_every_kernel_loss_a_public_function():
     names = set(fastkd.reference.IMPLEMENTATIONS)
-    assert names <= set(KF.__all__)
+    # fused_linear_distill_terms: the fused loss with its two terms, for fastkd.compat.liger's soft/hard losses
+    assert names <= set(KF.__all__) | {"fused_linear_distill_terms"}
     assert set(kernel_losses.LOSSES) <= names
 
 
@@ -37,13 +38,13 @@ class RecordingKernels:
     def __init__(self):
         self.calls = []
 
-    def kl_rows(self, student, teacher, temperature, reverse, target, labels, ignore_index, kl_weight, ce_weight,
-                student_grad, teacher_grad):
-        self.calls.append((temperature, reverse, target, labels, ignore_index))
-        assert not (student_grad or teacher_grad), "these inputs need no gradient"
+    def kl_rows(self, student, teacher, temperature, temperature_rows, reverse, target, labels, ignore_index,
+                kl_weight, ce_weight, student_grad, teacher_grad, temperature_grad):
+        self.calls.append((temperature, temperature_rows, reverse, target, labels, ignore_index))
+        assert not (student_grad or teacher_grad or temperature_grad), "these inputs need no gradient"
         kl = fastkd.reference.kd_loss(student, teacher, temperature, reduction="none") / temperature ** 2
         empty = student.new_empty(0)
-        return kl.float().reshape(-1), empty, empty, empty
+        return kl.float().reshape(-1), empty, empty, empty, empty
 
 
 @pytest.fixture
@@ -58,7 +59,7 @@ def fake_triton(monkeypatch):
 def test_a_named_kernel_backend_runs_the_kernel_loss_on_its_kernels(fake_triton):
     s, t = torch.randn(3, 5), torch.randn(3, 5)
     torch.testing.assert_close(KF.kd_loss(s, t, 2.0, backend="triton"), fastkd.reference.kd_loss(s, t, 2.0))
-    assert fake_triton == [(2.0, False, None, None, -100)]
+    assert fake_triton == [(2.0, None, False, None, None, -100)]
     impl = _dispatch.resolve("kd_loss", "triton", s, t)
     assert isinstance(impl, functools.partial) and impl.func is kernel_losses.kd_loss
 

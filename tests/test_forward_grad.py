@@ -13,6 +13,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import inspect
+import math
 
 import numpy as np
 import pytest
@@ -309,12 +310,19 @@ def test_opcheck():
     y = torch.tensor([1, 2, 9, 0], device=DEVICE)
     one = torch.ones(1, device=DEVICE).expand(4)
     w = torch.rand(4, device=DEVICE)
+    t_rows = 0.5 + torch.rand(4, device=DEVICE)
+    t_one = torch.full((1,), 2.0, device=DEVICE).expand(4)  # one temperature for every row: a stride-0 view
     for grads in [(True, True), (True, False), (False, True), (False, False)]:
-        torch.library.opcheck(KERNELS.kl_rows, (s, t, 2.0, False, y, None, -100, one, w, *grads))
-        torch.library.opcheck(KERNELS.kl_rows, (s, t, 1.0, True, None, labels, -100, w, None, *grads))
-        torch.library.opcheck(KERNELS.jsd_rows, (s, t, 0.3, 2.0, labels, -100, one, *grads))
-        torch.library.opcheck(KERNELS.dkd_rows, (s, t, y, 4.0, one, w, *grads))
-    torch.library.opcheck(KERNELS.kl_rows, (s, t, 2.0, False, None, None, -100, None, None, True, False))
+        torch.library.opcheck(KERNELS.kl_rows, (s, t, 2.0, None, False, y, None, -100, one, w, *grads, False))
+        torch.library.opcheck(KERNELS.kl_rows, (s, t, 1.0, None, True, None, labels, -100, w, None, *grads, False))
+        torch.library.opcheck(KERNELS.jsd_rows, (s, t, 0.3, 2.0, None, labels, -100, one, *grads, False))
+        torch.library.opcheck(KERNELS.dkd_rows, (s, t, y, 4.0, None, one, w, *grads, False))
+    torch.library.opcheck(KERNELS.kl_rows, (s, t, 2.0, None, False, None, None, -100, None, None, True, False, False))
+    # A per-row temperature, with its gradient alone or beside the inputs' (tests/test_kernel_ops.py: every flag).
+    torch.library.opcheck(KERNELS.kl_rows, (s, t, 1.0, t_rows, False, y, None, -100, one, w, True, True, True))
+    torch.library.opcheck(KERNELS.kl_rows, (s, t, 1.0, t_one, True, None, labels, -100, w, None, False, False, True))
+    torch.library.opcheck(KERNELS.jsd_rows, (s, t, 0.3, 1.0, t_rows, labels, -100, one, True, False, True))
+    torch.library.opcheck(KERNELS.dkd_rows, (s, t, y, 1.0, t_one, one, w, False, True, True))
     for dtype in (torch.float32, torch.bfloat16):
         torch.library.opcheck(KERNELS.scale_rows_, (logits(4, 10, seed=33, dtype=dtype), w))
         torch.library.opcheck(KERNELS.scale_rows_, (logits(2, 2, 10, seed=34, dtype=dtype), one))
@@ -342,10 +350,192 @@ def test_small_vocabularies_every_loss_and_flag(V):
     w = torch.ones(3, device=DEVICE)
     base = None
     for grads in [(False, False), (True, False), (False, True), (True, True)]:
-        out = KERNELS.kl_rows(s, t, 2.0, False, y, None, -100, w, w, *grads)
-        assert [o.numel() for o in out[2:]] == [s.numel() if g else 0 for g in grads]
+        out = KERNELS.kl_rows(s, t, 2.0, None, False, y, None, -100, w, w, *grads, False)
+        assert [o.numel() for o in out[2:]] == [s.numel() if g else 0 for g in grads] + [0]
         base = out[:2] if base is None else base
         torch.testing.assert_close(out[:2], base, rtol=0, atol=0)
+
+
+# --- a per-row (learnable) temperature: d_T, against float64 autograd of the plain formulas --------------------
+#
+# The operators directly (fastkd.kernel_losses, the public functions' side, adds the T^2 of the weights). Each
+# case runs the kernel with `temperature_rows` and `temperature_grad`, and float64 autograd of the formula with
+# a per-row temperature tensor that requires grad: d_T[r] = d/dT_r sum_r w_r term_r (CE has no T), and the
+# input gradients of sum_r w_r term_r (+ ce_w_r CE_r) with that same temperature.
+
+KINDS = ["kl-forward", "kl-forward-ce", "kl-reverse-labels", "jsd-labels", "dkd"]
+T_ROWS = [0.7, 1.5, 2.0, 3.3, 1.0]
+
+
+def call_rows(kind, s, t, temperature, t_rows, weights, target, labels, grads=(True, True), t_grad=True):
+    """`(terms, d_student, d_teacher, d_T)` of the kind's operator; `terms` a list (CE, DKD's two parts)."""
+    w1, w2 = weights
+    if kind.startswith("kl"):
+        ce = kind.endswith("-ce")
+        kl, ce_rows, d_s, d_t, d_T = KERNELS.kl_rows(
+            s, t, temperature, t_rows, "reverse" in kind, target if ce else None,
+            labels if "labels" in kind else None, -100, w1, w2 if ce else None, *grads, t_grad)
+        return [kl, ce_rows] if ce else [kl], d_s, d_t, d_T
+    if kind.startswith("jsd"):
+        jsd_r, d_s, d_t, d_T = KERNELS.jsd_rows(s, t, 0.3, temperature, t_rows, labels if "labels" in kind else None,
+                                                -100, w1, *grads, t_grad)
+        return [jsd_r], d_s, d_t, d_T
+    tckd, nckd, d_s, d_t, d_T = KERNELS.dkd_rows(s, t, target, temperature, t_rows, w1, w2, *grads, t_grad)
+    return [tckd, nckd], d_s, d_t, d_T
+
+
+def reference_rows(kind, s, t, t_rows, weights, target, labels):
+    """float64 autograd of the plain formulas with a per-row temperature: `(terms, d_s, d_t, d_T)`. -inf reads
+    as -1e4 (the same softmax in float64, and no `-inf / T` whose d/dT is -inf * 0)."""
+    rows, V = s.shape
+    T = t_rows.detach().double().cpu().requires_grad_()
+    s64 = s.detach().double().cpu().clamp_min(-1e4).requires_grad_()
+    t64 = t.detach().double().cpu().clamp_min(-1e4).requires_grad_()
+    w1, w2 = (w.double().cpu() for w in weights)
+    active = torch.ones(rows, dtype=torch.bool) if "labels" not in kind else labels.cpu() != -100
+    x_s, x_t = s64 / T[:, None], t64 / T[:, None]
+    ls, lt = torch.log_softmax(x_s, -1), torch.log_softmax(x_t, -1)
+    target = target.cpu()
+    if kind.startswith("kl"):
+        lp, lq = (ls, lt) if "reverse" in kind else (lt, ls)
+        terms = [(lp.exp() * (lp - lq)).sum(-1)]
+        total = (w1 * active * terms[0]).sum()
+        if kind.endswith("-ce"):
+            terms.append(-torch.log_softmax(s64, -1).gather(1, target[:, None])[:, 0])  # the raw student, no T
+            total = total + (w2 * terms[1]).sum()
+    elif kind.startswith("jsd"):
+        beta = 0.3
+        lm = torch.logsumexp(torch.stack([lt + math.log(beta), ls + math.log(1 - beta)]), 0)
+        terms = [beta * (lt.exp() * (lt - lm)).sum(-1) + (1 - beta) * (ls.exp() * (ls - lm)).sum(-1)]
+        total = (w1 * active * terms[0]).sum()
+    else:
+        gt = torch.nn.functional.one_hot(target, V).bool()
+        p_s, p_t = ls.exp(), lt.exp()
+        b_s = torch.stack([p_s[gt], p_s.masked_fill(gt, 0).sum(-1)], -1)
+        b_t = torch.stack([p_t[gt], p_t.masked_fill(gt, 0).sum(-1)], -1)
+        tckd = (b_t * (b_t.log() - b_s.log())).sum(-1)
+        lq_rest = torch.log_softmax(x_s[~gt].reshape(rows, V - 1), -1)
+        lp_rest = torch.log_softmax(x_t[~gt].reshape(rows, V - 1), -1)
+        nckd = (lp_rest.exp() * (lp_rest - lq_rest)).sum(-1)
+        terms = [tckd, nckd]
+        total = (w1 * tckd + w2 * nckd).sum()
+    d_s, d_t, d_T = torch.autograd.grad(total, (s64, t64, T))
+    terms = [torch.where(active, term, 0.0).detach() for term in terms]
+    return terms, d_s, d_t, d_T
+
+
+def t_rows_inputs(kind, dtype, minus_inf, rows=5, V=37):
+    s, t = logits(rows, V, seed=60, dtype=dtype), logits(rows, V, seed=61, dtype=dtype)
+    target = targets(rows, 28, seed=62)  # where both have mass
+    labels = labels_for(rows, seed=63)
+    if minus_inf:
+        s[:, 30:] = t[:, 30:] = float("-inf")  # a masked vocabulary
+        (s if "reverse" in kind else t)[0, 7] = float("-inf")  # probability 0 on the side the KL is taken under
+        (s if "reverse" in kind else t)[2, 5] = -1e4
+    g = torch.Generator().manual_seed(64)
+    weights = tuple((0.2 + torch.rand(rows, generator=g)).to(DEVICE) for _ in range(2))
+    return s, t, target, labels, weights
+
+
+def assert_d_T_close(got, want):
+    # float32 sums of per-element products against float64: relative to the row's largest |d_T|.
+    want = want.to(got.device, torch.float32)
+    torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5 * max(1.0, want.abs().max().item()))
+
+
+@pytest.mark.parametrize("long_rows", [False, True], ids=["one-block", "long"])
+@pytest.mark.parametrize("case", [(d, False) for d in (torch.float32, torch.bfloat16, torch.float16)]
+                         + [(torch.float32, True)], ids=["fp32", "bf16", "fp16", "fp32-minus-inf"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_temperature_gradient(kind, case, long_rows, monkeypatch):
+    """d_T (and the terms and both input gradients at the per-row temperature) against float64 autograd."""
+    dtype, minus_inf = case
+    if long_rows:
+        monkeypatch.setattr(triton_rows, "MAX_BLOCK_V", 16)
+    s, t, target, labels, weights = t_rows_inputs(kind, dtype, minus_inf)
+    t_rows = torch.tensor(T_ROWS, device=DEVICE)
+    terms, d_s, d_t, d_T = call_rows(kind, s, t, 123.0, t_rows, weights, target, labels)
+    want_terms, want_s, want_t, want_T = reference_rows(kind, s, t, t_rows, weights, target, labels)
+    assert d_T.dtype == torch.float32 and d_T.shape == (s.shape[0],)
+    assert_d_T_close(d_T, want_T)
+    for got, want in zip(terms, want_terms):
+        torch.testing.assert_close(got, want.to(got.device, torch.float32), rtol=1e-5, atol=1e-5)
+    for got, want in ((d_s, want_s), (d_t, want_t)):
+        want = want.to(got.device, dtype)
+        torch.testing.assert_close(got, want, **tolerances(dtype, want))
+    if "labels" in kind:
+        ignored = labels == -100
+        assert (d_T[ignored] == 0).all() and (terms[0][ignored] == 0).all()
+
+
+@pytest.mark.parametrize("long_rows", [False, True], ids=["one-block", "long"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_temperature_rows_equal_the_float(kind, long_rows, monkeypatch):
+    """One temperature for every row as an expanded 0-stride view: terms and gradients exactly those of the
+    float temperature (the same 1/T in float32), d_T as float64's; the float path with `temperature_grad`
+    gives the same d_T; only the gradients asked for are written."""
+    if long_rows:
+        monkeypatch.setattr(triton_rows, "MAX_BLOCK_V", 16)
+    s, t, target, labels, weights = t_rows_inputs(kind, torch.float32, True)
+    rows = s.shape[0]
+    t_one = torch.full((1,), 1.5, device=DEVICE).expand(rows)
+    want = call_rows(kind, s, t, 1.5, None, weights, target, labels, t_grad=False)
+    assert want[3].numel() == 0
+    got = call_rows(kind, s, t, 0.0, t_one, weights, target, labels)  # the float is ignored, even 0
+    for g, w in zip(got[0] + list(got[1:3]), want[0] + list(want[1:3])):
+        torch.testing.assert_close(g, w, rtol=0, atol=0, equal_nan=True)
+    assert_d_T_close(got[3], reference_rows(kind, s, t, t_one, weights, target, labels)[3])
+    torch.testing.assert_close(call_rows(kind, s, t, 1.5, None, weights, target, labels)[3], got[3], rtol=0,
+                               atol=0)
+    # d_T alone, or with one input's gradient: the same d_T, the terms unchanged, only that gradient written.
+    for grads in [(False, False), (True, False)] if long_rows else [(False, False), (True, False), (False, True)]:
+        out = call_rows(kind, s, t, 0.0, t_one, weights, target, labels, grads=grads)
+        assert [o.numel() for o in out[1:3]] == [s.numel() if g else 0 for g in grads]
+        torch.testing.assert_close(out[3], got[3], rtol=0, atol=0)
+        for g, w in zip(out[0], want[0]):
+            torch.testing.assert_close(g, w, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("long_rows", [False, True], ids=["one-block", "long"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_temperature_not_positive_gives_nan(kind, long_rows, monkeypatch):
+    """A row whose temperature is 0, negative or NaN: NaN terms, gradients and d_T in that row only."""
+    if long_rows:
+        monkeypatch.setattr(triton_rows, "MAX_BLOCK_V", 16)
+    kind = kind.replace("-labels", "")  # every row active
+    s, t, target, labels, weights = t_rows_inputs(kind, torch.float32, False)
+    t_rows = torch.tensor([1.5, 0.0, -1.0, float("nan"), 2.0], device=DEVICE)
+    terms, d_s, d_t, d_T = call_rows(kind, s, t, 1.0, t_rows, weights, target, labels)
+    bad = torch.tensor([False, True, True, True, False], device=DEVICE)
+    for term in terms[:1] if kind.endswith("-ce") else terms:  # CE has no temperature
+        assert torch.isnan(term[bad]).all() and torch.isfinite(term[~bad]).all()
+    assert torch.isnan(d_T[bad]).all() and torch.isfinite(d_T[~bad]).all()
+    for d in (d_s, d_t):
+        assert torch.isnan(d[bad]).all() and torch.isfinite(d[~bad]).all()
+    want = reference_rows(kind, s[~bad], t[~bad], t_rows[~bad], [w[~bad] for w in weights], target[~bad], None)
+    assert_d_T_close(d_T[~bad], want[3])
+
+
+@pytest.mark.parametrize("kind", ["kl-forward-ce", "jsd-labels", "dkd"])
+def test_temperature_rows_of_strided_rows(kind):
+    """logits[:, :-1] of (B, S + 1, V): row r of the (B, S) rows reads temperature_rows[r], as contiguous."""
+    s, t = logits(2, 4, 29, seed=65), logits(2, 4, 29, seed=66)
+    y = targets(6, 29, seed=67)
+    labels = labels_for(6, seed=68)
+    weights = (torch.rand(6, device=DEVICE), torch.rand(6, device=DEVICE))
+    t_rows = torch.tensor([0.6, 1.1, 1.7, 2.3, 2.9, 3.5], device=DEVICE)
+    flat = lambda v: v[:, :-1].reshape(6, 29)  # noqa: E731
+    if kind == "dkd":  # DKD's rows are (N, C)
+        s, t = s[:, :-1].reshape(6, 29), t[:, :-1].reshape(6, 29)
+        got = call_rows(kind, s.t().contiguous().t(), t, 1.0, t_rows, weights, y, labels)  # column-major student
+        want = call_rows(kind, s.contiguous(), t, 1.0, t_rows, weights, y, labels)
+    else:
+        got = call_rows(kind, s[:, :-1], t[:, :-1], 1.0, t_rows, weights, y.reshape(2, 3), labels.reshape(2, 3))
+        want = call_rows(kind, flat(s).contiguous(), flat(t).contiguous(), 1.0, t_rows, weights, y, labels)
+    for g, w in zip(got[0] + [got[3]], want[0] + [want[3]]):
+        torch.testing.assert_close(g.reshape(-1), w.reshape(-1), rtol=0, atol=0)
+    for g, w in zip(got[1:3], want[1:3]):
+        torch.testing.assert_close(g.reshape(-1, 29), w.reshape(-1, 29), rtol=0, atol=0)
 
 
 # --- the memory traffic, counted in the interpreter --------------------------------------------------------

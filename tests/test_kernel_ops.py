@@ -98,12 +98,24 @@ def samples(kernels, device="cpu") -> dict[str, list[tuple]]:
     f = features(2, 3, 4, 5, seed=34).to(device).requires_grad_()
     f_cl = features(2, 3, 4, 5, seed=35).to(device).to(memory_format=torch.channels_last).requires_grad_()
     flags = [(True, True), (True, False), (False, True), (False, False)]
+    # A per-row temperature (learnable, or per token), and one for every row as a stride-0 view; with its
+    # gradient (the last flag), alone or beside the inputs'.
+    t_rows, t_rows6 = 0.5 + rand(3, seed=6, scale=1.0).abs(), 0.5 + rand(6, seed=7, scale=1.0).abs()
+    t_one, t_one6 = torch.full((1,), 2.0, device=device).expand(3), torch.full((1,), 2.0, device=device).expand(6)
     return {
-        "kl_rows": [(s, t, 2.0, False, y, None, -100, w, one, *g) for g in flags]
-        + [(s, t, 1.0, True, None, labels, -100, w, None, True, False)],
-        "jsd_rows": [(s3, t3, 0.3, 2.0, labels3, -100, w6, *g) for g in flags]
-        + [(s3, t3, 0.7, 1.0, None, -100, None, True, False)],
-        "dkd_rows": [(s, t, y, 4.0, w, one, *g) for g in flags] + [(s, t, y, 1.0, None, None, True, True)],
+        "kl_rows": [(s, t, 2.0, None, False, y, None, -100, w, one, *g, False) for g in flags]
+        + [(s, t, 1.0, None, True, None, labels, -100, w, None, True, False, False)]
+        + [(s, t, 1.0, t_rows, False, y, None, -100, w, one, *g, True) for g in flags]
+        + [(s, t, 1.0, t_one, True, None, labels, -100, w, None, True, False, True),
+           (s, t, 1.0, t_rows, False, None, None, -100, None, None, False, False, False)],
+        "jsd_rows": [(s3, t3, 0.3, 2.0, None, labels3, -100, w6, *g, False) for g in flags]
+        + [(s3, t3, 0.7, 1.0, None, None, -100, None, True, False, False)]
+        + [(s3, t3, 0.3, 1.0, t_rows6, labels3, -100, w6, *g, True) for g in flags]
+        + [(s3, t3, 0.7, 1.0, t_one6, None, -100, None, True, False, True)],
+        "dkd_rows": [(s, t, y, 4.0, None, w, one, *g, False) for g in flags]
+        + [(s, t, y, 1.0, None, None, None, True, True, False)]
+        + [(s, t, y, 1.0, t_rows, w, one, *g, True) for g in flags]
+        + [(s, t, y, 1.0, t_one, None, None, True, True, True)],
         "scale_rows_": [(rand(2, 3, 17, seed=47).to(dtype), scale) for dtype in (torch.float32, torch.bfloat16)
                         for scale in (w6, torch.ones(1, device=device).expand(6))],
         "rkd_sq_distances": [(x,)],
@@ -164,8 +176,8 @@ def test_cuda_compiles_in_one_graph():
 @pytest.mark.parametrize("device", DEVICES)
 def test_out_of_range_target_gives_nan_not_a_bad_read(device):
     s, t = logits(2, 5, seed=23, device=device), logits(2, 5, seed=24, device=device)
-    kl, ce, _, _ = fkt.KERNELS.kl_rows(s, t, 1.0, False, torch.tensor([1, 9], device=device), None, -100, None,
-                                       None, True, False)
+    kl, ce, _, _, _ = fkt.KERNELS.kl_rows(s, t, 1.0, None, False, torch.tensor([1, 9], device=device), None, -100,
+                                          None, None, True, False, False)
     assert torch.isfinite(ce[0]) and torch.isnan(ce[1])
 
 
@@ -178,8 +190,14 @@ def test_dkd_target_out_of_range_is_nan(device, bad):
     target = torch.tensor([1, bad, 4], device=device)
     loss = kernel_losses.dkd_loss(fkt.KERNELS, s, t, target, alpha=1.0, beta=8.0, temperature=4.0)
     assert torch.isnan(loss)
-    tckd, nckd, d_s, _ = fkt.KERNELS.dkd_rows(s.detach(), t, target, 4.0, None, None, True, False)
+    tckd, nckd, d_s, _, _ = fkt.KERNELS.dkd_rows(s.detach(), t, target, 4.0, None, None, None, True, False, False)
     assert torch.isnan(tckd[1]) and torch.isnan(nckd[1])
+    assert torch.isfinite(tckd[[0, 2]]).all() and torch.isfinite(nckd[[0, 2]]).all()
+    assert torch.isnan(d_s[1]).all() and torch.isfinite(d_s[[0, 2]]).all()
+    t_rows = torch.full((1,), 4.0, device=device).expand(3)  # the same, with a per-row temperature and d_T
+    tckd, nckd, d_s, _, d_T = fkt.KERNELS.dkd_rows(s.detach(), t, target, 0.0, t_rows, None, None, True, False, True)
+    assert torch.isnan(tckd[1]) and torch.isnan(nckd[1]) and torch.isnan(d_T[1])
+    assert torch.isfinite(d_T[[0, 2]]).all()
     assert torch.isfinite(tckd[[0, 2]]).all() and torch.isfinite(nckd[[0, 2]]).all()
     assert torch.isnan(d_s[1]).all() and torch.isfinite(d_s[[0, 2]]).all()
     (d_s,) = torch.autograd.grad(loss, s)

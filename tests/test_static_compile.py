@@ -23,14 +23,17 @@ ARCHS = ("8.0", "9.0")
 
 # Registers per thread, per kernel: the most measured over both archs, every case (Triton 3.8's ptxas), plus
 # ~15% headroom, rounded up to 8. Why a budget: the logit row kernels run 8 warps (256 threads) per row
-# for long rows, and <= 128 registers keeps two such programs per SM (65536 / (256 * 128)); a jump past the
+# for long rows, and <= 128 registers keeps two such programs per SM (65536 / (256 * 128)); a row held in one
+# block of 4096 lanes runs 16 warps, where 128 is the hardware's cap (rows.row_maxnreg). A jump past the
 # budget is a code-generation change to look at, not noise.
 REGISTER_BUDGET = {
-    # The row kernels write the gradient in the forward pass; the most registers are the long-row passes'
-    # (V > 2048, 8 warps), with or without the gradient flags.
-    "kl_rows_kernel": 128,  # measured 113 (fp16/bf16, V=4096, labels+ce, both archs)
-    "jsd_rows_kernel": 168,  # measured 146 (fp16, V=4096, student grad, sm_90; 143 without a gradient)
-    "dkd_rows_kernel": 104,  # measured 90 (fp32, V=4096, sm_80)
+    # The row kernels write the gradient (and d_T with a per-row temperature) in the forward pass; the most
+    # registers are the long-row passes' (V > rows.MAX_BLOCK_V = 4096: blocks of 2048 over 8 warps). Measured
+    # 2026-11-30 with the plan's long rows at V = 8192 and cases with a per-row temperature and d_T beside
+    # both gradients (fastkd/triton/static.py as updated for the temperature_rows schema):
+    "kl_rows_kernel": 128,  # measured 116 (fp16, V=8192, labels+ce, both grads + d_T, sm_80; 113 without d_T)
+    "jsd_rows_kernel": 168,  # measured 143 (fp16, V=8192, student grad, sm_90); one block (V=4096): 128, the cap
+    "dkd_rows_kernel": 120,  # measured 101 (bf16, V=8192, both grads + d_T, sm_90; 90 without d_T)
     "scale_rows_kernel": 40,  # measured 32
     "at_map_forward_kernel": 184,  # measured 162 (fp32 channels-last p=2.5, sm_90; 8 warps for tiles >= 2048)
     "at_map_backward_kernel": 168,  # measured 148 (fp16 channels-last p=2.5, sm_90)

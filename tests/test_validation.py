@@ -48,12 +48,13 @@ LOGIT_FNS = {
     "dkd_loss": lambda s, t, **kw: K.dkd_loss(s, t, Y, **kw),  # the logits are checked before the target
 }
 SHAPE_MSG = "student_logits and teacher_logits must have the same shape"
+VOCAB_MSG = r"the student's vocabulary has 5 ids and the teacher's 6 .*vocab_mismatch='truncate'"
 
 LOGIT_ERRORS = {}
 for _name, _fn in LOGIT_FNS.items():
     LOGIT_ERRORS.update({
         f"{_name}-batch-mismatch": err(ValueError, SHAPE_MSG, lambda f=_fn: f(x(4, 5), x(3, 5))),
-        f"{_name}-class-mismatch": err(ValueError, SHAPE_MSG, lambda f=_fn: f(x(4, 5), x(4, 6))),
+        f"{_name}-class-mismatch": err(ValueError, VOCAB_MSG, lambda f=_fn: f(x(4, 5), x(4, 6))),
         f"{_name}-int-student": err(TypeError, "student_logits must be a floating-point tensor",
                                     lambda f=_fn: f(torch.ones(4, 5, dtype=torch.long), T)),
         f"{_name}-int-teacher": err(TypeError, "teacher_logits must be a floating-point tensor",
@@ -73,7 +74,8 @@ for _name, _fn in LOGIT_FNS.items():
         f"{_name}-backend": err(ValueError, "backend must be 'auto' or one of", lambda f=_fn: f(S, T, backend="nope")),
     })
     for _bad, _exc in ((0, ValueError), (-1.0, ValueError), (NAN, ValueError), (INF, ValueError),
-                       (True, TypeError), ("4", TypeError), (torch.tensor(4.0), TypeError), (None, TypeError)):
+                       (True, TypeError), ("4", TypeError), (torch.tensor(4), TypeError), (torch.ones(3), ValueError),
+                       (None, TypeError)):
         LOGIT_ERRORS[f"{_name}-temperature={_bad!r}"] = err(
             _exc, "temperature", lambda f=_fn, b=_bad: f(S, T, temperature=b))
 
@@ -170,7 +172,9 @@ LOGIT_ERRORS.update({
     "mutual-generator": err(TypeError, "logits must be a list or tuple",
                             lambda: K.mutual_learning_loss((z for z in (S, T)), Y)),
     "mutual-shape": err(ValueError, rf"logits\[0\] and logits\[2\]: {SHAPE_MSG}",
-                        lambda: K.mutual_learning_loss([S, T, x(4, 6)], Y)),
+                        lambda: K.mutual_learning_loss([S, T, x(3, 5)], Y)),
+    "mutual-vocabulary": err(ValueError, rf"logits\[0\] and logits\[2\]: {VOCAB_MSG}",
+                             lambda: K.mutual_learning_loss([S, T, x(4, 6)], Y)),
     "mutual-int": err(TypeError, r"logits\[0\] and logits\[1\]:.*floating-point",
                       lambda: K.mutual_learning_loss([S, torch.zeros(4, 5, dtype=torch.long)], Y)),
     "mutual-meta": err(ValueError, r"logits\[0\] and logits\[1\]:.*same device",
@@ -337,6 +341,7 @@ VALID_CALLS = {  # every public loss, on valid CPU inputs, taking `backend`
     "kl_div_loss": lambda **kw: K.kl_div_loss(S, T, labels=LABELS, **kw),
     "jsd_loss": lambda **kw: K.jsd_loss(S, T, **kw),
     "dkd_loss": lambda **kw: K.dkd_loss(S, T, Y, **kw),
+    "fused_linear_distill_loss": lambda **kw: K.fused_linear_distill_loss(S, T, S, T, LABELS, **kw),  # V 4, H 5
     "kl_div": lambda **kw: K.kl_div(S.log_softmax(-1), T.softmax(-1), **kw),
     "mutual_learning_loss": lambda **kw: K.mutual_learning_loss([S, T], Y, **kw),
     "rkd_loss": lambda **kw: K.rkd_loss(x(4, 8), x(4, 6), **kw),

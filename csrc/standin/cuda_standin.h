@@ -242,6 +242,7 @@ inline const DeviceProperties* getCurrentDeviceProperties() {
 #define __fsqrt_rn ::fastkd_standin::sqrtf_rn
 #define __frcp_rn ::fastkd_standin::rcpf_rn
 #define __fdiv_rn ::fastkd_standin::fdiv_rn
+#define __fdividef ::fastkd_standin::fdiv_rn  // the GPU's is ~2 ulp
 #define __fmul_rn ::fastkd_standin::fmul_rn
 #define __fmaf_rn ::fastkd_standin::fmaf_rn
 #define __fadd_rn ::fastkd_standin::fadd_rn

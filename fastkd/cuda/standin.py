@@ -97,12 +97,21 @@ def losses(ops) -> dict:
 
     def with_public_defaults(name, loss):
         signature = inspect.signature(getattr(functional, name))
+        # The public options that the kernel loss does not take (`backend`; options the public function handles
+        # itself before it dispatches, such as `vocab_mismatch`): dropped where left at their defaults.
+        taken = set(inspect.signature(loss).parameters)
+        public_only = [p for p in signature.parameters.values() if p.name not in taken]
 
         def call(*args, **kwargs):
             bound = signature.bind(*args, **kwargs)
             bound.apply_defaults()
-            del bound.arguments["backend"]
+            for parameter in public_only:
+                value = bound.arguments.pop(parameter.name)
+                if parameter.name != "backend" and value != parameter.default:
+                    raise TypeError(f"the stand-in's {name} calls the kernel loss directly: it cannot take "
+                                    f"{parameter.name}={value!r}")
             return loss(kernels, *bound.args, **bound.kwargs)
         return call
 
-    return {name: with_public_defaults(name, loss) for name, loss in LOSSES.items()}
+    # (A kernel loss without a public function of its name, a helper of another, is left out.)
+    return {name: with_public_defaults(name, loss) for name, loss in LOSSES.items() if hasattr(functional, name)}

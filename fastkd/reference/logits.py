@@ -9,6 +9,10 @@ These are the definitions every kernel is checked against. Conventions shared by
 - A probability of exactly 0 contributes 0 to a divergence and a zero gradient, also where the other
   distribution's log-probability is -inf (masked vocabulary). PyTorch's pointwise `kl_div` is NaN there.
 - The teacher is not detached: it gets a gradient when it requires one (mutual learning).
+- The temperature is a number or a tensor shaped as the rows (`logits.shape[:-1]`): a learnable temperature
+  (CTKD) expanded to the rows, or one per row. Each row divides by its own T; the `T^2` factors of KD and DKD
+  become `T_r^2` per row. The gradient reaching a tensor temperature is autograd's; a row whose T is not > 0
+  gets NaN (`temperature_column`), never a finite wrong loss.
 
 KL and JSD (and KD's KL term) are defined per row by `divergence_rows`. When only the student needs a
 gradient, the usual distillation, `row_divergence` computes the same rows and, in the same forward pass,
@@ -35,9 +39,24 @@ def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
     return dtype
 
 
-def log_probs(logits: torch.Tensor, temperature: float, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """`log_softmax(logits / T)` over the last dim, in `dtype` (default: float32 or wider)."""
+def temperature_column(temperature: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A tensor temperature (one per row, shaped as the rows) as a column `(..., 1)` in `dtype`; NaN where it is
+    not > 0, so such a row's loss is NaN rather than a finite wrong number (read on the device, no sync)."""
+    t = temperature.to(dtype)
+    return torch.where(t > 0, t, float("nan")).unsqueeze(-1)
+
+
+def log_probs(logits: torch.Tensor, temperature, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """`log_softmax(logits / T)` over the last dim, in `dtype` (default: float32 or wider). `temperature`: a
+    number, or a tensor shaped as the rows `logits.shape[:-1]` (a learnable or per-row temperature)."""
     dtype = compute_dtype(logits) if dtype is None else dtype
+    if isinstance(temperature, torch.Tensor):
+        # A -inf logit (a masked class) divides as 0 and is put back: its d(x / T)/dT would be inf, times a zero
+        # gradient NaN in T's gradient.
+        logits = logits.to(dtype)
+        masked = logits == NEG_INF
+        scaled = torch.where(masked, 0.0, logits) / temperature_column(temperature, dtype)
+        return torch.log_softmax(torch.where(masked, NEG_INF, scaled), dim=-1)
     if temperature == 1.0:
         # log_softmax upcasts as it reads: no float32 copy of 16-bit logits.
         return torch.log_softmax(logits, dim=-1, dtype=dtype)
@@ -199,9 +218,10 @@ class _StudentDivergence(torch.autograd.Function):
 def row_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float, kind: str,
                    beta: float = 0.5) -> torch.Tensor:
     """`divergence_rows` of `log_softmax(logits / T)` in `compute_dtype`, by the fused path unless the teacher
-    needs a gradient too (a teacher that trains, a peer not detached): autograd runs through the formula then."""
+    needs a gradient too (a teacher that trains, a peer not detached) or the temperature is a tensor (it may
+    need a gradient): autograd runs through the formula then."""
     grad = torch.is_grad_enabled()
-    if grad and teacher_logits.requires_grad:
+    if isinstance(temperature, torch.Tensor) or (grad and teacher_logits.requires_grad):
         dtype = compute_dtype(student_logits, teacher_logits)
         return divergence_rows(log_probs(student_logits, temperature, dtype),
                                log_probs(teacher_logits, temperature, dtype), kind, beta)
@@ -229,13 +249,27 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
     rows = student_logits.numel() // student_logits.shape[-1]
     classes = student_logits.shape[-1]
     kl = row_divergence(student_logits, teacher_logits, temperature, "forward")
-    loss = (kd_weight * temperature * temperature) * reduce_rows(kl, reduction, rows, classes)
+    if isinstance(temperature, torch.Tensor):
+        # One T^2 per row: T_r^2 KL_r, reduced.
+        squared = temperature_column(temperature, kl.dtype).squeeze(-1) ** 2
+        loss = reduce_rows(kd_weight * squared * kl, reduction, rows, classes)
+    else:
+        loss = (kd_weight * temperature * temperature) * reduce_rows(kl, reduction, rows, classes)
     if target is not None and ce_weight != 0.0:
-        logits = student_logits.to(kl.dtype)
-        ce = F.cross_entropy(logits.reshape(rows, classes), target.reshape(rows).long(), reduction="none")
-        ce_reduction = "batchmean" if reduction == "mean" else reduction
-        loss = loss + ce_weight * reduce_rows(ce.reshape(kl.shape), ce_reduction, rows, classes)
+        loss = loss + ce_weight * hard_label_term(student_logits, target, reduction, kl.dtype)
     return loss
+
+
+def hard_label_term(student_logits: torch.Tensor, target: torch.Tensor, reduction: str,
+                    dtype: torch.dtype) -> torch.Tensor:
+    """KD's CE term: `F.cross_entropy` of the raw student logits in `dtype`, reduced as `kd_loss` says ("mean"
+    and "batchmean" both average over rows)."""
+    classes = student_logits.shape[-1]
+    rows = student_logits.numel() // classes
+    ce = F.cross_entropy(student_logits.to(dtype).reshape(rows, classes), target.reshape(rows).long(),
+                         reduction="none")
+    return reduce_rows(ce.reshape(student_logits.shape[:-1]), "batchmean" if reduction == "mean" else reduction,
+                       rows, classes)
 
 
 def kl_div_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0, *,
@@ -301,12 +335,19 @@ def dkd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target:
     log_pt = log_probs(teacher_logits, temperature, dtype)
     tckd = kl_rows(target_vs_rest_log_probs(log_pt, target, is_target),
                    target_vs_rest_log_probs(log_ps, target, is_target))
-    loss = alpha * tckd.sum()
+    nckd = None
     if classes > 1:
         # log_softmax over the non-target classes: the target's logit is removed exactly.
         rest_s = log_probs(student_logits.to(log_ps.dtype).masked_fill(is_target, NEG_INF), temperature)
         rest_t = log_probs(teacher_logits.to(log_pt.dtype).masked_fill(is_target, NEG_INF), temperature)
-        loss = loss + beta * kl_rows(rest_t, rest_s).sum()
+        nckd = kl_rows(rest_t, rest_s)
+    if isinstance(temperature, torch.Tensor):
+        # One T^2 per row.
+        per_row = alpha * tckd if nckd is None else alpha * tckd + beta * nckd
+        return (per_row * temperature_column(temperature, dtype).squeeze(-1) ** 2).sum() / rows
+    loss = alpha * tckd.sum()
+    if nckd is not None:
+        loss = loss + beta * nckd.sum()
     return loss * (temperature * temperature / rows)
 
 

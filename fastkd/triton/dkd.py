@@ -33,6 +33,20 @@ Gradients (d/dS = d/dx / T; g_t and g_n are the row's weights of TCKD and NCKD i
       d/dy_g = g_t b_t,g ((log b_t,g - log b_s,g) - TCKD)
       d/dy_c = g_t b_t,r ((log b_t,r - log b_s,r) - TCKD) p~_c + g_n p~_c (e_c - Ebar)
   each product 0 where its teacher probability is 0.
+- A per-row temperature (`temperature_rows`, constexpr `ROW_T`: a learnable T_r, read on the device; the float
+  is then ignored): `x = S * (1/T_r)` with `1/T_r` correctly rounded in float32 on the device by the launcher
+  (`rows.row_temperature`; the same numbers as the float path for the same T), NaN where T_r is not > 0 or
+  is NaN: the whole row NaN. Its gradient (`temperature_grad`, `T_GRAD`), the weights g_t, g_n held constant
+  (the caller adds the d/dT of their T^2): TCKD and NCKD depend on x only through softmax(x) over all C
+  classes (the binary split) and over the rest, both unchanged when a constant is added to every x_c, so the
+  student's weighted gradient GX (above, all C columns) sums to 0, the teacher's GY likewise, and any common
+  shift may be subtracted; with the rest's maxima M_x, M_y as the shifts (a, b above; x_g - M_x, y_g - M_y
+  on the target column),
+      d_T = d/dT (g_t TCKD + g_n NCKD) = -sum_c (GX_c x_c + GY_c y_c)
+          = -[sum_{c != g} (GX_c a_c + GY_c b_c) + GX_g (x_g - M_x) + GY_g (y_g - M_y)]
+  with GX_g = d/dx_g, GX_c = d/dx_c (c != g) of the formulas above (times 1/T, as they are stored), GY
+  likewise: both sides' gradients whether or not they are stored. A product whose gradient is exactly 0
+  counts 0 (`rows.grad_times_shift`: q~_c = p~_c = 0 against a_c = -inf). NaN for a target out of range.
 
 Why this formulation (u = 2^-24): `R = M + log Z` and `x - R`, `x_g - logaddexp(R, x_g)` carry an absolute
 error u |M| (logits offset by 1e3, T = 0.05, float16 logits near 6e4); `a = x - M` and `x_g - M` are exact
@@ -44,19 +58,27 @@ Design and cost: the gradient is made in the forward pass. One program per row c
 in the same program, writes the student's and/or the teacher's gradient with the formulas above, each row's
 already weighted by its TCKD and NCKD weights in the loss (`tckd_weight_r`, `nckd_weight_r`, known at forward
 time: alpha T^2 / rows and beta T^2 / rows, `fastkd.kernel_losses`); the binary split, TCKD and Ebar the
-gradient needs are this program's own values, kept in registers. Nothing else is kept for the backward pass,
-which only scales the stored gradient by grad_output (`rows.scale_rows_`: no N x C traffic when grad_output
-is exactly 1). Without a gradient flag (inference) the kernel writes no N x C tensor. DKD's rows are
-image-classifier logits (C up to a few thousand):
-- one block per row (C <= `rows.MAX_BLOCK_V`), read once and kept in registers: element traffic
+gradient needs are this program's own values, kept in registers; the weights are read when any of the three
+gradient flags is set. Nothing else is kept for the backward pass, which only scales the stored gradient by
+grad_output (`rows.scale_rows_`: no N x C traffic when grad_output is exactly 1). Without a gradient flag
+(inference) the kernel writes no N x C tensor. d_T is made where the input gradients are (the same
+per-element GX, GY): the gradient step runs when any of `student_grad`, `teacher_grad`, `temperature_grad` is
+set and stores only the gradients asked for. Its cost: one more per-lane multiply-add (two products) and one
+row sum, a scalar load of 1/T_r and a store of d_T per row; no exponential more per element, and the element
+traffic of a gradient step that writes nothing (g = 0 with d_T alone; a long row still reads a third time).
+DKD's rows are image-classifier logits (C up to a few thousand):
+- one block per row (C <= `rows.MAX_BLOCK_V`, 4096: 16 warps, 8 lanes per thread; the longest that compiles
+  without spills, table in fastkd/triton/rows.py), read once and kept in registers: element traffic
   2 x N x C reads + 1 x N x C write per gradient (g = 0, 1 or 2), (2 + g) x N x C x 2 bytes for bf16/fp16,
   x 4 for fp32; per element 2 exp (the gradient reuses them) plus ~10 multiply-adds for D;
-- a longer row streams in three passes of the same program (the maxima, the sums against them, the
-  gradient): 6 x N x C reads (the later passes often served from L2) + 1 x N x C write per gradient,
-  (6 + g) x N x C x 2 (bf16/fp16) or x 4 (fp32) bytes, 4 exp per element; 4 reads without a gradient.
-Per row besides: the scalar loads of x_g, y_g and of the weights. Against the earlier forward + backward pair
-(5 x N x C for one gradient), one block moves 3 x N x C in one launch; the gradient buffer is held from
-forward to backward instead of the inputs, and a second backward through the graph is refused.
+- a longer row streams in blocks of `rows.STREAM_BLOCK_V` (2048, 8 warps), in three passes of the same
+  program (the maxima, the sums against them, the gradient): 6 x N x C reads (the later passes often served
+  from L2) + 1 x N x C write per gradient, (6 + g) x N x C x 2 (bf16/fp16) or x 4 (fp32) bytes, 4 exp per
+  element; 4 reads without any gradient flag (d_T's included).
+Per row besides: the scalar loads of x_g, y_g, of the weights and of 1/T_r (per-row temperature), a store of
+d_T. Against the earlier forward + backward pair (5 x N x C for one gradient), one block moves 3 x N x C in
+one launch; the gradient buffer is held from forward to backward instead of the inputs, and a second backward
+through the graph is refused.
 """
 from __future__ import annotations
 
@@ -64,8 +86,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .rows import (block_size, exp_diff, finite_or_zero, flat_index, log1p, log_ratio, num_warps, row_layout,
-                   row_start, row_weight)
+from .rows import (block_size, exp_diff, finite_or_zero, flat_index, grad_times_shift, log1p, log_ratio,
+                   row_inv_temperature, row_layout, row_start, row_maxnreg, row_temperature, row_warps,
+                   row_weight)
 
 
 @triton.jit
@@ -100,35 +123,49 @@ def nckd_terms(a, b):
 
 
 @triton.jit
-def store_gradients(dx_ptr, dy_ptr, row, offs, V, is_target, valid, a, b, ea, eb, z_x, z_y, e_bar, g_n,
-                    dx_target, q_factor, dy_target, p_factor, X_GRAD: tl.constexpr, Y_GRAD: tl.constexpr):
-    """The weighted gradients of one block. The non-target distributions are 0 on the target column and
-    where a logit is -inf (also when Z = 0, where exp(a) / Z would be NaN)."""
+def store_gradients(dx_ptr, dy_ptr, row, offs, V, is_target, valid, a, b, ea, eb, r_x, r_y, e_bar, g_n,
+                    dx_target, q_factor, dy_target, p_factor, X_GRAD: tl.constexpr, Y_GRAD: tl.constexpr,
+                    T_GRAD: tl.constexpr):
+    """The weighted gradients of one block, stored where asked for. The non-target distributions are 0 on the
+    target column and where a logit is -inf (also when Z = 0, where exp(a) / Z would be NaN). Returns, with
+    `T_GRAD`, the block's `GX a + GY b` over the non-target columns (both sides, stored or not; the target
+    column's is the caller's), the lanes of `-d_T`; else 0. `r_x = 1 / Z_x`, `r_y = 1 / Z_y`: a multiply per
+    element, not a division (a correctly rounded division per element brings ptxas' out-of-line slow path,
+    whose call saved registers on the stack in the long-row pass with d_T: 8 bytes, fp32, sm_80)."""
     mask = offs < V
-    q = tl.where(ea > 0, ea / z_x, 0.0)
-    p = tl.where(eb > 0, eb / z_y, 0.0)
-    if X_GRAD:
+    q = tl.where(ea > 0, ea * r_x, 0.0)
+    p = tl.where(eb > 0, eb * r_y, 0.0)
+    dt = 0.0
+    if X_GRAD or T_GRAD:
         dx = tl.where(is_target, dx_target, q_factor * q - g_n * p)
         dx = tl.where(valid, dx, float("nan"))
-        tl.store(dx_ptr + row * V + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
-    if Y_GRAD:
+        if X_GRAD:
+            tl.store(dx_ptr + row * V + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+    if Y_GRAD or T_GRAD:
         # The same `b - a` as the sum behind Ebar: exactly 0 for a one-hot p~.
         nckd_term = tl.where(p > 0, p * ((b - a) - e_bar), 0.0)
         dy = tl.where(is_target, dy_target, p_factor * p + g_n * nckd_term)
         dy = tl.where(valid, dy, float("nan"))
-        tl.store(dy_ptr + row * V + offs, dy.to(dy_ptr.dtype.element_ty), mask=mask)
+        if Y_GRAD:
+            tl.store(dy_ptr + row * V + offs, dy.to(dy_ptr.dtype.element_ty), mask=mask)
+    if T_GRAD:
+        dt = tl.where(is_target, 0.0, grad_times_shift(dx, a) + grad_times_shift(dy, b))
+    return dt
 
 
 @triton.jit
 def dkd_rows_kernel(
-    x_ptr, y_ptr, target_ptr, tckd_ptr, nckd_ptr, tckd_w_ptr, nckd_w_ptr, dx_ptr, dy_ptr,
-    V, inner_size, x_outer, x_inner, x_col, y_outer, y_inner, y_col, tckd_w_stride, nckd_w_stride,
+    x_ptr, y_ptr, target_ptr, tckd_ptr, nckd_ptr, tckd_w_ptr, nckd_w_ptr, dx_ptr, dy_ptr, t_ptr, dt_ptr,
+    V, inner_size, x_outer, x_inner, x_col, y_outer, y_inner, y_col, tckd_w_stride, nckd_w_stride, t_stride,
     inv_temperature,
-    X_GRAD: tl.constexpr, Y_GRAD: tl.constexpr, BLOCK_V: tl.constexpr, ONE_BLOCK: tl.constexpr,
+    X_GRAD: tl.constexpr, Y_GRAD: tl.constexpr, ROW_T: tl.constexpr, T_GRAD: tl.constexpr,
+    BLOCK_V: tl.constexpr, ONE_BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     x_row = row_start(x_ptr, row, inner_size, x_outer, x_inner)
     y_row = row_start(y_ptr, row, inner_size, y_outer, y_inner)
+    if ROW_T:  # the row's own 1/T (NaN where T is not > 0: rows.row_temperature)
+        inv_temperature = row_inv_temperature(t_ptr, row, t_stride)
     target = tl.load(target_ptr + row).to(tl.int64)
     valid = (target >= 0) & (target < V)  # out of range: NaN, never an out-of-bounds read
     x_g = tl.load(x_row + target * x_col, mask=valid, other=0.0).to(tl.float32) * inv_temperature
@@ -200,7 +237,7 @@ def dkd_rows_kernel(
     tl.store(tckd_ptr + row, tckd)
     tl.store(nckd_ptr + row, nckd)
 
-    if X_GRAD or Y_GRAD:
+    if X_GRAD or Y_GRAD or T_GRAD:
         # The row's weights in the loss; d/dS = d/dx / T rides on them.
         g_t = tl.load(tckd_w_ptr + row * tckd_w_stride) * inv_temperature
         g_n = tl.load(nckd_w_ptr + row * nckd_w_stride) * inv_temperature
@@ -212,26 +249,45 @@ def dkd_rows_kernel(
         # Teacher: the target column, and the factor of p~ (through R_y) on the others.
         dy_target = g_t * tl.where(bt_g > 0, bt_g * ((log_bt_g - log_bs_g) - tckd), 0.0)
         p_factor = g_t * tl.where(bt_r > 0, bt_r * ((log_bt_r - log_bs_r) - tckd), 0.0)
+        r_x = 1.0 / z_x
+        r_y = 1.0 / z_y
         if ONE_BLOCK:
-            store_gradients(dx_ptr, dy_ptr, row, offs, V, is_target, valid, a, b, ea, eb, z_x, z_y, e_bar, g_n,
-                            dx_target, q_factor, dy_target, p_factor, X_GRAD, Y_GRAD)
+            dt = store_gradients(dx_ptr, dy_ptr, row, offs, V, is_target, valid, a, b, ea, eb, r_x, r_y, e_bar,
+                                 g_n, dx_target, q_factor, dy_target, p_factor, X_GRAD, Y_GRAD, T_GRAD)
+            if T_GRAD:
+                d_t = tl.sum(dt, 0)
         else:
             # Pass 3: the gradient.
+            dt_lane = zeros
             for start in range(0, V, BLOCK_V):
                 offs = (start + cols).to(tl.int64)
                 is_target = offs == target
                 x, y = load_rest(x_row, y_row, offs, offs < V, is_target, x_col, y_col, inv_temperature)
                 a = x - m_x
                 b = y - m_y
-                store_gradients(dx_ptr, dy_ptr, row, offs, V, is_target, valid, a, b, tl.exp(a), tl.exp(b), z_x,
-                                z_y, e_bar, g_n, dx_target, q_factor, dy_target, p_factor, X_GRAD, Y_GRAD)
+                dt = store_gradients(dx_ptr, dy_ptr, row, offs, V, is_target, valid, a, b, tl.exp(a), tl.exp(b),
+                                     r_x, r_y, e_bar, g_n, dx_target, q_factor, dy_target, p_factor, X_GRAD, Y_GRAD,
+                                     T_GRAD)
+                if T_GRAD:
+                    dt_lane += dt
+            if T_GRAD:
+                d_t = tl.sum(dt_lane, 0)
+        if T_GRAD:
+            # The target column, against the same shifts M_x, M_y as the rest (any shift will do: each side's
+            # gradient sums to 0); NaN for a target out of range, as the terms.
+            d_t += grad_times_shift(dx_target, x_g - m_x) + grad_times_shift(dy_target, y_g - m_y)
+            tl.store(dt_ptr + row, tl.where(valid, -d_t, float("nan")))
 
 
-def dkd_rows(student, teacher, target, temperature, tckd_weight, nckd_weight, student_grad, teacher_grad):
-    """Per-row `(TCKD, NCKD, d_student, d_teacher)`, the terms without the `T^2 / rows` factor and the weights
-    (NaN for a target outside [0, C)); when `student_grad` / `teacher_grad`,
+def dkd_rows(student, teacher, target, temperature, temperature_rows, tckd_weight, nckd_weight, student_grad,
+             teacher_grad, temperature_grad):
+    """Per-row `(TCKD, NCKD, d_student, d_teacher, d_T)`, the terms without the `T^2 / rows` factor and the
+    weights (NaN for a target outside [0, C)); when `student_grad` / `teacher_grad`,
     `sum_r tckd_weight_r dTCKD_r/d input + nckd_weight_r dNCKD_r/d input` in the input's dtype and shape
-    (contiguous), else an empty tensor. The weights: float32 `(rows,)`, any stride (None: 1)."""
+    (contiguous), else an empty tensor. The weights: float32 `(rows,)`, any stride (None: 1). The temperature
+    is `temperature`, or row r's `temperature_rows[r]` when given (float32 `(rows,)`, any stride; not > 0: NaN
+    terms and gradients); with `temperature_grad`, `d_T[r] = d/dT_r (tckd_weight_r TCKD_r + nckd_weight_r
+    NCKD_r)`, the weights held constant (float32 `(rows,)`), else an empty tensor."""
     V = student.shape[-1]
     rows = student.numel() // V
     device = student.device
@@ -241,12 +297,17 @@ def dkd_rows(student, teacher, target, temperature, tckd_weight, nckd_weight, st
     nckd = torch.empty(rows, dtype=torch.float32, device=device)
     d_student = torch.empty(student.shape if student_grad else 0, dtype=student.dtype, device=device)
     d_teacher = torch.empty(teacher.shape if teacher_grad else 0, dtype=teacher.dtype, device=device)
+    d_temperature = torch.empty(rows if temperature_grad else 0, dtype=torch.float32, device=device)
     (t_w, t_stride), (n_w, n_stride) = ((row_weight(tckd_weight, tckd), row_weight(nckd_weight, tckd))
-                                        if student_grad or teacher_grad else ((tckd, 0), (tckd, 0)))
+                                        if student_grad or teacher_grad or temperature_grad
+                                        else ((tckd, 0), (tckd, 0)))
+    inv_temperature, t_rows, temp_stride = row_temperature(temperature, temperature_rows, rows, tckd)
     block = block_size(V)
     dkd_rows_kernel[(rows,)](
-        x, y, flat_index(target), tckd, nckd, t_w, n_w, d_student, d_teacher,
-        V, inner, x_outer, x_inner, x_col, y_outer, y_inner, y_col, t_stride, n_stride, 1.0 / temperature,
-        X_GRAD=student_grad, Y_GRAD=teacher_grad, BLOCK_V=block, ONE_BLOCK=V <= block,
-        num_warps=num_warps(block))
-    return tckd, nckd, d_student, d_teacher
+        x, y, flat_index(target), tckd, nckd, t_w, n_w, d_student, d_teacher, t_rows, d_temperature,
+        V, inner, x_outer, x_inner, x_col, y_outer, y_inner, y_col, t_stride, n_stride, temp_stride,
+        inv_temperature,
+        X_GRAD=student_grad, Y_GRAD=teacher_grad, ROW_T=temperature_rows is not None, T_GRAD=temperature_grad,
+        BLOCK_V=block, ONE_BLOCK=V <= block, num_warps=row_warps(block),
+        maxnreg=row_maxnreg(block))
+    return tckd, nckd, d_student, d_teacher, d_temperature

@@ -40,6 +40,19 @@ and through the softmax `dq_i/dx_j = q_i ([i = j] - q_j)`, with `sum_i q_i (log 
     dJSD/dy_j = beta p_j ((log p_j - log m_j) - KL(p || m))              (0 where p_j = 0)
 with the per-element log-ratios exactly those the divergences summed (the same code, in the same program),
 and d/dS = d/dx / T, d/dT_logits = d/dy / T.
+A per-row temperature (`temperature_rows`, constexpr `ROW_T`: a learnable or per-token T_r, read on the device;
+the float is then ignored): `x = S * (1/T_r)` with `1/T_r` correctly rounded in float32 on the device by the
+launcher (`rows.row_temperature`; the same numbers as the float path for the same T), NaN where T_r is not
+> 0 or is NaN: the whole row NaN. Its gradient (`temperature_grad`, `T_GRAD`), the row's weight w held constant: the
+JSD is a function of x and y that does not change when a constant is added to x (or to y), so each side's
+gradient sums to 0 and, with the weighted raw-logit gradients GX_j = w dJSD/dS_j = (w/T) dJSD/dx_j, GY_j
+likewise,
+    d_T = w dJSD/dT = -sum_j (GX_j x_j + GY_j y_j) = -sum_j (GX_j a_j + GY_j b_j)
+        = -(w/T) sum_j ((1 - beta) q_j ((log q_j - log m_j) - KL(q || m)) a_j
+                        + beta p_j ((log p_j - log m_j) - KL(p || m)) b_j),
+both sides' per-element gradients (stored or not) times the shifted logits the kernel already has (a, b, not
+x, y: no u |M| from an offset). A product whose gradient is exactly 0 counts 0 (`rows.grad_times_shift`: a
+probability of 0 against a logit of -inf). An ignored token: 0.
 
 Why this formulation (u = 2^-24): `x - lse(x)` carries an absolute error u |lse|, the whole loss for logits
 offset by 1e3, at T = 0.05 or near float16's 6e4 (there `log m` came out wrong by O(1) and the gradient
@@ -52,21 +65,30 @@ Kahan's `(u - 1) x / log u` loses its bits once exp(x) is subnormal, x < -87, as
 Design and cost: the gradient is made in the forward pass. `delta` needs L, known only after the sums, which
 need the maxima, and the gradient needs the two divergences, known only after their sums; one program per row
 does it all and writes `dJSD/dS` and/or `dJSD/dT_logits`, each row's already multiplied by its weight in the loss
-(`weight_r`, known at forward time: `fastkd.kernel_losses`). Nothing else is kept for the backward pass, which
-only scales the stored gradient by grad_output (`rows.scale_rows_`: no N x V traffic when grad_output is
-exactly 1). Without a gradient flag (inference) the kernel writes no N x V tensor.
-- A row that fits one block (V <= `rows.MAX_BLOCK_V`) is read once and stays in registers; the gradient
+(`weight_r`, known at forward time: `fastkd.kernel_losses`; read when any of the three gradient flags is set).
+Nothing else is kept for the backward pass, which only scales the stored gradient by grad_output
+(`rows.scale_rows_`: no N x V traffic when grad_output is exactly 1). Without a gradient flag (inference) the
+kernel writes no N x V tensor. d_T is made where the input gradients are (the same per-element GX, GY): the
+gradient step runs when any of `student_grad`, `teacher_grad`, `temperature_grad` is set and stores only the
+gradients asked for. Its cost: one more per-lane multiply-add (two products) and one row sum, a scalar load
+of 1/T_r and a store of d_T per row; no exponential more per element, and the element traffic of a gradient
+step that writes nothing (g = 0 with d_T alone; a long row still reads S and T in pass 4). In one block the
+shifted logits enter as `log(exp(a))`, `log(exp(b))` (2 logarithms per element, with d_T only): a and b
+themselves would stay live to the gradient, 16 registers a thread at 4096 lanes, a spill on sm_80.
+- A row that fits one block (V <= `rows.MAX_BLOCK_V`, 4096: 16 warps, 8 lanes per thread; the longest that
+  compiles without spills, table in fastkd/triton/rows.py) is read once and stays in registers; the gradient
   reuses the per-element `p`, `q`, `log p - log m`, `log q - log m` of the divergences' sums. Element traffic
   per call: 2 x N x V reads + 1 x N x V write per gradient asked for (g = 0, 1 or 2): (2 + g) x N x V x 2
   bytes for bf16/fp16, x 4 for fp32. Per element: 2 exp, 1 exp (`expm1` away from 0) and 1 log (`log1p`)
   for `log m`, ~40 multiply-adds and 2 divisions (the series of `exp_diff`, `expm1_small`, `h`); the
   gradient adds a few multiplies.
-- A longer row streams in the same program: pass 1 the maxima, pass 2 Z_x, Z_y, D (against the final
+- A longer row streams in blocks of `rows.STREAM_BLOCK_V` (2048, 8 warps) in the same program: pass 1 the
+  maxima, pass 2 Z_x, Z_y, D (against the final
   maxima, no rescaling), pass 3 the two divergences, pass 4 the gradient (it needs the divergences, which
   pass 3 ends with). Element traffic: 8 x N x V reads (S and T four times; the re-reads are often served
-  from L2) + 1 x N x V write per gradient, (8 + g) x N x V x 2 bytes (bf16/fp16) or x 4 (fp32); without a
-  gradient flag pass 4 is skipped: 6 reads. Per element: passes 2-4 each 2 exp, passes 3 and 4 each 1 exp
-  and 1 log more: 8 exp and 2 log.
+  from L2) + 1 x N x V write per gradient, (8 + g) x N x V x 2 bytes (bf16/fp16) or x 4 (fp32); without any
+  gradient flag (d_T's included) pass 4 is skipped: 6 reads. Per element: passes 2-4 each 2 exp, passes 3
+  and 4 each 1 exp and 1 log more: 8 exp and 2 log.
 Compute stays below the memory time on a GPU at these counts (MUFU exp/log, FMA pipes for the series); the
 series could be skipped where no element has |delta| <= 1/2 if profiling ever says otherwise. Keeping long
 rows on chip between the passes would cap V; streaming keeps any V up to 262144 on one program. Against the
@@ -81,8 +103,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .rows import (block_size, exp_diff, expm1, expm1_small, finite_or_zero, flat_index, log1p, log_ratio,
-                   num_warps, row_layout, row_start, row_weight)
+from .rows import (block_size, exp_diff, expm1, expm1_small, finite_or_zero, flat_index, grad_times_shift, log1p,
+                   log_ratio, row_inv_temperature, row_layout, row_start, row_maxnreg, row_temperature, row_warps,
+                   row_weight)
 
 
 @triton.jit
@@ -142,28 +165,36 @@ def jsd_terms(a, b, ea, eb, z_x, z_y, log_ratio_yx, beta, one_minus_beta):
 
 
 @triton.jit
-def store_gradients(dx_ptr, dy_ptr, row, offs, V, ea, eb, p, q, lp_m, lq_m, active, kl_p, kl_q, g_x, g_y,
-                    X_GRAD: tl.constexpr, Y_GRAD: tl.constexpr):
+def store_gradients(dx_ptr, dy_ptr, row, offs, V, a, b, ea, eb, p, q, lp_m, lq_m, active, kl_p, kl_q, g_x, g_y,
+                    X_GRAD: tl.constexpr, Y_GRAD: tl.constexpr, T_GRAD: tl.constexpr):
     """The weighted gradients of one block (`g_x = weight_r (1 - beta) / T`, `g_y = weight_r beta / T`); 0
-    where the probability is 0 (`exp(a) != 0` lets a NaN through: a NaN logit gives a NaN gradient)."""
+    where the probability is 0 (`exp(a) != 0` lets a NaN through: a NaN logit gives a NaN gradient), stored
+    where asked for. Returns, with `T_GRAD`, the block's `GX a + GY b` (both sides, stored or not), the lanes
+    of `-d_T`; else 0."""
     mask = offs < V
-    if X_GRAD:
-        dx = tl.where(ea != 0, q * (lq_m - kl_q), 0.0) * g_x
-        dx = tl.where(active, dx, 0.0)  # an ignored token: a zero gradient
-        tl.store(dx_ptr + row * V + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
-    if Y_GRAD:
-        dy = tl.where(eb != 0, p * (lp_m - kl_p), 0.0) * g_y
-        dy = tl.where(active, dy, 0.0)
-        tl.store(dy_ptr + row * V + offs, dy.to(dy_ptr.dtype.element_ty), mask=mask)
+    dt = 0.0
+    if X_GRAD or T_GRAD:
+        gx = tl.where(ea != 0, q * (lq_m - kl_q), 0.0) * g_x
+        if X_GRAD:
+            dx = tl.where(active, gx, 0.0)  # an ignored token: a zero gradient
+            tl.store(dx_ptr + row * V + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+    if Y_GRAD or T_GRAD:
+        gy = tl.where(eb != 0, p * (lp_m - kl_p), 0.0) * g_y
+        if Y_GRAD:
+            dy = tl.where(active, gy, 0.0)
+            tl.store(dy_ptr + row * V + offs, dy.to(dy_ptr.dtype.element_ty), mask=mask)
+    if T_GRAD:
+        dt = grad_times_shift(gx, a) + grad_times_shift(gy, b)
+    return dt
 
 
 @triton.jit
 def jsd_rows_kernel(
-    x_ptr, y_ptr, labels_ptr, loss_ptr, w_ptr, dx_ptr, dy_ptr,
-    V, inner_size, x_outer, x_inner, x_col, y_outer, y_inner, y_col, w_stride,
+    x_ptr, y_ptr, labels_ptr, loss_ptr, w_ptr, dx_ptr, dy_ptr, t_ptr, dt_ptr,
+    V, inner_size, x_outer, x_inner, x_col, y_outer, y_inner, y_col, w_stride, t_stride,
     inv_temperature, beta, one_minus_beta, ignore_index,
-    HAS_LABELS: tl.constexpr, X_GRAD: tl.constexpr, Y_GRAD: tl.constexpr,
-    BLOCK_V: tl.constexpr, ONE_BLOCK: tl.constexpr,
+    HAS_LABELS: tl.constexpr, X_GRAD: tl.constexpr, Y_GRAD: tl.constexpr, ROW_T: tl.constexpr,
+    T_GRAD: tl.constexpr, BLOCK_V: tl.constexpr, ONE_BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     x_row = row_start(x_ptr, row, inner_size, x_outer, x_inner)
@@ -173,11 +204,13 @@ def jsd_rows_kernel(
     if HAS_LABELS:
         active = tl.load(labels_ptr + row) != ignore_index
         n_cols = tl.where(active, V, 0)  # an ignored token reads nothing
-    # The row's weight in the loss, read only when a gradient is written; the 1/T and the mixture weights
-    # ride on it (d/dS = d/dx / T).
+    if ROW_T:  # the row's own 1/T (NaN where T is not > 0: rows.row_temperature)
+        inv_temperature = row_inv_temperature(t_ptr, row, t_stride)
+    # The row's weight in the loss, read only when a gradient (of the inputs or of T) is made; the 1/T and the
+    # mixture weights ride on it (d/dS = d/dx / T).
     g_x = 0.0
     g_y = 0.0
-    if X_GRAD or Y_GRAD:
+    if X_GRAD or Y_GRAD or T_GRAD:
         g = tl.load(w_ptr + row * w_stride) * inv_temperature
         g_x = g * one_minus_beta
         g_y = g * beta
@@ -200,9 +233,19 @@ def jsd_rows_kernel(
         term_p, term_q, c, p, q, lp_m, lq_m = jsd_terms(a, b, ea, eb, z_x, z_y, l_yx, beta, one_minus_beta)
         kl_p = tl.sum(term_p, 0) - one_minus_beta * tl.sum(c, 0)
         kl_q = tl.sum(term_q, 0) + beta * tl.sum(c, 0)
-        if X_GRAD or Y_GRAD:
-            store_gradients(dx_ptr, dy_ptr, row, offs, V, ea, eb, p, q, lp_m, lq_m, active, kl_p, kl_q, g_x, g_y,
-                            X_GRAD, Y_GRAD)
+        if X_GRAD or Y_GRAD or T_GRAD:
+            # d_T's shifted logits as log(exp(a)), log(exp(b)): a and b are dead by now and exp(a), exp(b) live
+            # (keeping a, b costs 16 registers a thread at 4096 lanes: a spill on sm_80). The same to a few u
+            # absolute (any common shift of a row gives the same d_T), and -inf only where the gradient is 0.
+            shift_x = a
+            shift_y = b
+            if T_GRAD:
+                shift_x = tl.log(ea)
+                shift_y = tl.log(eb)
+            dt = store_gradients(dx_ptr, dy_ptr, row, offs, V, shift_x, shift_y, ea, eb, p, q, lp_m, lq_m, active,
+                                 kl_p, kl_q, g_x, g_y, X_GRAD, Y_GRAD, T_GRAD)
+            if T_GRAD:
+                d_t = -tl.sum(dt, 0)
     else:
         # Pass 1: the maxima.
         mx_lane = tl.full([BLOCK_V], float("-inf"), tl.float32)
@@ -244,8 +287,9 @@ def jsd_rows_kernel(
         c_sum = tl.sum(c_lane, 0)
         kl_p = tl.sum(p_lane, 0) - one_minus_beta * c_sum
         kl_q = tl.sum(q_lane, 0) + beta * c_sum
-        if X_GRAD or Y_GRAD:
+        if X_GRAD or Y_GRAD or T_GRAD:
             # Pass 4: the gradient, over the whole row (an ignored token's is written as zeros, read from nothing).
+            dt_lane = zeros
             for start in range(0, V, BLOCK_V):
                 offs = (start + cols).to(tl.int64)
                 x, y = load_block(x_row, y_row, offs, offs < n_cols, x_col, y_col, inv_temperature)
@@ -254,12 +298,18 @@ def jsd_rows_kernel(
                 ea = tl.exp(a)
                 eb = tl.exp(b)
                 lp_m, lq_m = mixture_log_ratios(a, b, l_yx, beta, one_minus_beta)
-                store_gradients(dx_ptr, dy_ptr, row, offs, V, ea, eb, eb / z_y, ea / z_x, lp_m, lq_m, active, kl_p,
-                                kl_q, g_x, g_y, X_GRAD, Y_GRAD)
+                dt = store_gradients(dx_ptr, dy_ptr, row, offs, V, a, b, ea, eb, eb / z_y, ea / z_x, lp_m, lq_m,
+                                     active, kl_p, kl_q, g_x, g_y, X_GRAD, Y_GRAD, T_GRAD)
+                if T_GRAD:
+                    dt_lane += dt
+            if T_GRAD:
+                d_t = -tl.sum(dt_lane, 0)
     loss = beta * kl_p + one_minus_beta * kl_q
     if HAS_LABELS:
         loss = tl.where(active, loss, 0.0)
     tl.store(loss_ptr + row, loss)
+    if T_GRAD:
+        tl.store(dt_ptr + row, tl.where(active, d_t, 0.0))  # an ignored token: 0
 
 
 def _check_beta(beta):
@@ -267,11 +317,14 @@ def _check_beta(beta):
         raise ValueError(f"the JSD kernels take 0 < beta < 1 (0 and 1 are the KL kernels), got beta={beta}")
 
 
-def jsd_rows(student, teacher, beta, temperature, labels, ignore_index, weight, student_grad, teacher_grad):
-    """Per-row `(JSD, d_student, d_teacher)`: JSD 0 for tokens whose label is `ignore_index`; when
+def jsd_rows(student, teacher, beta, temperature, temperature_rows, labels, ignore_index, weight, student_grad,
+             teacher_grad, temperature_grad):
+    """Per-row `(JSD, d_student, d_teacher, d_T)`: JSD 0 for tokens whose label is `ignore_index`; when
     `student_grad` / `teacher_grad`, `sum_r weight_r dJSD_r/d input` in the input's dtype and shape
     (contiguous; a zero gradient for an ignored token), else an empty tensor. `weight`: float32 `(rows,)`,
-    any stride (None: 1)."""
+    any stride (None: 1). The temperature is `temperature`, or row r's `temperature_rows[r]` when given
+    (float32 `(rows,)`, any stride; not > 0: NaN terms and gradients); with `temperature_grad`,
+    `d_T[r] = weight_r dJSD_r/dT_r` (float32 `(rows,)`; 0 for an ignored token), else an empty tensor."""
     _check_beta(beta)
     V = student.shape[-1]
     rows = student.numel() // V
@@ -281,13 +334,17 @@ def jsd_rows(student, teacher, beta, temperature, labels, ignore_index, weight, 
     loss = torch.empty(rows, dtype=torch.float32, device=device)
     d_student = torch.empty(student.shape if student_grad else 0, dtype=student.dtype, device=device)
     d_teacher = torch.empty(teacher.shape if teacher_grad else 0, dtype=teacher.dtype, device=device)
-    w, w_stride = row_weight(weight, loss) if student_grad or teacher_grad else (loss, 0)
+    d_temperature = torch.empty(rows if temperature_grad else 0, dtype=torch.float32, device=device)
+    w, w_stride = row_weight(weight, loss) if student_grad or teacher_grad or temperature_grad else (loss, 0)
+    inv_temperature, t_rows, t_stride = row_temperature(temperature, temperature_rows, rows, loss)
     labels = flat_index(labels)
     block = block_size(V)
     jsd_rows_kernel[(rows,)](
-        x, y, labels if labels is not None else loss, loss, w, d_student, d_teacher,
-        V, inner, x_outer, x_inner, x_col, y_outer, y_inner, y_col, w_stride,
-        1.0 / temperature, beta, 1.0 - beta, ignore_index,
+        x, y, labels if labels is not None else loss, loss, w, d_student, d_teacher, t_rows, d_temperature,
+        V, inner, x_outer, x_inner, x_col, y_outer, y_inner, y_col, w_stride, t_stride,
+        inv_temperature, beta, 1.0 - beta, ignore_index,
         HAS_LABELS=labels is not None, X_GRAD=student_grad, Y_GRAD=teacher_grad,
-        BLOCK_V=block, ONE_BLOCK=V <= block, num_warps=num_warps(block))
-    return loss, d_student, d_teacher
+        ROW_T=temperature_rows is not None, T_GRAD=temperature_grad,
+        BLOCK_V=block, ONE_BLOCK=V <= block, num_warps=row_warps(block),
+        maxnreg=row_maxnreg(block, wide=True))
+    return loss, d_student, d_teacher, d_temperature

@@ -13,13 +13,67 @@ import torch
 import triton
 import triton.language as tl
 
-# Largest block of a row that one program loads at once: 2048 lanes over 8 warps is 8 per thread for each
-# of the up to 8 running per-lane sums a kernel keeps (untuned: no GPU was at hand when this was written).
-MAX_BLOCK_V = 2048
+# The logit row kernels (kl, jsd, dkd) hold a row of V <= MAX_BLOCK_V on chip: one block of
+# next_power_of_2(V) lanes, loaded once and kept in registers from the maxima to the gradient ("one block").
+# A longer row streams in blocks of STREAM_BLOCK_V lanes (8 warps), read once per pass. Tests set MAX_BLOCK_V
+# small (tests/conftest.py `block_columns`) to run short rows through the passes; the streaming block is then
+# MAX_BLOCK_V too. Warps (`row_warps`): 8 lanes per thread for each per-lane value, at least 4 warps.
+#
+# MAX_BLOCK_V is the longest one block that compiles without register spills for sm_90 (H100/H200) in every
+# kernel and dtype. Measured 2026-11-30 with the static compile (fastkd.triton.static's stand-in driver, Triton
+# 3.8's ptxas, no GPU): the launchers called under `static._stand_in("9.0", ...)` with MAX_BLOCK_V and the warps
+# set per row, V = the block, for fp32, bf16 and fp16 and four flag sets each: labels + CE (kl), both input
+# gradients + d_T with a per-row temperature (the most registers), the student's gradient + d_T, the student's
+# gradient, no gradient. Registers per thread, the most over dtypes and flag sets; spills = the most stack +
+# local bytes (0: none in any dtype or flag set):
+#     block  warps   kl_rows           jsd_rows          dkd_rows
+#     2048     8      80                128               90
+#     4096     8     164, spills 8     255, spills 32    141, spills 8
+#     4096    16      95                128               86        <- MAX_BLOCK_V
+#     8192    16     128               128, spills 264   128
+#     8192    32      64                64, spills 160    64, spills 8
+#    16384    32      64, spills 384    64, spills 672    64, spills 352   (fp32, bf16; fp16 not run)
+# A thread may hold 65536 / (32 x warps) registers (128 at 16 warps, 64 at 32), and ptxas spills past that:
+# 8 lanes per thread is what jsd holds (128 registers at 2048 / 8 and 4096 / 16 alike), so 4096 over 16 warps
+# is the longest row every kernel holds. The table was measured with 1/T_r divided in the kernel and jsd's
+# d_T on a, b; the code since forms 1/T_r outside the kernel (`row_temperature`), takes jsd's shifts from
+# exp(a), exp(b) and caps 16-warp kernels at 128 registers (`row_maxnreg`): with these, the final static plan
+# (V = 1024, 4096 one block; 8192 streaming; with and without d_T; sm_80 and sm_90) compiles every one-block
+# case without spills, at most kl 91, jsd 128, dkd 96 registers. The streaming passes (8 warps) are capped at
+# 128 registers too, two programs per SM: left to itself ptxas aimed higher (three, 80 registers) and spilled
+# 8 bytes in dkd with d_T (fp16 sm_90). jsd's streaming passes need more than 128 (143 measured before the cap,
+# 147 with d_T) and are allowed 168, one program per SM; capped at 128 they spilled 8 to 32 bytes (fp16).
+# kl and dkd also compile spill-free at 8192 (kl 16 or 32 warps, dkd 16), squeezed to the register cap;
+# one limit per kernel (and bench/traffic.py's model of it) is left for a GPU to time.
+MAX_BLOCK_V = 4096
+STREAM_BLOCK_V = 2048
 
 
 def block_size(V: int) -> int:
-    return min(triton.next_power_of_2(V), MAX_BLOCK_V)
+    """The block of a logit row kernel for rows of V: the whole row (`V <= block`: one block) up to
+    MAX_BLOCK_V, else the streaming block (`V > block`: the passes)."""
+    if V <= MAX_BLOCK_V:
+        return triton.next_power_of_2(V)
+    return min(STREAM_BLOCK_V, MAX_BLOCK_V)
+
+
+def row_warps(block: int) -> int:
+    """Warps of a logit row kernel: 8 lanes per thread (2048: 8 warps, 4096: 16), at least 4."""
+    return max(4, min(16, block // 256))
+
+
+def row_maxnreg(block: int, wide: bool = False) -> int | None:
+    """ptxas' register cap for a logit row kernel. At 16 warps the hardware's own, 65536 / 512 = 128: left to
+    itself ptxas aimed at two 512-thread programs per SM, 64 registers, and spilled one register to reach it
+    (kl, fp32, both gradients, 4096 lanes, sm_90: 8 bytes of stack). At 8 warps (the streaming passes) 128, two
+    programs per SM, or 168 for a kernel that needs more (`wide`: jsd). None below 8 warps, where the
+    kernels compile without spills as they are (the measurements above)."""
+    warps = row_warps(block)
+    if warps == 16:
+        return 128
+    if warps == 8:
+        return 168 if wide else 128
+    return None
 
 
 def num_warps(block: int) -> int:
@@ -55,6 +109,40 @@ def row_weight(w: torch.Tensor | None, like: torch.Tensor) -> tuple[torch.Tensor
     if w.dtype != torch.float32:
         w = w.float()
     return w, w.stride(0)
+
+
+def row_temperature(temperature: float, temperature_rows: torch.Tensor | None, rows: int,
+                    like: torch.Tensor) -> tuple[float, torch.Tensor, int]:
+    """`(inv_temperature, inv_rows, stride)` for a row kernel: the float's `1 / temperature` when there is no
+    per-row temperature (`inv_rows` then a placeholder, never read; stride 0), else a placeholder 1.0 and
+    `1 / T_r` per row, float32 `(rows,)`, NaN where T_r is not > 0 or is NaN (so that the row's terms and
+    gradients are NaN); the float is then ignored, and may be anything.
+
+    `1 / T_r` is made here, on the device, by PyTorch (no host sync: `temperature_rows` is float32 `(rows,)`,
+    any stride, an expanded 0-stride view included): its correctly rounded division, as the float path's
+    host `1/T` rounded to float32. In the kernel a correctly rounded `div.rn.f32` compiles to a call to a
+    slow-path subroutine whose calling convention spilled 8 bytes (2 registers) to the stack in the long-row
+    passes (dkd, sm_90) and in jsd's 4096-lane block (sm_80)."""
+    if temperature_rows is None:
+        return 1.0 / temperature, like, 0
+    if temperature_rows.dim() != 1 or temperature_rows.shape[0] != rows:
+        raise ValueError(f"temperature_rows must have shape ({rows},), got {tuple(temperature_rows.shape)}")
+    t = temperature_rows.float()
+    inv = torch.where(t > 0.0, t.reciprocal(), float("nan"))
+    return 1.0, inv, inv.stride(0)
+
+
+@triton.jit
+def row_inv_temperature(inv_t_ptr, row, inv_t_stride):
+    """Row r's `1 / T_r` (`row_temperature`: NaN where T_r is not > 0)."""
+    return tl.load(inv_t_ptr + row * inv_t_stride)
+
+
+@triton.jit
+def grad_times_shift(g, a):
+    """`g * a`, 0 where g is exactly 0 whatever a is (-inf included: an entry with no gradient counts nothing);
+    a NaN g passes. The terms of `d_T = -sum_j (GX_j a_j + GY_j b_j)`."""
+    return tl.where(g != 0.0, g * a, 0.0)
 
 
 @triton.jit

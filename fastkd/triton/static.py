@@ -164,27 +164,33 @@ def _cases():
     # usual distillation) and "no grad" (inference: no gradient written).
     flags = {"grads": (True, True), "student grad": (True, False), "no grad": (False, False)}
 
-    def logit_case(V, dtype, strided, labels, ce, grads):
+    def logit_case(V, dtype, strided, labels, ce, grads, t_grad=False):
         def thunk():
             s, t, y, g, rows = logits(V, dtype, strided)
             lab = y if labels else None
             tgt = y if ce else None
             one = torch.ones(1).expand(rows)  # a weight the same for every row: read through stride 0
-            kl.kl_rows(s, t, 2.0, False, tgt, lab, -100, one, g if ce else None, *flags[grads])
-            jsd.jsd_rows(s, t, 0.5, 2.0, lab, -100, g, *flags[grads])
+            t_rows = g if t_grad else None  # a per-row temperature, with its gradient
+            kl.kl_rows(s, t, 2.0, t_rows, False, tgt, lab, -100, one, g if ce else None, *flags[grads], t_grad)
+            jsd.jsd_rows(s, t, 0.5, 2.0, t_rows, lab, -100, g, *flags[grads], t_grad)
             if ce:  # DKD always has its target
-                dkd.dkd_rows(s, t, y, 4.0, one, g, *flags[grads])
+                dkd.dkd_rows(s, t, y, 4.0, t_rows, one, g, *flags[grads], t_grad)
         return thunk
 
     for name, dtype in dtypes.items():
-        for V in (1024, 4096):  # one block, and a long row (V > 2048: the streaming loop)
+        # one block (1024: 4 warps; 4096 = rows.MAX_BLOCK_V: 16 warps), and a long row (V > MAX_BLOCK_V: the
+        # streaming loop, blocks of rows.STREAM_BLOCK_V)
+        for V in (1024, 4096, 8192):
             for strided in ((False, True) if name != "fp16" else (False,)):  # fp16 strided: as bf16's
                 layout = "strided" if strided else "contiguous"
                 for grads in (("grads", "student grad", "no grad") if not strided else ("grads",)):
                     cases.append((f"{name} {layout} V={V} labels+ce {grads}", LOGIT_KERNELS,
                                   logit_case(V, dtype, strided, True, True, grads)))
-        cases.append((f"{name} contiguous V=4096 plain student grad", LOGIT_KERNELS[:2],
-                      logit_case(4096, dtype, False, False, False, "student grad")))
+            # a per-row temperature and its gradient, beside both input gradients (the most registers)
+            cases.append((f"{name} contiguous V={V} labels+ce grads+dT", LOGIT_KERNELS,
+                          logit_case(V, dtype, False, True, True, "grads", t_grad=True)))
+        cases.append((f"{name} contiguous V=8192 plain student grad", LOGIT_KERNELS[:2],
+                      logit_case(8192, dtype, False, False, False, "student grad")))
 
     def scale_case(V, dtype):
         def thunk():
