@@ -86,14 +86,14 @@ def cross_entropy_rows(z: Tensor, labels: Tensor, ignore_index: int, weight: Ten
     return total, d.mul_(torch.where(keep, weight.to(dtype), 0.0)[:, None])
 
 
-def _add_into(d_full: Tensor | None, d: Tensor, vocab: int, shape, dtype) -> Tensor:
-    """`d_full[:, :vocab] += d`, allocating `d_full` (zeros of `shape`, `dtype`) on first use."""
-    if d_full is None:
-        if d.shape[-1] == shape[-1]:
-            return d if d.dtype == dtype else d.to(dtype)
-        d_full = torch.zeros(shape, dtype=dtype, device=d.device)
-    d_full[:, :vocab] += d
-    return d_full
+def _over_student_vocabulary(d: Tensor, vocab: int) -> Tensor:
+    """The gradient `d` of the first `vocab` (shared) ids, zero-padded to the student's `vocab_s` columns when the
+    teacher's vocabulary is the smaller (`vocab_mismatch="truncate"`); `d` itself otherwise."""
+    if d.shape[-1] == vocab:
+        return d
+    full = d.new_zeros((d.shape[0], vocab))
+    full[:, :d.shape[-1]] = d
+    return full
 
 
 def reference_rows(z_s: Tensor, z_t: Tensor, labels: Tensor | None, spec: Spec, grad: bool):
@@ -114,7 +114,7 @@ def reference_rows(z_s: Tensor, z_t: Tensor, labels: Tensor | None, spec: Spec, 
         if grad:
             # An ignored token's gradient is 0 whatever its logits (as the kernels', which do not read them).
             d = d.mul_(weight[:, None]).masked_fill_((weight == 0)[:, None], 0.0)
-            d_full = _add_into(None, d, spec.vocab, z_s.shape, d.dtype)
+            d_full = _over_student_vocabulary(d, z_s.shape[-1])
     if spec.ce_weight is not None:
         ce_total, d = cross_entropy_rows(z_s, labels, spec.ignore_index, spec.ce_weight, grad)
         if grad:
@@ -151,7 +151,7 @@ def kernel_rows(kernels):
                     ce_total = (torch.where(labels != spec.ignore_index, ce, 0.0) * spec.ce_weight).sum()
             kd_total = (per_row * spec.kd_weight).sum()
             if grad:
-                d_full = _add_into(None, d, spec.vocab, z_s.shape, d.dtype)
+                d_full = _over_student_vocabulary(d, z_s.shape[-1])
         if spec.ce_weight is not None and not ce_in_kernel:
             ce_total, d = cross_entropy_rows(z_s, labels, spec.ignore_index, spec.ce_weight, grad)
             if grad:
@@ -192,7 +192,10 @@ class _FusedLinearLoss(torch.autograd.Function):
             if want_h:
                 torch.mm(dz, w_s, out=d_h[start:stop])
             if want_w:
-                d_w.addmm_(dz.t(), h, beta=1.0) if d_w.dtype == dz.dtype else d_w.add_(dz.t() @ h)
+                if d_w.dtype == dz.dtype:
+                    d_w.addmm_(dz.t(), h)
+                else:  # a 16-bit chunk product, rounded once, summed into the float32 accumulator
+                    d_w.add_(dz.t() @ h)
             if want_b:
                 d_b.add_(dz.sum(0))
         ctx.spent = False
