@@ -15,8 +15,11 @@ what these formulas say. So the numbers below are the formulas of the kernels' d
   2 x N x V element reads (X and Y once) + g x N x V writes (g gradients asked for), with or without a gradient.
   A longer row streams: KL (kd, kl_forward, kl_reverse, jsd with beta 0 or 1) and DKD in 3 passes, 6 reads with
   a gradient, 4 without (the gradient pass is skipped); JSD in 4 passes, 8 reads with a gradient, 6 without.
-- csrc/kl.cu, dkd.cu, jsd.cu (headers, "Design"): no row is staged on chip, every pass re-reads it, whatever V:
-  KL and DKD 6 reads with a gradient, 4 without; JSD 8 with, 6 without; + g writes.
+- csrc/kl.cu, dkd.cu, jsd.cu (headers, "Design"): a row pair that fits in a block's shared memory is staged there
+  by the first pass (`cuda_staged` below: `staged_bytes` of csrc/common.cuh within the device's opt-in limit per
+  block less the kernel's static shared memory, and FASTKD_CUDA_STAGE_BYTES): 2 reads, as Triton's one block; a
+  longer row is re-read by every pass: KL and DKD 6 reads with a gradient, 4 without; JSD 8 with, 6 without;
+  + g writes.
 - The backward (fastkd/triton/rows.py `scale_rows_`, csrc/rows.cu): the gradient was written by the forward,
   already weighted; at grad_output exactly 1 (`loss.backward()`, as the suite calls it) the kernel reads its
   scale and returns: no N x V bytes. Any other grad_output: 1 read + 1 write of each gradient (2 g x N x V).
@@ -32,10 +35,12 @@ for bfloat16/float16; the student needs a gradient, the teacher does not, so g =
 
     Triton, V <= MAX_BLOCK_V:  R0 = R1 = 2 (every loss)
     Triton, V > MAX_BLOCK_V:   KL, DKD: R0 = 4, R1 = 6;   JSD: R0 = 6, R1 = 8
-    CUDA C++ (any V):          KL, DKD: R0 = 4, R1 = 6;   JSD: R0 = 6, R1 = 8
+    CUDA C++, staged:          R0 = R1 = 2 (every loss)
+    CUDA C++, re-read:         KL, DKD: R0 = 4, R1 = 6;   JSD: R0 = 6, R1 = 8
 
-So path / floor (floors 2, 2, 1, 3 x N x V x e) is, for one block: 1.00, 1.50, 0.00, 1.00; for KL/DKD streamed
-(and CUDA): 2.00, 3.50, 0.00, 2.33 (= (6 + 1) / 3); for JSD streamed: 3.00, 4.50, 0.00, 3.00.
+So path / floor (floors 2, 2, 1, 3 x N x V x e) is, for one block (or staged): 1.00, 1.50, 0.00, 1.00; for KL/DKD
+streamed (or re-read): 2.00, 3.50, 0.00, 2.33 (= (6 + 1) / 3); for JSD streamed: 3.00, 4.50, 0.00, 3.00.
+On an H100/H200 (227 KiB per block) CUDA C++ stages bfloat16 rows up to V ~ 57K and float32 up to ~28.7K.
 
 Included besides the N x V terms: DKD's int64 labels (8 x N bytes, once per forward), as the floor counts them,
 and KD's labels when the CE term is on (`ce=True`; the suite's kd case has none: CE reads the student row the
@@ -46,6 +51,7 @@ RKD and attention transfer have no such model in their kernels: `path_bytes` ret
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 
@@ -76,19 +82,54 @@ def triton_max_block_v() -> int | None:
     return int(rows.MAX_BLOCK_V)
 
 
-def one_block(backend: str, V: int) -> bool | None:
-    """Whether `backend` reads a row of V once (Triton, V <= MAX_BLOCK_V); CUDA C++ always re-reads."""
+# The shared memory per block an H100 or H200 lets a kernel opt in to (227 KiB): the CUDA C++ model's device where
+# no GPU is visible (on a GPU, its own limit).
+H100_SHARED_OPTIN = 232448
+# The most static shared memory a CUDA C++ row kernel declares (its block reductions' scratch; 2304 bytes at most
+# when measured for sm_80 and sm_90): tests/test_cuda_build.py checks the built kernels against it. Its dynamic
+# shared memory is the opt-in limit less its own static size; the model takes this bound for all of them.
+ROW_KERNEL_STATIC_SHARED = 2560
+STAGE_ENV = "FASTKD_CUDA_STAGE_BYTES"
+
+
+def cuda_staged_bytes(V: int, elem: int) -> int:
+    """csrc/common.cuh `staged_bytes` for a row pair of one element size: each row V + K elements (K = 16 / elem),
+    the first rounded up to 16 bytes."""
+    k = 16 // elem
+    return -(-(V + k) * elem // 16) * 16 + (V + k) * elem
+
+
+def cuda_stage_limit() -> int:
+    """The most bytes a CUDA C++ row kernel stages: the visible GPU's (else an H100's) opt-in shared memory per block
+    less ROW_KERNEL_STATIC_SHARED, and no more than FASTKD_CUDA_STAGE_BYTES where set."""
+    optin = H100_SHARED_OPTIN
+    if torch.cuda.is_available():
+        optin = int(getattr(torch.cuda.get_device_properties(torch.cuda.current_device()),
+                            "shared_memory_per_block_optin", optin))
+    limit = optin - ROW_KERNEL_STATIC_SHARED
+    cap = os.environ.get(STAGE_ENV, "")
+    return min(limit, int(cap)) if cap.strip().isdigit() else limit
+
+
+def cuda_staged(V: int, elem: int) -> bool:
+    """Whether the CUDA C++ row kernels stage a row pair of V elements of `elem` bytes in shared memory."""
+    return cuda_staged_bytes(V, elem) <= cuda_stage_limit()
+
+
+def one_block(backend: str, V: int, elem: int) -> bool | None:
+    """Whether `backend` reads a row of V elements of `elem` bytes once: Triton where V <= MAX_BLOCK_V, CUDA C++
+    where the row pair is staged in shared memory."""
     if backend == "cuda":
-        return False
+        return cuda_staged(V, elem)
     if backend == "triton":
         limit = triton_max_block_v()
         return None if limit is None else V <= limit
     return None
 
 
-def reads(kernel: str, backend: str, V: int, grad: bool) -> int | None:
+def reads(kernel: str, backend: str, V: int, grad: bool, elem: int) -> int | None:
     """Element reads per element of the N x V input pair (X and Y together) in one forward launch."""
-    single = one_block(backend, V)
+    single = one_block(backend, V, elem)
     if single is None:
         return None
     if single:
@@ -98,17 +139,18 @@ def reads(kernel: str, backend: str, V: int, grad: bool) -> int | None:
 
 
 def path_elements(kernel: str, backend: str, V: int, pass_: str, grads: int = 1,
-                  grad_output_one: bool = True) -> int | None:
-    """The multiple of N x V elements `pass_` moves (see the module docstring's table)."""
+                  grad_output_one: bool = True, elem: int = 2) -> int | None:
+    """The multiple of N x V elements `pass_` moves (see the module docstring's table); `elem`: the logits'
+    element size, which decides whether CUDA C++ stages the row."""
     if pass_ not in PASSES:
         raise ValueError(f"unknown pass {pass_!r}; choose from {PASSES}")
     bwd = 0 if grad_output_one else 2 * grads
     if pass_ == "bwd":
-        return bwd if one_block(backend, V) is not None else None
+        return bwd if one_block(backend, V, elem) is not None else None
     if pass_ == "fwd-nograd" or grads == 0:
-        fwd = reads(kernel, backend, V, grad=False)
+        fwd = reads(kernel, backend, V, grad=False, elem=elem)
     else:
-        fwd = reads(kernel, backend, V, grad=True)
+        fwd = reads(kernel, backend, V, grad=True, elem=elem)
         fwd = None if fwd is None else fwd + grads
     if fwd is None:
         return None
@@ -129,10 +171,10 @@ def path_bytes(loss, shape, dtype: str, backend: str, pass_: str, *, grads: int 
         return None
     V = int(shape[-1])
     rows = math.prod(shape) // V if V else 0
-    mult = path_elements(kernel, backend, V, pass_, grads, grad_output_one)
+    elem = torch.empty((), dtype=DTYPES[dtype]).element_size()
+    mult = path_elements(kernel, backend, V, pass_, grads, grad_output_one, elem)
     if mult is None:
         return None
-    elem = torch.empty((), dtype=DTYPES[dtype]).element_size()
     n = mult * rows * V * elem
     if pass_ != "bwd" and (kernel == "dkd" or (ce and loss.op == "kd_loss")):
         n += rows * LABEL_BYTES
@@ -140,14 +182,15 @@ def path_bytes(loss, shape, dtype: str, backend: str, pass_: str, *, grads: int 
 
 
 def path_kind(case, backend: str) -> str:
-    """How `backend` reads this case's rows: "one block", "3 passes", "4 passes" (Triton) or "re-read" (CUDA)."""
+    """How `backend` reads this case's rows: "one block", "3 passes", "4 passes" (Triton), "staged" or "re-read"
+    (CUDA C++)."""
     kernel = row_kernel(case.loss)
-    single = one_block(backend, case.shape[-1])
+    single = one_block(backend, case.shape[-1], torch.empty((), dtype=DTYPES[case.dtype]).element_size())
     if kernel is None or single is None:
         return "-"
-    if single:
-        return "one block"
-    return "re-read" if backend == "cuda" else f"{4 if kernel == 'jsd' else 3} passes"
+    if backend == "cuda":
+        return "staged" if single else "re-read"
+    return "one block" if single else f"{4 if kernel == 'jsd' else 3} passes"
 
 
 def fmt_bytes(n) -> str:
@@ -212,7 +255,8 @@ def list_lines(cases, passes, backends=BACKENDS) -> list[str]:
         lines.append("# floor: bytes any implementation moves; path: bytes fastkd's kernels move (bench/traffic.py); "
                      "x = path / floor")
         lines.append(f"# triton reads a row once up to V = {limit if limit is not None else '?'} "
-                     f"(fastkd.triton.rows.MAX_BLOCK_V), cuda re-reads it each pass; fwd: the student needs a "
+                     f"(fastkd.triton.rows.MAX_BLOCK_V), cuda where the row pair fits in {cuda_stage_limit()} bytes of "
+                     f"shared memory (else it re-reads it each pass); fwd: the student needs a "
                      f"gradient (written in the forward), fwd-nograd: under torch.no_grad()")
         head = f"# {'case':{width - 2}s}{'pass':12s}{'floor':>10s}"
         for b in backends:

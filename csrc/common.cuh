@@ -7,10 +7,12 @@
 // arguments.
 //
 // One thread block per row, one launch per call. The logit kernels take the row maxima first (pass 1: a
-// per-thread max, then a block max), then re-read the row for the sums against the final maxima (no rescaling,
+// per-thread max, then a block max), then read the row again for the sums against the final maxima (no rescaling,
 // so no rescaling error): each thread sums over the columns it visits, and the per-thread sums are added across
-// the block (every thread gets them). Where a gradient is asked for, a last pass re-reads the row and writes it,
-// weighted, from those statistics (`write_row_gradients`); the backward only scales it (rows.cu). The temperature
+// the block (every thread gets them). Pass 1 copies the row pair into shared memory where it fits (`first_pass`),
+// and the later passes re-read the copy (`rows_to_read`); a longer row is re-read from global memory. Where a
+// gradient is asked for, a last pass reads the row again and writes the gradient, weighted, from those statistics
+// (`write_row_gradients`); the backward only scales it (rows.cu). The temperature
 // is the float one or a per-row tensor (`RowTemperature`), and where its gradient d_T is asked for (a runtime flag,
 // not a template argument: no kernel instance more) the gradient pass also runs without an input gradient, computes
 // both sides' gradients and sums -(GX a + GY b) over the row (`temperature_term`, one more block sum).
@@ -30,7 +32,10 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
+#include <mutex>
+#include <vector>
 #include <optional>
 #include <tuple>
 #include <type_traits>
@@ -76,6 +81,8 @@ __device__ __forceinline__ float exp_accurate(float x) {
 // log(x) of a per-row scalar, in double and rounded to float (correctly rounded but for rare double roundings;
 // --use_fast_math does not touch double precision). log(0) = -inf, log of a negative or NaN is NaN.
 __device__ __forceinline__ float log_rn(float x) { return static_cast<float>(log(static_cast<double>(x))); }
+
+__host__ __device__ __forceinline__ int64_t cdiv_device(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // A row max to subtract: 0 where the row is all -inf, so that `x - m` stays -inf, never NaN (rows.py).
 __device__ __forceinline__ float finite_or_zero(float m) { return m == neg_inf() ? 0.0f : m; }
@@ -262,6 +269,15 @@ __device__ __forceinline__ void store_chunk(T* p, const Chunk<T, K>& c) {
   __stwb(reinterpret_cast<Raw*>(p), raw);  // one vector store (a plain assignment was split by the compiler)
 }
 
+// The same into shared memory (a generic pointer to it): a plain vector store (__stwb is a global-memory store).
+template <typename T, int K>
+__device__ __forceinline__ void store_chunk_shared(T* p, const Chunk<T, K>& c) {
+  using Raw = typename RawVec<sizeof(Chunk<T, K>)>::type;
+  Raw raw;
+  memcpy(&raw, &c, sizeof(Raw));
+  *reinterpret_cast<Raw*>(p) = raw;
+}
+
 template <typename T, int K>
 __device__ __forceinline__ int phase(const T* p) {
   return static_cast<int>((reinterpret_cast<uintptr_t>(p) / sizeof(T)) % K);
@@ -279,7 +295,8 @@ struct MaxSize {
 // K (K elements of the widest type make 16 bytes), a scalar head brings them to a K-aligned column, the body
 // moves K elements per pointer with one vector load or store (16 bytes for the widest type, 8 for a
 // narrower one), and a scalar tail finishes. Otherwise every element is a scalar, strided access.
-template <bool WA, bool WB, typename TX, typename TY, typename TA, typename TB, typename F>
+// TO_SHARED: the outputs are in shared memory (the vector stores are plain ones there).
+template <bool WA, bool WB, bool TO_SHARED = false, typename TX, typename TY, typename TA, typename TB, typename F>
 __device__ __forceinline__ void visit_row(const TX* __restrict__ x, int64_t x_col, const TY* __restrict__ y,
                                           int64_t y_col, TA* __restrict__ a, TB* __restrict__ b, int64_t n,
                                           F&& f) {
@@ -319,8 +336,12 @@ __device__ __forceinline__ void visit_row(const TX* __restrict__ x, int64_t x_co
       if (WA) ca.v[k] = from_float<TA>(out_a);
       if (WB) cb.v[k] = from_float<TB>(out_b);
     }
-    if constexpr (WA) store_chunk<TA, K>(a + c0, ca);
-    if constexpr (WB) store_chunk<TB, K>(b + c0, cb);
+    if constexpr (WA) {
+      if constexpr (TO_SHARED) store_chunk_shared<TA, K>(a + c0, ca); else store_chunk<TA, K>(a + c0, ca);
+    }
+    if constexpr (WB) {
+      if constexpr (TO_SHARED) store_chunk_shared<TB, K>(b + c0, cb); else store_chunk<TB, K>(b + c0, cb);
+    }
   }
 }
 
@@ -328,7 +349,76 @@ __device__ __forceinline__ void visit_row(const TX* __restrict__ x, int64_t x_co
 template <typename TX, typename TY, typename F>
 __device__ __forceinline__ void visit_row(const TX* __restrict__ x, int64_t x_col, const TY* __restrict__ y,
                                           int64_t y_col, int64_t n, F&& f) {
-  visit_row<false, false, TX, TY, float, float>(x, x_col, y, y_col, nullptr, nullptr, n, f);
+  visit_row<false, false, false, TX, TY, float, float>(x, x_col, y, y_col, nullptr, nullptr, n, f);
+}
+
+// A row pair staged in shared memory: the block's dynamic shared memory holds the row of x, then the row of y,
+// each as V + K elements of its type (K = 16 / the wider type's size, the vector width of visit_row) starting K
+// elements past the region's 16-byte aligned start, minus the column phase (row * V) % K that a contiguous
+// (rows, V) buffer's row r has: so a staged row sits at the phase of its global row (contiguous inputs) and of the
+// gradient rows, and every pass over it takes visit_row's vector path with them. The x region is rounded up to 16
+// bytes. The same layout on the host (RowLaunch::stage_bytes) and the device (first_pass).
+__host__ __device__ __forceinline__ int64_t staged_region_bytes(int64_t V, int64_t size, int64_t k) {
+  return (V + k) * size;
+}
+
+__host__ __device__ __forceinline__ int64_t staged_bytes(int64_t V, int64_t size_x, int64_t size_y) {
+  const int64_t k = 16 / (size_x > size_y ? size_x : size_y);
+  return cdiv_device(staged_region_bytes(V, size_x, k), 16) * 16 + staged_region_bytes(V, size_y, k);
+}
+
+// The row pair a pass reads: pointers and column strides.
+template <typename TX, typename TY>
+struct RowPair {
+  const TX* x;
+  int64_t x_col;
+  const TY* y;
+  int64_t y_col;
+};
+
+// The copies of row `row` (of V columns) in the block's dynamic shared memory, laid out as above.
+template <typename TX, typename TY>
+__device__ __forceinline__ RowPair<TX, TY> staged_rows(int64_t row, int64_t V) {
+  FASTKD_DYNAMIC_SHARED(stage);
+  constexpr int64_t K = 16 / MaxSize<sizeof(TX), sizeof(TY)>::value;
+  const int64_t shift = (row * V) % K;  // the column phase of the gradient row, and of a contiguous input's
+  const int64_t y_start = cdiv_device(staged_region_bytes(V, sizeof(TX), K), 16) * 16;
+  return RowPair<TX, TY>{reinterpret_cast<TX*>(stage) + shift, 1, reinterpret_cast<TY*>(stage + y_start) + shift, 1};
+}
+
+// Whether the block's rows are staged: the launch gave it dynamic shared memory (RowLaunch::launch: the row pair
+// fits) and the row has columns to read (n = 0, an ignored token: nothing is copied).
+__device__ __forceinline__ bool rows_staged(int64_t n) { return dynamic_shared_bytes() != 0 && n != 0; }
+
+// Pass 1 of a row kernel: visits columns [0, n) of the row pair (x, x_col), (y, y_col) in global memory once, as
+// visit_row, and where the rows are staged (rows_staged) also copies both into shared memory (an exact round trip
+// through float: the values, -inf and NaN stay what they were), so that every later pass reads the copy
+// (`rows_to_read`) and each logit is read from global memory once. The copies' first reader must come after a
+// __syncthreads() (pass 1's block reduction has one).
+template <typename TX, typename TY, typename F>
+__device__ __forceinline__ void first_pass(const TX* x, int64_t x_col, const TY* y, int64_t y_col, int64_t n,
+                                           int64_t row, int64_t V, F&& f) {
+  if (!rows_staged(n)) {
+    visit_row(x, x_col, y, y_col, n, f);
+    return;
+  }
+  const RowPair<TX, TY> copy = staged_rows<TX, TY>(row, V);
+  visit_row</*WA=*/true, /*WB=*/true, /*TO_SHARED=*/true>(
+      x, x_col, y, y_col, const_cast<TX*>(copy.x), const_cast<TY*>(copy.y), n,
+      [&](int64_t c, float x_raw, float y_raw, float& out_x, float& out_y) {
+        f(c, x_raw, y_raw, out_x, out_y);
+        out_x = x_raw;
+        out_y = y_raw;
+      });
+}
+
+// The row pair a later pass reads: the shared-memory copies where pass 1 staged them, else the global rows.
+// Recomputed at each pass (from the special register of the dynamic shared memory's size, read anew each time)
+// rather than kept live across the kernel: the registers it would hold gave some kernels a stack frame.
+template <typename TX, typename TY>
+__device__ __forceinline__ RowPair<TX, TY> rows_to_read(const TX* x, int64_t x_col, const TY* y, int64_t y_col,
+                                                        int64_t n, int64_t row, int64_t V) {
+  return rows_staged(n) ? staged_rows<TX, TY>(row, V) : RowPair<TX, TY>{x, x_col, y, y_col};
 }
 
 // Writes zeros over a contiguous row (the gradient of an ignored token).
@@ -547,10 +637,52 @@ struct Launch {
 
   template <typename... P, typename... A>
   void launch(dim3 grid, dim3 block, void (*kernel)(P...), A&&... args) const {
-    FASTKD_LAUNCH(grid, block, 0, stream, kernel)(std::forward<A>(args)...);
+    launch_with_shared(grid, block, 0, kernel, std::forward<A>(args)...);
+  }
+
+  // The same with `shared` bytes of dynamic shared memory per block (within the kernel's limit:
+  // dynamic_shared_limit).
+  template <typename... P, typename... A>
+  void launch_with_shared(dim3 grid, dim3 block, size_t shared, void (*kernel)(P...), A&&... args) const {
+    FASTKD_LAUNCH(grid, block, shared, stream, kernel)(std::forward<A>(args)...);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 };
+
+// The most dynamic shared memory `kernel` can take per block on the current device: the device's opt-in limit less
+// the kernel's static shared memory. Asked of the runtime once per kernel and device, when the kernel's limit is also
+// raised to it (a launch above 48 KiB needs that); after that, a lookup under a mutex.
+inline int64_t dynamic_shared_limit(const void* kernel) {
+  static std::mutex mutex;
+  static std::vector<std::tuple<int, const void*, int64_t>> known;
+  int device = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  const std::lock_guard<std::mutex> lock(mutex);
+  for (const auto& [d, k, limit] : known) {
+    if (d == device && k == kernel) return limit;
+  }
+  cudaFuncAttributes attributes{};
+  C10_CUDA_CHECK(cudaFuncGetAttributes(&attributes, kernel));
+  const int64_t limit = static_cast<int64_t>(at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin) -
+                        static_cast<int64_t>(attributes.sharedSizeBytes);
+  if (limit > 0) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(limit)));
+  }
+  known.emplace_back(device, kernel, std::max<int64_t>(limit, 0));
+  return std::max<int64_t>(limit, 0);
+}
+
+// The cap the environment puts on a staged row pair's bytes: FASTKD_CUDA_STAGE_BYTES (0: never stage; unset: no cap
+// but the device's), read at every call, so that a benchmark can compare staging against re-reading at any V.
+inline int64_t stage_bytes_cap() {
+  const char* value = std::getenv("FASTKD_CUDA_STAGE_BYTES");
+  if (value == nullptr || *value == '\0') return INT64_MAX;
+  char* end = nullptr;
+  const long long cap = std::strtoll(value, &end, 10);
+  TORCH_CHECK_VALUE(end != value && *end == '\0' && cap >= 0,
+                    "FASTKD_CUDA_STAGE_BYTES must be a number of bytes >= 0 (0: never stage rows), got '", value, "'");
+  return cap;
+}
 
 // Threads per row block: enough to keep a vocabulary-sized row's loads in flight, few for short rows.
 inline int threads_for(int64_t V) {
@@ -641,10 +773,19 @@ struct RowLaunch : Launch {
     });
   }
 
-  // One block of `threads` per row.
+  // The dynamic shared memory that stages a row pair (`staged_bytes`), where it fits in what `kernel` can take
+  // (dynamic_shared_limit) and in FASTKD_CUDA_STAGE_BYTES; else 0: the kernel re-reads its rows.
+  int64_t stage_bytes(const void* kernel) const {
+    const int64_t bytes = staged_bytes(V, x.element_size(), y.element_size());
+    return bytes <= stage_bytes_cap() && bytes <= dynamic_shared_limit(kernel) ? bytes : 0;
+  }
+
+  // One block of `threads` per row, with the row pair staged in shared memory where it fits (first_pass).
   template <typename... P, typename... A>
   void launch(void (*kernel)(P...), A&&... args) const {
-    Launch::launch(static_cast<unsigned>(rows), threads, kernel, std::forward<A>(args)...);
+    const int64_t shared = stage_bytes(reinterpret_cast<const void*>(kernel));
+    Launch::launch_with_shared(static_cast<unsigned>(rows), threads, static_cast<size_t>(shared), kernel,
+                               std::forward<A>(args)...);
   }
 };
 

@@ -24,13 +24,14 @@
 //   exp(a_j) (q_factor / Z_x) a_j + exp(b_j) / Z_y (p_factor b_j + g_n (((b_j - a_j) - Ebar) b_j - a_j)),
 // each part 0 where its exp is 0 (a masked logit: no 0 * -inf).
 //
-// Design: one block per row, one launch, the row re-read rather than staged (any C; the longest row held on
-// chip: none): pass 1 the maxima of the rest, pass 2 the sums against them, and when a gradient is asked for
-// pass 3 the gradient, from the statistics every thread of the block holds (nothing per row written to global
-// memory and read back). Element traffic per call, N rows of C classes, g gradients: reads 4 x N x C (both rows
-// in passes 1 and 2) and, with a gradient, 2 x N x C more (pass 3; passes 2 and 3 mostly from L2), plus x_g,
-// y_g; writes g x N x C. In bytes: (6 + g) x N x C x 2 for bf16/fp16, x 4 for fp32, with a gradient; 4 x N x C
-// x 2 (x 4) without (no N x C write). Exponentials per element: pass 2 two `exp_accurate`
+// Design: one block per row, one launch: pass 1 the maxima of the rest, pass 2 the sums against them, and when a
+// gradient is asked for pass 3 the gradient, from the statistics every thread of the block holds (nothing per row
+// written to global memory and read back). Pass 1 stages the row pair in shared memory where it fits (kl.cu says
+// how long a row that is), and the later passes read the copy; a longer row is re-read in each pass. Element
+// traffic per call, N rows of C classes, g gradients: staged, reads 2 x N x C; re-read, 4 x N x C (passes 1 and
+// 2) and, with a gradient, 2 x N x C more (pass 3; passes 2 and 3 mostly from L2); plus x_g, y_g; writes g x N x
+// C. In bytes, staged: (2 + g) x N x C x 2 for bf16/fp16, x 4 for fp32; re-read: (6 + g) x N x C x 2 (x 4) with
+// a gradient, 4 x N x C x 2 (x 4) without. Exponentials per element: pass 2 two `exp_accurate`
 // and the series of `exp_diff`; pass 3 two and 2 correctly rounded divisions. d_T: with both gradients written,
 // two multiply-adds per element and one block sum per row more (and a float per row written); asked for alone,
 // pass 3 runs for it (the 2 x N x C re-read, no N x C write), and with one gradient the other side's is computed
@@ -74,7 +75,7 @@ __global__ void __launch_bounds__(kMaxThreads)
   Floats<2> m;
   m.v[0] = neg_inf();
   m.v[1] = neg_inf();
-  visit_row(x_row, xl.col, y_row, yl.col, V, [&](int64_t c, float x_raw, float y_raw, float&, float&) {
+  first_pass(x_row, xl.col, y_row, yl.col, V, row, V, [&](int64_t c, float x_raw, float y_raw, float&, float&) {
     if (c == t) return;
     max_scaled(m, x_raw, y_raw, inv_temperature);
   });
@@ -86,7 +87,8 @@ __global__ void __launch_bounds__(kMaxThreads)
   Floats<5> s;
 #pragma unroll
   for (int i = 0; i < 5; ++i) s.v[i] = 0.0f;
-  visit_row(x_row, xl.col, y_row, yl.col, V, [&](int64_t c, float x_raw, float y_raw, float&, float&) {
+  const RowPair<TX, TY> in2 = rows_to_read(x_row, xl.col, y_row, yl.col, V, row, V);
+  visit_row(in2.x, in2.x_col, in2.y, in2.y_col, V, [&](int64_t c, float x_raw, float y_raw, float&, float&) {
     if (c == t) return;
     const float a = scaled(x_raw, inv_temperature) - m_x;
     const float b = scaled(y_raw, inv_temperature) - m_y;
@@ -166,7 +168,8 @@ __global__ void __launch_bounds__(kMaxThreads)
     const float t_target = t_grad && threadIdx.x == 0
                                ? temperature_term(dx_target, x_g - m_x) + temperature_term(dy_target, y_g - m_y)
                                : 0.0f;
-    write_row_gradients<X_GRAD, Y_GRAD>(x_row, xl.col, y_row, yl.col, X_GRAD ? dx_base + row * V : nullptr,
+    const RowPair<TX, TY> in3 = rows_to_read(x_row, xl.col, y_row, yl.col, V, row, V);
+    write_row_gradients<X_GRAD, Y_GRAD>(in3.x, in3.x_col, in3.y, in3.y_col, X_GRAD ? dx_base + row * V : nullptr,
                                         Y_GRAD ? dy_base + row * V : nullptr, V, /*active=*/true, d_t, t_target,
                                         [&](int64_t c, float x_raw, float y_raw, float& gx, float& gy,
                                             auto t_grad_flag) {

@@ -21,13 +21,14 @@
 // written),  d_T = d(weight JSD)/dT = -sum_j (GX_j x_j + GY_j y_j) = -sum_j (GX_j a_j + GY_j b_j), a term whose
 // gradient is exactly 0 adding 0 (also against a = -inf).
 //
-// Design: one block per row, one launch, the row re-read rather than staged (any V; the longest row held on
-// chip: none): pass 1 the maxima, pass 2 Z_x, Z_y and D against them, pass 3 the two divergences against L,
-// and when a gradient is asked for pass 4 the gradient, from the statistics every thread of the block holds
-// (nothing per row written to global memory and read back). Element traffic per call, N rows of V, g gradients:
-// reads 6 x N x V (X and Y in passes 1 to 3) and, with a gradient, 2 x N x V more (pass 4; passes 2 to 4 mostly
-// from L2), writes g x N x V. In bytes: (8 + g) x N x V x 2 for bf16/fp16, x 4 for fp32, with a gradient;
-// 6 x N x V x 2 (x 4) without (no N x V write). Exponentials per element: pass 2
+// Design: one block per row, one launch: pass 1 the maxima, pass 2 Z_x, Z_y and D against them, pass 3 the two
+// divergences against L, and when a gradient is asked for pass 4 the gradient, from the statistics every thread of
+// the block holds (nothing per row written to global memory and read back). Pass 1 stages the row pair in shared
+// memory where it fits (kl.cu says how long a row that is), and the later passes read the copy; a longer row is
+// re-read in each pass. Element traffic per call, N rows of V, g gradients: staged, reads 2 x N x V; re-read,
+// 6 x N x V (passes 1 to 3) and, with a gradient, 2 x N x V more (pass 4; passes 2 to 4 mostly from L2); writes
+// g x N x V. In bytes, staged: (2 + g) x N x V x 2 for bf16/fp16, x 4 for fp32; re-read: (8 + g) x N x V x 2
+// (x 4) with a gradient, 6 x N x V x 2 (x 4) without. Exponentials per element: pass 2
 // two `exp_accurate`, pass 3 two, and where |delta| > 1/2 one more and one log1pf, plus the series (~40 FMAs)
 // and 3 correctly rounded divisions; pass 4: 1 `expm1_accurate`, 1 log1pf and one `exp_accurate` per gradient.
 // d_T: with both gradients written, two multiply-adds per element and one block sum per row more (and a float per
@@ -87,7 +88,7 @@ __global__ void __launch_bounds__(kMaxThreads)
   Floats<2> m;
   m.v[0] = neg_inf();
   m.v[1] = neg_inf();
-  visit_row(x_row, xl.col, y_row, yl.col, n_cols, [&](int64_t, float x_raw, float y_raw, float&, float&) {
+  first_pass(x_row, xl.col, y_row, yl.col, n_cols, row, V, [&](int64_t, float x_raw, float y_raw, float&, float&) {
     max_scaled(m, x_raw, y_raw, inv_temperature);
   });
   m = block_max<2>(m);
@@ -97,7 +98,8 @@ __global__ void __launch_bounds__(kMaxThreads)
   // Pass 2 (re-read): [Z_x, Z_y, D] against the final maxima.
   Floats<3> z;
   z.v[0] = 0.0f; z.v[1] = 0.0f; z.v[2] = 0.0f;
-  visit_row(x_row, xl.col, y_row, yl.col, n_cols, [&](int64_t, float x_raw, float y_raw, float&, float&) {
+  const RowPair<TX, TY> in2 = rows_to_read(x_row, xl.col, y_row, yl.col, n_cols, row, V);
+  visit_row(in2.x, in2.x_col, in2.y, in2.y_col, n_cols, [&](int64_t, float x_raw, float y_raw, float&, float&) {
     const float a = scaled(x_raw, inv_temperature) - m_x;
     const float b = scaled(y_raw, inv_temperature) - m_y;
     const float ea = exp_accurate(a);
@@ -114,7 +116,8 @@ __global__ void __launch_bounds__(kMaxThreads)
   // Pass 3 (re-read): [sum P, sum Q, sum C], both divergences against the mixture.
   Floats<3> acc;
   acc.v[0] = 0.0f; acc.v[1] = 0.0f; acc.v[2] = 0.0f;
-  visit_row(x_row, xl.col, y_row, yl.col, n_cols, [&](int64_t, float x_raw, float y_raw, float&, float&) {
+  const RowPair<TX, TY> in3 = rows_to_read(x_row, xl.col, y_row, yl.col, n_cols, row, V);
+  visit_row(in3.x, in3.x_col, in3.y, in3.y_col, n_cols, [&](int64_t, float x_raw, float y_raw, float&, float&) {
     const float a = scaled(x_raw, inv_temperature) - m_x;
     const float b = scaled(y_raw, inv_temperature) - m_y;
     const float p = __fdiv_rn(exp_accurate(b), z_y);
@@ -145,7 +148,8 @@ __global__ void __launch_bounds__(kMaxThreads)
     const float g = weights.at(0, row) * inv_temperature;
     const float g_x = g * one_minus_beta;
     const float g_y = g * beta;
-    write_row_gradients<X_GRAD, Y_GRAD>(x_row, xl.col, y_row, yl.col, X_GRAD ? dx_base + row * V : nullptr,
+    const RowPair<TX, TY> in4 = rows_to_read(x_row, xl.col, y_row, yl.col, n_cols, row, V);
+    write_row_gradients<X_GRAD, Y_GRAD>(in4.x, in4.x_col, in4.y, in4.y_col, X_GRAD ? dx_base + row * V : nullptr,
                                         Y_GRAD ? dy_base + row * V : nullptr, V, active, d_t, 0.0f,
                                         [&](int64_t, float x_raw, float y_raw, float& gx, float& gy,
                                             auto t_grad_flag) {

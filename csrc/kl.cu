@@ -23,14 +23,19 @@
 // no division call to the loop): exp(a_j) (g_kl / Z_x) (((a_j - b_j) - Ebar) a_j - b_j) + exp(b_j) (g_kl / Z_y) b_j,
 // each part 0 where its exp is 0.
 //
-// Design: one block per row, one launch, the row re-read rather than staged (no shared-memory staging, so any
-// V; the longest row held on chip: none). Pass 1 the maxima, pass 2 the sums against them (no rescaling), and,
+// Design: one block per row, one launch. Pass 1 the maxima, pass 2 the sums against them (no rescaling), and,
 // when a gradient is asked for, pass 3 the gradient from the statistics the block holds in registers (every
-// thread has the block sums): nothing per row is written to global memory and read back. Element traffic per
-// call, N rows of V, g gradients asked for (0, 1 or 2): reads 4 x N x V (X and Y in passes 1 and 2) and, with a
-// gradient, 2 x N x V more (pass 3; passes 2 and 3 mostly served from L2, a block's row being at most a few
-// hundred KB), writes g x N x V. In bytes: (6 + g) x N x V x 2 for bf16/fp16, x 4 for fp32, with a gradient;
-// 4 x N x V x 2 (x 4) without (no N x V write). Plus per row the weights, the label and the target logit (CE).
+// thread has the block sums): nothing per row is written to global memory and read back. Pass 1 stages the row
+// pair in shared memory where it fits (common.cuh `first_pass`: (V + 8) x 4 bytes for a bf16/fp16 pair, (V + 4)
+// x 8 for fp32, within the device's opt-in limit per block less the kernel's static shared memory: V up to ~57K
+// for bf16 on an H100/H200's 227 KiB, ~41K on an A100's 163 KiB; fp32 half that), and passes 2 and 3 read the
+// copy; a longer row is re-read from global memory (mostly L2) in each pass. Element traffic per call, N rows of
+// V, g gradients asked for (0, 1 or 2): staged, reads 2 x N x V (X and Y once) with or without a gradient; re-read,
+// 4 x N x V (passes 1 and 2) and, with a gradient, 2 x N x V more (pass 3); writes g x N x V. In bytes, staged:
+// (2 + g) x N x V x 2 for bf16/fp16, x 4 for fp32; re-read: (6 + g) x N x V x 2 (x 4) with a gradient, 4 x N x V
+// x 2 (x 4) without. Plus per row the weights, the label and the target logit (CE). A staged row of 32000 bf16
+// logits takes 128 KB: one block per SM, whose loads are not overlapped with another block's exponentials;
+// FASTKD_CUDA_STAGE_BYTES caps the staged bytes (0: never), so a GPU run can time both.
 // Exponentials per element: pass 2 two `exp_accurate` (three with CE) and the series of `exp_diff`; pass 3 two
 // (three with CE) and one correctly rounded division per probability. d_T costs nothing more where both gradients
 // are written but two multiply-adds per element and one block sum per row (plus a float written per row); asked
@@ -53,14 +58,14 @@ __global__ void __launch_bounds__(kMaxThreads)
   const TX* x_row = x_base + row_offset(row, xl);
   const TY* y_row = y_base + row_offset(row, yl);
   const bool has_ce = target != nullptr;
-  bool active = true;
-  if (labels != nullptr) active = labels[row] != ignore_index;
-  const int64_t n_cols = active ? V : 0;  // an ignored token reads nothing
+  // An ignored token reads nothing: 0 columns (V >= 1, so `n_cols != 0` says the token is active; a separate flag,
+  // live across the kernel, took a stack slot in one instance).
+  const int64_t n_cols = labels != nullptr && labels[row] == ignore_index ? 0 : V;
 
   // Pass 1: the maxima of x, y and the raw s = Y (for CE).
   Floats<3> m;
   m.v[0] = neg_inf(); m.v[1] = neg_inf(); m.v[2] = neg_inf();
-  visit_row(x_row, xl.col, y_row, yl.col, n_cols, [&](int64_t, float x_raw, float y_raw, float&, float&) {
+  first_pass(x_row, xl.col, y_row, yl.col, n_cols, row, V, [&](int64_t, float x_raw, float y_raw, float&, float&) {
     max_scaled(m, x_raw, y_raw, inv_temperature);
     m.v[2] = fmaxf(m.v[2], y_raw);
   });
@@ -73,7 +78,8 @@ __global__ void __launch_bounds__(kMaxThreads)
   Floats<6> s;
 #pragma unroll
   for (int i = 0; i < 6; ++i) s.v[i] = 0.0f;
-  visit_row(x_row, xl.col, y_row, yl.col, n_cols, [&](int64_t, float x_raw, float y_raw, float&, float&) {
+  const RowPair<TX, TY> in2 = rows_to_read(x_row, xl.col, y_row, yl.col, n_cols, row, V);
+  visit_row(in2.x, in2.x_col, in2.y, in2.y_col, n_cols, [&](int64_t, float x_raw, float y_raw, float&, float&) {
     const float a = scaled(x_raw, inv_temperature) - m_x;
     const float b = scaled(y_raw, inv_temperature) - m_y;
     // Z_s for CE. y_raw captured by value: by reference, it changed nvcc's register allocation of the kernel.
@@ -95,7 +101,7 @@ __global__ void __launch_bounds__(kMaxThreads)
       const float s_target = valid ? to_float(y_row[t * yl.col]) : 0.0f;
       ce_out[row] = valid ? (m_s - s_target) + log_rn(z_s) : quiet_nan();
     }
-    if (!active) kl = 0.0f;  // an ignored token (its sums are empty: 0 / 0)
+    if (n_cols == 0) kl = 0.0f;  // an ignored token (its sums are empty: 0 / 0)
     kl_out[row] = kl;
   }
 
@@ -115,8 +121,9 @@ __global__ void __launch_bounds__(kMaxThreads)
     const float r_x = __frcp_rn(z_x);
     const float r_y = Y_GRAD ? __frcp_rn(z_y) : 0.0f;
     const float r_s = Y_GRAD && has_ce ? __frcp_rn(z_s) : 0.0f;
-    write_row_gradients<X_GRAD, Y_GRAD>(x_row, xl.col, y_row, yl.col, X_GRAD ? dx_base + row * V : nullptr,
-                                        Y_GRAD ? dy_base + row * V : nullptr, V, active, d_t, 0.0f,
+    const RowPair<TX, TY> in3 = rows_to_read(x_row, xl.col, y_row, yl.col, n_cols, row, V);
+    write_row_gradients<X_GRAD, Y_GRAD>(in3.x, in3.x_col, in3.y, in3.y_col, X_GRAD ? dx_base + row * V : nullptr,
+                                        Y_GRAD ? dy_base + row * V : nullptr, V, n_cols != 0, d_t, 0.0f,
                                         [&](int64_t c, float x_raw, float y_raw, float& gx, float& gy,
                                             auto t_grad_flag) {
       constexpr bool T_GRAD = decltype(t_grad_flag)::value;

@@ -75,10 +75,11 @@ def test_quick_rows_have_every_column(quick_csv):
         if row["status"] == "ok" and pass_ != "bwd":
             assert float(row["pct_path"]) == pytest.approx(
                 100 * int(row["path_bytes"]) / (float(row["median_ms"]) * 1e6) / float(row["copy_gbps"]), rel=1e-3)
+    # CUDA C++ stages the row pair in shared memory: the same bytes as Triton's one block.
     cuda_kd = {r["pass"]: int(r["path_bytes"]) for r in rows if r["peer"] == "cuda" and r["loss"] == "kd"}
-    assert cuda_kd == {"fwd-nograd": 4 * elements, "fwd": 7 * elements, "bwd": 0, "fwd+bwd": 7 * elements}
+    assert cuda_kd == {"fwd-nograd": 2 * elements, "fwd": 3 * elements, "bwd": 0, "fwd+bwd": 3 * elements}
     assert "[1/2] kd 64x100 float32  [path/floor fwd-nograd/fwd/bwd/fwd+bwd: triton 1.00 1.50 0.00 1.00 (one block); " \
-           "cuda 2.00 3.50 0.00 2.33 (re-read)]" in stdout
+           "cuda 1.00 1.50 0.00 1.00 (staged)]" in stdout
     assert "[2/2] at 4x8x8x8 float32\n" in stdout  # no model: nothing more said
 
 
@@ -260,8 +261,9 @@ STREAMED = {"kl": {"fwd-nograd": 4, "fwd": 7, "bwd": 0, "fwd+bwd": 7},
 
 
 def expected(name, backend, N, V, dtype, pass_, one_block):
+    """`one_block`: the row read once (Triton's one block, CUDA C++'s staged row)."""
     kernel = "jsd" if name == "jsd" else "kl"   # DKD streams as KL does
-    mult = ONE_BLOCK[pass_] if backend == "triton" and one_block else STREAMED[kernel][pass_]
+    mult = ONE_BLOCK[pass_] if one_block else STREAMED[kernel][pass_]
     labels = 8 * N if name == "dkd" and pass_ != "bwd" else 0
     return mult * N * V * ELEM[dtype] + labels
 
@@ -277,24 +279,39 @@ def test_passes_and_floors():
 
 @pytest.mark.parametrize("dtype", list(ELEM))
 @pytest.mark.parametrize("name", LOGIT_LOSSES)
-def test_path_bytes_one_block_and_streamed(name, dtype):
+def test_path_bytes_one_block_and_streamed(name, dtype, monkeypatch):
     """Rows up to MAX_BLOCK_V (read from fastkd.triton.rows, not copied) are one Triton block; one more column
-    streams; the CUDA C++ kernels re-read every row whatever V."""
+    streams. The CUDA C++ kernels stage a row pair that fits in an H100's 227 KiB of shared memory per block (less
+    the kernels' static shared memory), and re-read a longer one."""
+    monkeypatch.delenv(traffic.STAGE_ENV, raising=False)
     limit = traffic.triton_max_block_v()
     assert limit is not None and limit >= 2
     from fastkd.triton import rows
     assert limit == rows.MAX_BLOCK_V
     N = 3
     for V, one_block in ((limit, True), (limit + 1, False), (7, True)):
-        for backend in ("triton", "cuda"):
-            for pass_ in PASSES:
-                got = traffic.path_bytes(LOSSES[name], (N, V), dtype, backend, pass_)
-                assert got == expected(name, backend, N, V, dtype, pass_, one_block), (name, V, backend, pass_)
+        for pass_ in PASSES:
+            got = traffic.path_bytes(LOSSES[name], (N, V), dtype, "triton", pass_)
+            assert got == expected(name, "triton", N, V, dtype, pass_, one_block), (name, V, pass_)
         case = build_cases([name], [f"{N}x{V}"], [dtype])[0]
         assert case.path_bytes("triton", "fwd+bwd") == expected(name, "triton", N, V, dtype, "fwd+bwd", one_block)
         assert traffic.path_kind(case, "triton") == (
             "one block" if one_block else ("4 passes" if name == "jsd" else "3 passes"))
-        assert traffic.path_kind(case, "cuda") == "re-read"
+    # The longest staged row: (V + K) elements per row, the first rounded up to 16 bytes, in 227 KiB less the
+    # kernels' static shared memory.
+    elem, budget = ELEM[dtype], 232448 - traffic.ROW_KERNEL_STATIC_SHARED
+    longest = budget // (2 * elem) - 16 // elem
+    assert traffic.cuda_staged_bytes(longest, elem) <= budget < traffic.cuda_staged_bytes(longest + 1, elem)
+    for V, staged in ((longest, True), (longest + 1, False), (7, True)):
+        for pass_ in PASSES:
+            got = traffic.path_bytes(LOSSES[name], (N, V), dtype, "cuda", pass_)
+            assert got == expected(name, "cuda", N, V, dtype, pass_, staged), (name, V, pass_)
+        case = build_cases([name], [f"{N}x{V}"], [dtype])[0]
+        assert traffic.path_kind(case, "cuda") == ("staged" if staged else "re-read")
+    # FASTKD_CUDA_STAGE_BYTES=0: the kernels never stage (and the model follows).
+    monkeypatch.setenv(traffic.STAGE_ENV, "0")
+    assert traffic.path_bytes(LOSSES[name], (N, 7), dtype, "cuda", "fwd") == expected(name, "cuda", N, 7, dtype, "fwd",
+                                                                                    False)
 
 
 def test_path_bytes_follows_the_triton_limit(monkeypatch):
@@ -320,7 +337,7 @@ def test_path_bytes_options_and_losses_without_a_model():
     assert traffic.path_bytes("kl_forward", (2, 4, 100), "float32", "triton", "fwd") == 3 * 800 * 4
     # KD's CE term reads the student row the KL reads already: only its labels are added.
     assert traffic.path_bytes("kd", shape, "float32", "triton", "fwd", ce=True) == 3 * 800 * 4 + 8 * 8
-    # JSD at beta 0 or 1 runs on the KL kernel (3 passes streamed, not 4).
+    # JSD at beta 0 or 1 runs on the KL kernel (3 passes streamed, not 4); a row of 10**6 is never staged.
     from bench.cases import Loss
     jsd_kl = Loss("jsd", "jsd_loss", "logits", {"beta": 1.0})
     assert traffic.path_bytes(jsd_kl, (2, 10**6), "float32", "cuda", "fwd") == 7 * 2 * 10**6 * 4
@@ -344,8 +361,8 @@ def test_list_shows_floor_and_path_bytes():
     assert len(body) == 4 * 4 + 2  # kd, jsd x 2 shapes x 4 passes, then rkd's two cases (labels only)
     first = body[0].split()
     assert first[:3] == ["kd", "256x1000", "bfloat16"] and first[3] == "fwd-nograd"
-    assert first[4:] == ["1.02", "MB", "1.02", "MB", "1.00", "2.05", "MB", "2.00", "triton:", "one", "block,",
-                         "cuda:", "re-read"]
+    assert first[4:] == ["1.02", "MB", "1.02", "MB", "1.00", "1.02", "MB", "1.00", "triton:", "one", "block,",
+                         "cuda:", "staged"]
     llm = next(i for i, line in enumerate(body) if line.startswith("kd 8192x128256 bfloat16"))
     ratios = [line.split()[-1] if i else line.split()[-6] for i, line in enumerate(body[llm:llm + 4])]
     assert ratios == ["2.00", "3.50", "0.00", "2.33"]  # streamed: 4, 6 + 1, 0, 6 + 1 over 2, 2, 1, 3
@@ -355,8 +372,8 @@ def test_list_shows_floor_and_path_bytes():
     # Only the passes and fastkd backends asked for; without either nothing but the labels.
     done = run_bench("--list", "--losses", "kd", "--quick", "--passes", "fwd+bwd", "--peers", "eager,cuda")
     assert done.stdout.splitlines()[-2:] == [
-        "kd 64x100 float32   fwd+bwd        76.8 KB        179 KB  2.33   cuda: re-read",
-        "kd 32x512 bfloat16  fwd+bwd        98.3 KB        229 KB  2.33   cuda: re-read"]
+        "kd 64x100 float32   fwd+bwd        76.8 KB       76.8 KB  1.00   cuda: staged",
+        "kd 32x512 bfloat16  fwd+bwd        98.3 KB       98.3 KB  1.00   cuda: staged"]
     done = run_bench("--list", "--losses", "kd", "--quick", "--peers", "eager")
     assert done.stdout.splitlines() == ["kd 64x100 float32", "kd 32x512 bfloat16"]
 

@@ -565,6 +565,95 @@ def test_long_rows_match_the_triton_kernels(ops, T):
     close(got[1].double(), want[1], "NCKD vs float64")
 
 
+# --- Rows staged in shared memory --------------------------------------------------------------------------------
+# A row pair that fits in the block's shared memory (csrc/common.cuh `first_pass`) is read from global memory once and
+# its later passes read the copy: the same values as the re-reading path, bit for bit, since the copy is exact.
+# FASTKD_CUDA_STAGE_BYTES=0 turns staging off; the stand-in has an H100's 227 KiB per block.
+
+STAGE_ENV = "FASTKD_CUDA_STAGE_BYTES"
+
+
+def staged_and_reread(monkeypatch, call):
+    """`call()` with rows staged (the default) and re-read (staging off)."""
+    monkeypatch.delenv(STAGE_ENV, raising=False)
+    staged = call()
+    monkeypatch.setenv(STAGE_ENV, "0")
+    reread = call()
+    monkeypatch.delenv(STAGE_ENV)
+    return staged, reread
+
+
+def bitwise_equal(a, b):
+    """The same shape, dtype and bit pattern (NaN payloads included)."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    as_int = {4: torch.int32, 2: torch.int16}[a.element_size()]
+    return torch.equal(a.contiguous().view(as_int), b.contiguous().view(as_int))
+
+
+def staging_inputs(case):
+    """Row pairs that exercise the copy: odd V (rows at every 16-byte phase), strided and offset views (the copy is
+    contiguous, the global rows are not), mixed dtypes, -inf and NaN logits; an ignored token in each."""
+    s, t = logits(3, 7, 37, seed=90), logits(3, 7, 37, seed=91)
+    if case == "odd V":
+        return s.reshape(21, 37), t.reshape(21, 37)
+    if case == "strided":
+        return s[:, :-1, 1:], t.transpose(0, 1).contiguous().transpose(0, 1)[:, :-1, 1:]
+    if case == "bf16-fp32, -inf, NaN":
+        s, t = s.reshape(21, 37).bfloat16(), t.reshape(21, 37)
+        t[2, ::3] = float("-inf")
+        s[4, 5] = float("nan")
+        return s, t
+    raise ValueError(case)
+
+
+@pytest.mark.parametrize("case", ["odd V", "strided", "bf16-fp32, -inf, NaN"])
+def test_staged_rows_give_the_rereading_path_bit_for_bit(ops, monkeypatch, case):
+    s, t = staging_inputs(case)
+    rows = s.numel() // s.shape[-1]
+    target = torch.arange(rows) % s.shape[-1]
+    labels = target.clone()
+    labels[1] = -100
+    w = row_weights(rows, 92)
+    t_rows = torch.linspace(0.5, 3.0, rows)
+    calls = {
+        "KL": lambda: ops.cuda_kl_rows(s, t, 2.0, t_rows, False, target.reshape(s.shape[:-1]), labels, -100, w, w,
+                                       True, True, True),
+        "JSD": lambda: ops.cuda_jsd_rows(s, t, 0.3, 2.0, None, labels, -100, w, True, False, True),
+        "DKD": lambda: ops.cuda_dkd_rows(s, t, target, 4.0, None, w, w, False, True, False),
+    }
+    for what, call in calls.items():
+        staged, reread = staged_and_reread(monkeypatch, call)
+        for i, (a, b) in enumerate(zip(staged, reread)):
+            if case == "strided":
+                # The copy is contiguous where the rows were not: its passes take the vector path, which hands the
+                # columns to the threads in another order, so the sums are rounded in another order.
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, equal_nan=True,
+                                           msg=lambda m: f"{case}, {what}: output {i}: {m}")
+            else:
+                assert bitwise_equal(a, b), f"{case}, {what}: output {i} differs once staged"
+
+
+def test_rows_staged_above_48_kib_and_rows_too_long_to_stage(ops, monkeypatch):
+    """A float32 row pair of 13000 (104 KB: the kernel's shared-memory limit raised above the default 48 KiB, or the
+    stand-in refuses the launch) and of 30000 (240 KB, more than an H100's 227 KiB per block: re-read)."""
+    for V in (13000, 30000):
+        s, t = logits(1, V, seed=93), logits(1, V, seed=94)
+        staged, reread = staged_and_reread(
+            monkeypatch, lambda: ops.cuda_kl_rows(s, t, 2.0, None, False, None, None, -100, None, None, True, True,
+                                                  False))
+        for a, b in zip(staged, reread):
+            assert bitwise_equal(a, b), V
+        check(staged[0], kl_reference(s, t, 2.0, False, None, None)[0], f"KL, V = {V}")
+
+
+def test_the_stage_cap_is_checked(ops, monkeypatch):
+    s, t = logits(2, 9, seed=95), logits(2, 9, seed=96)
+    monkeypatch.setenv(STAGE_ENV, "lots")
+    with pytest.raises(ValueError, match="FASTKD_CUDA_STAGE_BYTES must be a number of bytes"):
+        ops.cuda_jsd_rows(s, t, 0.5, 1.0, None, None, -100, None, False, False, False)
+
+
 # --- The backward: scale_rows_ ---------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -768,18 +857,17 @@ PLANTED = [
 ]
 
 
-@pytest.fixture(scope="module")
-def planted_ops():
-    """The stand-in built from a copy of csrc/ with the PLANTED faults, under its own library. The copy sits in
-    a fixed folder of the extension cache and is rewritten only where it changed, so the build is reused."""
+def planted_build(library, faults, only):
+    """The stand-in built from a copy of csrc/ with `faults` planted, under its own library, of the kernel files
+    `only`. The copy sits in a fixed folder of the extension cache and is rewritten only where it changed, so the
+    build is reused."""
     from torch.utils import cpp_extension
 
-    library = "fastkd_standin_planted"
     source = standin.cuda_build.CSRC
     copy = Path(cpp_extension._get_build_directory(library, False)) / "csrc"
     for path in sorted(p for p in source.rglob("*") if p.is_file()):
         text = path.read_text()
-        for name, line, replacement in PLANTED:
+        for name, line, replacement in faults:
             if path.name == name:
                 assert line in text, f"{name} changed: update the planted fault"
                 text = text.replace(line, replacement, 1)
@@ -787,7 +875,12 @@ def planted_ops():
         target.parent.mkdir(parents=True, exist_ok=True)
         if not target.is_file() or target.read_text() != text:
             target.write_text(text)
-    return standin.build(library, csrc=copy, only=[name for name, _, _ in PLANTED])
+    return standin.build(library, csrc=copy, only=only)
+
+
+@pytest.fixture(scope="module")
+def planted_ops():
+    return planted_build("fastkd_standin_planted", PLANTED, only=[name for name, _, _ in PLANTED])
 
 
 def test_a_planted_temperature_fault_is_caught(planted_ops):
@@ -812,6 +905,26 @@ def test_a_planted_weight_fault_is_caught(planted_ops):
         else:
             with pytest.raises(AssertionError, match=what):
                 check(d_s, want, what)
+
+
+@pytest.fixture(scope="module")
+def planted_staging_ops():
+    """The stand-in with a fault in the copy of a staged row only (its x doubled), under its own library."""
+    return planted_build("fastkd_standin_planted_staging",
+                         [("common.cuh", "out_x = x_raw;", "out_x = 2.0f * x_raw;")], only=["kl.cu"])
+
+
+def test_a_planted_staging_fault_is_caught_and_staging_can_be_turned_off(planted_staging_ops, monkeypatch):
+    """Rows are staged by default (the fault in the copy shows), and FASTKD_CUDA_STAGE_BYTES=0 re-reads them
+    (it does not)."""
+    s, t = logits(3, 50, seed=97), logits(3, 50, seed=98)
+    want = kl_reference(s, t, 2.0, False, None, None)[0]
+    call = lambda: planted_staging_ops.cuda_kl_rows(s, t, 2.0, None, False, None, None, -100, None, None,  # noqa: E731
+                                                    False, False, False)[0]
+    staged, reread = staged_and_reread(monkeypatch, call)
+    check(reread, want, "KL re-read")
+    with pytest.raises(AssertionError, match="KL staged"):
+        check(staged, want, "KL staged")
 
 
 def test_a_planted_shuffle_fault_is_caught(planted_ops):

@@ -30,7 +30,13 @@
 // - reads of uninitialised shared memory (they see the previous block's values here, garbage on the GPU) and
 //   out-of-bounds accesses to global memory (use compute-sanitizer on a GPU). The build (fastkd/cuda/standin.py)
 //   does stop on misaligned vector loads and stores and on indices outside fixed-size arrays (UBSan);
-// - dynamic shared memory (extern __shared__) and the other intrinsics: only what csrc/ uses is here.
+// - the other intrinsics: only what csrc/ uses is here.
+//
+// Dynamic shared memory (FASTKD_DYNAMIC_SHARED in csrc/device.cuh) is a buffer of the launch's size per block, filled
+// with 0xff bytes (NaN in every float format) so that a read of a byte the kernel never wrote shows; the kernel reads
+// its size with `dynamic_shared_bytes()`. As on the GPU, a launch may ask for more than 48 KiB only after
+// cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes) raised the kernel's limit, and never
+// for more than the device's opt-in limit (an H100's 227 KiB here); a kernel's static __shared__ counts as 0 bytes.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -96,6 +102,8 @@ struct Block {
 };
 
 inline thread_local Block* this_block = nullptr;
+inline thread_local unsigned char* dynamic_shared = nullptr;  // the block's dynamic shared memory
+inline thread_local unsigned dynamic_shared_size = 0;         // its size in bytes
 inline thread_local unsigned this_thread = 0;  // the linear thread index in the block
 inline thread_local unsigned shuffles = 0;     // how many this thread has done
 
@@ -152,10 +160,27 @@ inline void stwb(T* p, T v) { *p = v; }
 
 inline std::mutex launch_mutex;
 
+// An H100's (and H200's) opt-in limit of shared memory per block: 227 KiB.
+inline constexpr size_t kSharedPerBlockOptin = 232448;
+inline constexpr size_t kSharedPerBlockDefault = 48 * 1024;
+
+// The dynamic shared memory each kernel may take (cudaFuncSetAttribute), where raised above the default.
+inline std::mutex attribute_mutex;
+inline std::vector<std::pair<const void*, size_t>> dynamic_shared_limits;
+
+inline size_t dynamic_shared_limit(const void* kernel) {
+  const std::lock_guard<std::mutex> lock(attribute_mutex);
+  for (const auto& [k, bytes] : dynamic_shared_limits) {
+    if (k == kernel) return bytes;
+  }
+  return kSharedPerBlockDefault;
+}
+
 template <typename... P>
 struct Launch {
   void (*kernel)(P...);
   dim3 grid, block;
+  size_t smem;
 
   template <typename... A>
   void operator()(A&&... args) const {
@@ -166,6 +191,9 @@ struct Launch {
       for (unsigned by = 0; by < grid.y; ++by)
         for (unsigned bx = 0; bx < grid.x; ++bx) {
           Block b(threads);
+          // 16-byte aligned, as the GPU's; 0xff bytes: a read of a byte never written is NaN.
+          std::unique_ptr<uint4[]> shared(new uint4[(smem + 15) / 16]);
+          std::memset(shared.get(), 0xff, (smem + 15) / 16 * 16);
           std::vector<std::thread> pool;
           pool.reserve(threads);
           for (unsigned t = 0; t < threads; ++t) {
@@ -176,6 +204,8 @@ struct Launch {
               gridDim = grid;
               this_block = &b;
               this_thread = t;
+              dynamic_shared = smem != 0 ? reinterpret_cast<unsigned char*>(shared.get()) : nullptr;
+              dynamic_shared_size = static_cast<unsigned>(smem);
               std::apply(kernel, params);
               // Returned: no longer awaited at the block's or the warp's barriers, nor a shuffle source.
               Warp& warp = *b.warps[t / 32];
@@ -198,11 +228,45 @@ Launch<P...> bind(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem) {
   TORCH_CHECK(grid.x >= 1 && grid.x <= 2147483647u && grid.y >= 1 && grid.y <= 65535 && grid.z >= 1 &&
                   grid.z <= 65535,
               "CUDA stand-in: invalid grid (", grid.x, ", ", grid.y, ", ", grid.z, ")");
-  TORCH_CHECK(smem == 0, "CUDA stand-in: dynamic shared memory is not supported");
-  return Launch<P...>{kernel, grid, block};
+  const size_t limit = dynamic_shared_limit(reinterpret_cast<const void*>(kernel));
+  TORCH_CHECK(smem <= limit, "CUDA stand-in: ", smem, " bytes of dynamic shared memory asked for, the kernel's ",
+              "limit is ", limit, " (raise it with cudaFuncSetAttribute)");
+  return Launch<P...>{kernel, grid, block, smem};
 }
 
 }  // namespace fastkd_standin
+
+// The runtime functions csrc/ calls: one device; every call succeeds (a bad argument throws).
+using cudaError_t = int;
+inline constexpr cudaError_t cudaSuccess = 0;
+enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
+struct cudaFuncAttributes {
+  size_t sharedSizeBytes;  // static __shared__: not counted here (0)
+};
+inline cudaError_t cudaGetDevice(int* device) {
+  *device = 0;
+  return cudaSuccess;
+}
+inline cudaError_t cudaFuncGetAttributes(cudaFuncAttributes* attributes, const void*) {
+  attributes->sharedSizeBytes = 0;
+  return cudaSuccess;
+}
+inline cudaError_t cudaFuncSetAttribute(const void* kernel, cudaFuncAttribute attribute, int value) {
+  TORCH_CHECK(attribute == cudaFuncAttributeMaxDynamicSharedMemorySize, "CUDA stand-in: unsupported attribute");
+  TORCH_CHECK(value >= 0 && static_cast<size_t>(value) <= fastkd_standin::kSharedPerBlockOptin,
+              "CUDA stand-in: a dynamic shared memory limit of ", value, " bytes is beyond the device's ",
+              fastkd_standin::kSharedPerBlockOptin);
+  const std::lock_guard<std::mutex> lock(fastkd_standin::attribute_mutex);
+  for (auto& [k, bytes] : fastkd_standin::dynamic_shared_limits) {
+    if (k == kernel) {
+      bytes = static_cast<size_t>(value);
+      return cudaSuccess;
+    }
+  }
+  fastkd_standin::dynamic_shared_limits.emplace_back(kernel, static_cast<size_t>(value));
+  return cudaSuccess;
+}
+#define C10_CUDA_CHECK(expr) TORCH_CHECK((expr) == cudaSuccess, "CUDA stand-in: ", #expr, " failed")
 
 // The host side of the CUDA ATen and c10 headers that csrc/ uses: one device, one stream, no errors to check
 // after a launch (a bad configuration has thrown already).
@@ -216,10 +280,12 @@ using c10::cuda::CUDAGuard;
 inline cudaStream_t getCurrentCUDAStream() { return nullptr; }
 struct DeviceProperties {
   int multiProcessorCount;
+  size_t sharedMemPerBlockOptin;
 };
-// An H100's 132 SMs, so that launchers that size their grids by the SM count take the paths they take there.
+// An H100's 132 SMs and 227 KiB of shared memory per block, so that launchers that size their grids by the SM count
+// or their rows by the shared memory take the paths they take there.
 inline const DeviceProperties* getCurrentDeviceProperties() {
-  static const DeviceProperties properties{132};
+  static const DeviceProperties properties{132, fastkd_standin::kSharedPerBlockOptin};
   return &properties;
 }
 }  // namespace at::cuda
