@@ -421,6 +421,98 @@ __device__ __forceinline__ RowPair<TX, TY> rows_to_read(const TX* x, int64_t x_c
   return rows_staged(n) ? staged_rows<TX, TY>(row, V) : RowPair<TX, TY>{x, x_col, y, y_col};
 }
 
+// --- One staged row (kernels with one dense operand: sparse.cu) ---------------------------------------------------
+// The single-row counterparts of visit_row / first_pass / rows_to_read above, which they leave unchanged. The copy
+// of the row takes V + K elements of T (K = 16 / sizeof(T)) at byte `offset` of the block's dynamic shared memory (a
+// multiple of 16: what the kernel keeps before it, e.g. a bitmap), shifted by the phase (row * V) % K as
+// staged_rows, so that it shares the phase of the contiguous gradient row. The row is staged where the launch gave
+// more dynamic shared memory than `offset` (the host adds the copy only where it fits) and the row has columns.
+
+// visit_row for one operand: `f(col, x, out)`, `out` stored at a[col] where WA (a contiguous row). The same vector
+// path (x with column stride 1 and a at the same phase: 16-byte loads, or 8 for a narrower type) and fallbacks.
+template <bool WA, bool TO_SHARED = false, typename TX, typename TA, typename F>
+__device__ __forceinline__ void visit_one_row(const TX* __restrict__ x, int64_t x_col, TA* __restrict__ a, int64_t n,
+                                              F&& f) {
+  constexpr size_t kWidest = MaxSize<sizeof(TX), WA ? sizeof(TA) : 1>::value;
+  constexpr int K = static_cast<int>(16 / kWidest);
+  int64_t head = 0;
+  int64_t chunks = 0;
+  if (x_col == 1) {
+    const int ph = phase<TX, K>(x);
+    if (!WA || phase<TA, K>(a) == ph) {
+      head = (K - ph) % K;
+      if (head > n) head = n;
+      chunks = (n - head) / K;
+    }
+  }
+  const int64_t body_end = head + chunks * K;
+  const int64_t scalars = head + (n - body_end);
+  for (int64_t i = threadIdx.x; i < scalars; i += blockDim.x) {
+    const int64_t c = i < head ? i : body_end + (i - head);
+    float out = 0.0f;
+    f(c, to_float(x[c * x_col]), out);
+    if (WA) a[c] = from_float<TA>(out);
+  }
+  for (int64_t i = threadIdx.x; i < chunks; i += blockDim.x) {
+    const int64_t c0 = head + i * K;
+    const Chunk<TX, K> cx = load_chunk<TX, K>(x + c0);
+    Chunk<TA, K> ca;
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      float out = 0.0f;
+      f(c0 + k, to_float(cx.v[k]), out);
+      if (WA) ca.v[k] = from_float<TA>(out);
+    }
+    if constexpr (WA) {
+      if constexpr (TO_SHARED) store_chunk_shared<TA, K>(a + c0, ca); else store_chunk<TA, K>(a + c0, ca);
+    }
+  }
+}
+
+__host__ __device__ __forceinline__ int64_t staged_row_bytes(int64_t V, int64_t size) {
+  return staged_region_bytes(V, size, 16 / size);
+}
+
+// A row a pass reads: pointer and column stride.
+template <typename T>
+struct OneRow {
+  const T* x;
+  int64_t col;
+};
+
+__device__ __forceinline__ bool row_staged(int64_t n, unsigned offset) { return dynamic_shared_bytes() > offset && n != 0; }
+
+template <typename T>
+__device__ __forceinline__ T* staged_row(int64_t row, int64_t V, unsigned offset) {
+  FASTKD_DYNAMIC_SHARED(stage);
+  constexpr int64_t K = 16 / sizeof(T);
+  return reinterpret_cast<T*>(stage + offset) + (row * V) % K;
+}
+
+// Pass 1 over one row: visits columns [0, n) of (x, x_col) once (`f(col, x, out)`, `out` unused) and, where the row
+// is staged, copies it to shared memory (exactly). The copy's first reader must come after a __syncthreads().
+template <typename T, typename F>
+__device__ __forceinline__ void first_pass_row(const T* x, int64_t x_col, int64_t n, int64_t row, int64_t V,
+                                               unsigned offset, F&& f) {
+  if (!row_staged(n, offset)) {
+    visit_one_row<false>(x, x_col, static_cast<float*>(nullptr), n, f);
+    return;
+  }
+  visit_one_row</*WA=*/true, /*TO_SHARED=*/true>(x, x_col, staged_row<T>(row, V, offset), n,
+                                                 [&](int64_t c, float x_raw, float& out) {
+    f(c, x_raw, out);
+    out = x_raw;
+  });
+}
+
+// The row a later pass reads: the copy where pass 1 staged it, else the global row (recomputed per pass, as
+// rows_to_read).
+template <typename T>
+__device__ __forceinline__ OneRow<T> row_to_read(const T* x, int64_t x_col, int64_t n, int64_t row, int64_t V,
+                                                 unsigned offset) {
+  return row_staged(n, offset) ? OneRow<T>{staged_row<T>(row, V, offset), 1} : OneRow<T>{x, x_col};
+}
+
 // Writes zeros over a contiguous row (the gradient of an ignored token).
 template <typename T>
 __device__ __forceinline__ void zero_row(T* __restrict__ out, int64_t n) {

@@ -46,6 +46,10 @@ FASTKD_TORCH_LIBRARY(FASTKD_LIBRARY, m) {
   m.def("cuda_dkd_rows(Tensor student, Tensor teacher, Tensor target, float temperature, Tensor? temperature_rows, "
         "Tensor? tckd_weight, Tensor? nckd_weight, bool student_grad, bool teacher_grad, bool temperature_grad) "
         "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // Sparse-teacher KD: per-row loss of the student's logits against k teacher slots (ids, log-probabilities;
+  // l = -inf: unused), d_student (weighted, in the forward) -- fastkd/triton/sparse.py.
+  m.def("cuda_sparse_kd_rows(Tensor student, Tensor teacher_indices, Tensor teacher_logprobs, str tail, "
+        "float temperature, Tensor? labels, int ignore_index, Tensor? weight, bool student_grad) -> (Tensor, Tensor)");
   // d_row *= scale[row] in place -- fastkd/triton/rows.py.
   m.def("cuda_scale_rows_(Tensor(a!) d, Tensor scale) -> ()");
   // RKD: direct squared distances (B, B) of float32 rows (B, D); out_m = sum_k w_mk (x_m - x_k) for a symmetric

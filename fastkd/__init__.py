@@ -1,7 +1,9 @@
 """fastkd: knowledge-distillation losses as fused kernels, each verified against a plain PyTorch reference.
 
-- `fastkd.functional`: the losses as functions (`kd_loss`, `kl_div_loss`, `jsd_loss`, `dkd_loss`, `rkd_loss`, ...).
-- `fastkd.losses`: the same as `torch.nn.Module`s (`KDLoss`, `KLDivLoss`, `JSDLoss`, `RKDLoss`, ...).
+- `fastkd.functional`: the losses as functions (`kd_loss`, `kl_div_loss`, `jsd_loss`, `dkd_loss`,
+  `sparse_kd_loss`, `rkd_loss`, ...).
+- `fastkd.losses`: the same as `torch.nn.Module`s (`KDLoss`, `KLDivLoss`, `JSDLoss`, `SparseKDLoss`,
+  `RKDLoss`, ...).
 - `fastkd.compat.repdistiller`: RepDistiller's classes, for a one-line migration.
 - `fastkd.reference`: the plain PyTorch definitions every kernel is checked against.
 - `fastkd.available_backends()`: which backends run here, and why not the others.

@@ -1,4 +1,5 @@
-"""Command line: `python -m fastkd info` (versions, devices, backends), `demo`, `build-cuda`, and `kernels`."""
+"""Command line: `python -m fastkd info` (versions, devices, backends), `demo` (`demo llm`), `build-cuda`, and
+`kernels`."""
 from __future__ import annotations
 
 import argparse
@@ -96,7 +97,7 @@ def build_cuda(arch: str | None, verbose: bool) -> int:
     print(f"built and loaded {path}: {torch.ops.fastkd.cuda_build_info()}, {len(ops)} ops: {', '.join(ops)}")
     from . import cuda, kernel_losses
     cuda.register()  # the fakes and the autograd, as the first use does
-    print(f"registered as backend 'cuda' for: {', '.join(sorted(kernel_losses.LOSSES))}")
+    print(f"registered as backend 'cuda' for: {', '.join(kernel_losses.backend_losses(cuda.KERNELS))}")
     print("cached there for later processes (fastkd.cuda.build.cached_library); `python -m fastkd info` reports it")
     return 0
 
@@ -121,13 +122,20 @@ def main(argv: list[str] | None = None) -> int:
     kern = commands.add_parser("kernels", help="compile the Triton kernels for a GPU architecture (no GPU needed) "
                                                 "and print registers, spills and widest global loads")
     kern.add_argument("--arch", default="8.0,9.0", help='comma-separated, e.g. "8.0,9.0"')
-    demo = commands.add_parser("demo", help="distil a small MNIST teacher into a student (Hinton et al.'s table)")
+    demo = commands.add_parser("demo", help="distil a small MNIST teacher into a student (Hinton et al.'s table), "
+                                             "or (demo llm) a small language model from a cached teacher")
+    demo.add_argument("which", nargs="?", choices=("mnist", "llm"), default="mnist",
+                      help="mnist (default): Hinton et al.'s MNIST table; llm: a byte-level transformer student "
+                           "trained alone, with full-logit KD and from top-k and sampled teacher caches, on the "
+                           "Python standard library's source")
     demo.add_argument("--quick", action="store_true", help="a few seconds on a subset, for smoke tests")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     demo.add_argument("--backend", default=None, choices=("auto",) + fastkd.BACKENDS)
-    demo.add_argument("--epochs-teacher", type=int, default=None)
-    demo.add_argument("--epochs-student", type=int, default=None)
+    demo.add_argument("--epochs-teacher", type=int, default=None, help="mnist only")
+    demo.add_argument("--epochs-student", type=int, default=None, help="mnist only")
+    demo.add_argument("--steps-teacher", type=int, default=None, help="llm only")
+    demo.add_argument("--steps-student", type=int, default=None, help="llm only (each of the five students)")
     demo.add_argument("--threads", type=int, default=None,
                       help="CPU threads for torch (default: torch's, the core count); on a CPU the numbers depend on it")
     args = parser.parse_args(argv)
@@ -141,13 +149,23 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "kernels":
         return kernels(args.arch)
     else:
-        from . import demo as demo_module
+        # Options of the other demo are refused rather than ignored, so no one reads a table they did not shape.
+        other = {"mnist": ("steps_teacher", "steps_student"), "llm": ("epochs_teacher", "epochs_student")}
+        for name in other[args.which]:
+            if getattr(args, name) is not None:
+                parser.error(f"--{name.replace('_', '-')} is not an option of `demo {args.which}`")
         if args.threads is not None:
             if args.threads < 1:
                 parser.error(f"--threads must be at least 1, got {args.threads}")
             torch.set_num_threads(args.threads)
-        demo_module.run(quick=args.quick, seed=args.seed, device=args.device, backend=args.backend,
-                        epochs_teacher=args.epochs_teacher, epochs_student=args.epochs_student)
+        if args.which == "llm":
+            from . import demo_llm
+            demo_llm.run(quick=args.quick, seed=args.seed, device=args.device, backend=args.backend,
+                         steps_teacher=args.steps_teacher, steps_student=args.steps_student)
+        else:
+            from . import demo as demo_module
+            demo_module.run(quick=args.quick, seed=args.seed, device=args.device, backend=args.backend,
+                            epochs_teacher=args.epochs_teacher, epochs_student=args.epochs_student)
     return 0
 
 

@@ -171,6 +171,73 @@ def check_labels(labels: object, logits: torch.Tensor) -> torch.Tensor:
     return labels
 
 
+def check_sparse_teacher(student_logits: object, teacher_indices: object, teacher_logprobs: object) -> None:
+    """Student logits `(..., V)` and a sparse teacher: ids `(..., k)` and their log-probabilities `(..., k)`, on one
+    device. On CPU tensors (outside torch.compile) the ids of used slots (log-probability not -inf) must lie in
+    [0, V); elsewhere such a row's loss is NaN (reading the ids would wait on the device)."""
+    check_float_tensor("student_logits", student_logits)
+    if student_logits.dim() < 1:
+        raise ValueError("student_logits must have a class dimension, got a 0-d tensor")
+    if student_logits.shape[-1] == 0:
+        raise ValueError("student_logits must have at least one class, got 0")
+    if student_logits.numel() == 0:
+        raise ValueError(f"the batch is empty: student_logits has shape {tuple(student_logits.shape)}")
+    check_sparse_slots(teacher_indices, teacher_logprobs, student_logits.shape[:-1], student_logits.shape[-1],
+                       f"student_logits {tuple(student_logits.shape)}", student_logits=student_logits)
+
+
+def check_sparse_slots(teacher_indices: object, teacher_logprobs: object, rows_shape: torch.Size, vocab: int,
+                       rows_of: str, **beside: torch.Tensor) -> None:
+    """A sparse teacher's ids `(..., k)` and log-probabilities `(..., k)` for `rows_shape` rows over `vocab` >= 1
+    ids (`rows_of` names what has those rows, for the message), on the device of the tensors in `beside`: the
+    checks of `check_sparse_teacher` for a caller without the student's logits (the fused linear loss)."""
+    check_index_tensor("teacher_indices", teacher_indices)
+    check_float_tensor("teacher_logprobs", teacher_logprobs)
+    check_same_device(**beside, teacher_indices=teacher_indices, teacher_logprobs=teacher_logprobs)
+    if teacher_indices.shape != teacher_logprobs.shape:
+        raise ValueError(f"teacher_indices and teacher_logprobs must have the same shape (..., k), one id and its "
+                         f"log-probability per slot, got {tuple(teacher_indices.shape)} and "
+                         f"{tuple(teacher_logprobs.shape)}")
+    if teacher_indices.dim() != len(rows_shape) + 1 or teacher_indices.shape[:-1] != rows_shape:
+        raise ValueError(f"teacher_indices and teacher_logprobs must have shape {tuple(rows_shape)} + (k,) (k "
+                         f"teacher slots per row of {rows_of}), got {tuple(teacher_indices.shape)}")
+    if teacher_indices.shape[-1] == 0:
+        raise ValueError("teacher_indices and teacher_logprobs must have at least one slot per row (k >= 1), got 0")
+    if teacher_indices.device.type == "cpu" and not torch.compiler.is_compiling():
+        ids = teacher_indices[teacher_logprobs != float("-inf")]
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
+            raise ValueError(f"teacher_indices holds ids outside [0, {vocab}) in used slots (teacher_logprobs not "
+                             f"-inf): min {int(ids.min())}, max {int(ids.max())}; mark an unused slot with a "
+                             f"teacher_logprobs of -inf (its id is then ignored)")
+
+
+def check_sparse_temperature(temperature: object, tail: str) -> float:
+    """A positive number; 1 unless `tail` is "renormalize" (the teacher's tail is known at T = 1 only)."""
+    if isinstance(temperature, torch.Tensor):
+        raise TypeError("sparse_kd_loss takes temperature as a positive Python number; a tensor (learnable or "
+                        "per-row) temperature is not supported by sparse_kd_loss yet")
+    temperature = check_positive("temperature", temperature)
+    if tail != "renormalize" and temperature != 1.0:
+        raise ValueError(f"tail={tail!r} needs temperature=1, got {temperature}: the stored log-probabilities are "
+                         f"the teacher's distribution at T=1, and its mass outside the k ids at another temperature "
+                         f"depends on the logits that were not stored; tail='renormalize' tempers the k ids among "
+                         f"themselves")
+    return temperature
+
+
+def check_num_items_in_batch(value: object) -> None:
+    """The token count of a whole accumulated batch: a positive number, or a tensor of one element (not read)."""
+    if value is None:
+        return
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"num_items_in_batch must be a number or a tensor of one element, got shape "
+                             f"{tuple(value.shape)}")
+    elif isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(f"num_items_in_batch must be a positive number (the tokens counted over the whole "
+                         f"accumulated batch) or a tensor, got {value!r}")
+
+
 def check_features(student_name: str, student: object, teacher_name: str, teacher: object,
                    *, min_dim: int = 2, min_batch: int = 1, same_shape: bool = False) -> None:
     """Student and teacher features with a leading batch dimension of equal size."""

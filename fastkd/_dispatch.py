@@ -8,9 +8,9 @@ from its operators. The public functions in `fastkd.functional` only call `resol
 Resolution of `backend`:
 - None: the `FASTKD_BACKEND` environment variable, else "auto".
 - "auto": on a CUDA tensor, the backend `AUTO_PREFERENCE` names for the loss on that GPU generation if
-  it can run, else the first of `AUTO_ORDER` that has a kernel for the loss and can run here (the CUDA
-  extension only once built: "auto" never starts a compiler); on any other device, "torch" (the Triton
-  interpreter is for checking kernels, not for speed).
+  it can run, else the first of `AUTO_ORDER` that has a kernel for the loss (every operator it needs:
+  `kernel_losses.missing_ops`) and can run here (the CUDA extension only once built: "auto" never starts a
+  compiler); on any other device, "torch" (the Triton interpreter is for checking kernels, not for speed).
   The rule between Triton and CUDA C++ is what the benchmark suite measured faster per loss and GPU
   generation; until a GPU run has filled `AUTO_PREFERENCE`, Triton comes first.
 - a name: that backend, or `BackendUnavailableError` saying why it cannot run.
@@ -26,7 +26,7 @@ from typing import Callable
 
 import torch
 
-from . import kernel_losses, reference
+from . import kernel_losses, kernel_ops, reference
 
 BACKENDS = ("torch", "triton", "cuda")
 AUTO_ORDER = ("triton", "cuda", "torch")
@@ -89,11 +89,19 @@ def available_backends() -> dict[str, BackendStatus]:
     for backend in BACKENDS:
         reason = _unavailable_reason(backend, None)
         if reason is None:
-            count = len(reference.IMPLEMENTATIONS if backend == "torch" else kernel_losses.LOSSES)
-            statuses[backend] = BackendStatus(True, f"available for {count} losses")
+            statuses[backend] = BackendStatus(True, f"available for {_loss_count(backend)} losses")
         else:
             statuses[backend] = BackendStatus(False, reason)
     return statuses
+
+
+def _loss_count(backend: str) -> int:
+    """How many losses `backend` runs: the reference all; Triton launches every declared operator, the CUDA C++
+    extension all but `kernel_ops.TRITON_ONLY` (known without loading it)."""
+    if backend == "torch":
+        return len(reference.IMPLEMENTATIONS)
+    absent = set() if backend == "triton" else set(kernel_ops.TRITON_ONLY)
+    return sum(not absent & set(kernel_losses.NEEDS.get(loss, ())) for loss in kernel_losses.LOSSES)
 
 
 def default_backend() -> str:
@@ -108,7 +116,8 @@ def check_backend_name(backend: object, source: str = "backend") -> str:
 
 
 def _runs(loss: str, backend: str, device: torch.device) -> bool:
-    return loss in kernel_losses.LOSSES and _unavailable_reason(backend, device) is None
+    return (loss in kernel_losses.LOSSES and _unavailable_reason(backend, device) is None
+            and not kernel_losses.missing_ops(loss, _kernel_module(backend).KERNELS))
 
 
 def resolve(loss: str, backend: str | None, *inputs: torch.Tensor) -> Callable:
@@ -127,6 +136,11 @@ def resolve(loss: str, backend: str | None, *inputs: torch.Tensor) -> Callable:
         if loss not in kernel_losses.LOSSES:
             raise BackendUnavailableError(
                 f"backend {name!r} has no kernel for {loss}; kernel backends run {sorted(kernel_losses.LOSSES)}")
+        missing = kernel_losses.missing_ops(loss, _kernel_module(name).KERNELS)
+        if missing:
+            raise BackendUnavailableError(
+                f"backend {name!r} has no kernel for {loss}: it does not have the operator(s) {missing} yet; "
+                f"backend='triton' runs it, and 'auto' picks a backend that can")
     if name == "torch" or any(t.dtype not in kernel_losses.KERNEL_DTYPES for t in inputs):
         return reference.IMPLEMENTATIONS[loss]
     return functools.partial(kernel_losses.LOSSES[loss], _kernel_module(name).KERNELS)

@@ -33,8 +33,8 @@ from . import fused_linear, reference
 from ._dispatch import resolve
 
 __all__ = [
-    "kd_loss", "kl_div_loss", "jsd_loss", "dkd_loss", "fused_linear_distill_loss", "kl_div", "mutual_learning_loss",
-    "rkd_loss", "rkd_distance_loss", "rkd_angle_loss", "attention_map", "at_loss", "sp_loss",
+    "kd_loss", "kl_div_loss", "jsd_loss", "dkd_loss", "sparse_kd_loss", "fused_linear_distill_loss", "kl_div",
+    "mutual_learning_loss", "rkd_loss", "rkd_distance_loss", "rkd_angle_loss", "attention_map", "at_loss", "sp_loss",
     "fsp_matrix", "fsp_loss", "pkt_loss", "nst_loss", "cc_loss", "hint_loss",
 ]
 
@@ -47,6 +47,7 @@ def __dir__() -> list[str]:
 DIRECTIONS = ("forward", "reverse")
 AT_MODES = ("code", "paper")
 SP_NORMS = ("l2", "l1")
+SPARSE_TAILS = reference.sparse.TAILS
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
@@ -155,12 +156,55 @@ def dkd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target:
     return impl(student_logits, teacher_logits, target, alpha=alpha, beta=beta, temperature=temperature)
 
 
+def sparse_kd_loss(student_logits: torch.Tensor, teacher_indices: torch.Tensor, teacher_logprobs: torch.Tensor,
+                   labels: torch.Tensor | None = None, *, tail: str = "renormalize", temperature: float = 1.0,
+                   ignore_index: int = -100, num_items_in_batch=None, reduction: str = "batchmean",
+                   backend: str | None = None) -> torch.Tensor:
+    """Token-level KD against a sparse teacher: its top-k (or sampled) ids and their log-probabilities.
+
+    `student_logits` `(..., V)`; `teacher_indices` `(..., k)` integer ids and `teacher_logprobs` `(..., k)` the
+    teacher's log-probabilities of those ids (normalised over its full vocabulary), -inf in an unused slot (its
+    id is then ignored). With `log q = log_softmax(student_logits / T)`, per token:
+    - tail "renormalize": `KL(p || q)` over the k ids with `p = softmax(teacher_logprobs / T)`; with k = V it is
+      `kl_div_loss(student_logits, teacher_logits, T)`. Sampled ids go here, as `log(count / n)`, merged.
+    - tail "bucket": the KL over the k ids plus one outcome for all other ids, `1 - sum p_k` against
+      `1 - sum q_{i_k}`; needs `temperature=1`.
+    - tail "none": `sum_k p_k (log p_k - log q_{i_k})`, `p_k = exp(teacher_logprobs)` (the truncated KL); needs
+      `temperature=1`.
+    `labels` `(...)`: tokens equal to `ignore_index` are left out; reductions as `kl_div_loss` ("batchmean" the
+    mean over the remaining tokens, "sum", "mean", "none"). `num_items_in_batch` (a number or a one-element
+    tensor, "batchmean" only): divide the sum by it instead of the token count (gradient accumulation).
+    Rows whose slots are all unused give 0; ids should be distinct in a row (merge duplicates); a used id outside
+    [0, V) raises a ValueError on CPU tensors and makes its row NaN on a GPU. The exact definitions:
+    `fastkd/reference/sparse.py`. `temperature`: a positive number (no tensor temperature yet).
+    Backends: the reference, and Triton's kernel (`fastkd/triton/sparse.py`: one read of the student's logits and
+    its gradient written in the same pass); the CUDA C++ backend has no kernel for it yet (naming "cuda" raises a
+    BackendUnavailableError; "auto" on CUDA tensors runs Triton). Log-probabilities that require a gradient get
+    the reference on any backend (the kernel makes the student's gradient only).
+    """
+    checks.check_sparse_teacher(student_logits, teacher_indices, teacher_logprobs)
+    checks.check_choice("tail", tail, SPARSE_TAILS)
+    temperature = checks.check_sparse_temperature(temperature, tail)
+    checks.check_choice("reduction", reduction, checks.LOGIT_REDUCTIONS)
+    checks.check_int("ignore_index", ignore_index)
+    if labels is not None:
+        checks.check_labels(labels, student_logits)
+    checks.check_num_items_in_batch(num_items_in_batch)
+    if num_items_in_batch is not None and reduction != "batchmean":
+        raise ValueError(f"num_items_in_batch replaces the token count of reduction='batchmean'; it cannot be "
+                         f"combined with reduction={reduction!r}")
+    impl = resolve("sparse_kd_loss", backend, student_logits, teacher_logprobs)
+    return impl(student_logits, teacher_indices, teacher_logprobs, labels, tail=tail, temperature=temperature,
+                ignore_index=ignore_index, num_items_in_batch=num_items_in_batch, reduction=reduction)
+
+
 def fused_linear_distill_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor,
                               teacher_hidden: torch.Tensor | None = None, teacher_weight: torch.Tensor | None = None,
                               labels: torch.Tensor | None = None, *, loss: str = "forward_kl", beta: float = 0.5,
                               temperature: float = 1.0, ignore_index: int = -100, ce_weight: float = 0.0,
                               kd_weight: float = 1.0, student_bias: torch.Tensor | None = None,
                               teacher_bias: torch.Tensor | None = None, teacher_logits: torch.Tensor | None = None,
+                              teacher_topk: tuple[torch.Tensor, torch.Tensor] | None = None, tail: str = "renormalize",
                               student_softcap: float | None = None, teacher_softcap: float | None = None,
                               vocab_mismatch: str = "error", num_items_in_batch=None, chunk_size: int | None = None,
                               backend: str | None = None) -> torch.Tensor:
@@ -180,19 +224,30 @@ def fused_linear_distill_loss(student_hidden: torch.Tensor, student_weight: torc
     `vocab_mismatch`: as the logit losses ("truncate": the divergence over the first min(V_s, V_t) ids, CE over
     the student's whole vocabulary). `chunk_size`: tokens per chunk (default `fused_linear.default_chunk_size`).
     Differentiable once (the gradients are made in the forward pass).
+
+    A sparse teacher (a teacher cache): `teacher_topk=(teacher_indices, teacher_logprobs)`, `(..., k)` each, the
+    ids of the teacher's top-k (or sampled) tokens and their log-probabilities (normalised over the teacher's
+    full vocabulary, -inf in an unused slot), instead of teacher_hidden/teacher_weight/teacher_logits; so neither
+    side's logits exist. D per token is then `sparse_kd_loss`'s, with its `tail` ("renormalize", "bucket",
+    "none"; the last two need `temperature=1`) and its rules for unused slots, rows with none and duplicate ids;
+    the ids index the student's vocabulary (a used id outside [0, V_s) raises on CPU tensors, makes its token's
+    loss NaN on a GPU; `vocab_mismatch` has no teacher vocabulary to compare). `loss` must be "forward_kl" or
+    "kd" (times T^2): the k log-probabilities give the forward KL only. The teacher's log-probabilities get no
+    gradient. `tail` applies to `teacher_topk` only.
     """
     return _fused_linear_distill(student_hidden, student_weight, teacher_hidden, teacher_weight, labels, loss=loss,
                                  beta=beta, temperature=temperature, ignore_index=ignore_index, ce_weight=ce_weight,
                                  kd_weight=kd_weight, student_bias=student_bias, teacher_bias=teacher_bias,
                                  teacher_logits=teacher_logits, student_softcap=student_softcap,
                                  teacher_softcap=teacher_softcap, vocab_mismatch=vocab_mismatch,
-                                 num_items_in_batch=num_items_in_batch, chunk_size=chunk_size, backend=backend)
+                                 num_items_in_batch=num_items_in_batch, chunk_size=chunk_size, backend=backend,
+                                 teacher_topk=teacher_topk, tail=tail)
 
 
 def _fused_linear_distill(student_hidden, student_weight, teacher_hidden, teacher_weight, labels, *, loss, beta,
                           temperature, ignore_index, ce_weight, kd_weight, student_bias, teacher_bias,
                           teacher_logits, student_softcap, teacher_softcap, vocab_mismatch, num_items_in_batch,
-                          chunk_size, backend, return_terms=False):
+                          chunk_size, backend, return_terms=False, teacher_topk=None, tail="renormalize"):
     """`fused_linear_distill_loss`, validated and dispatched; `return_terms`: `(loss, terms)`, the terms
     `[kd_weight * D, ce_weight * CE]` not differentiable (for the Liger drop-in's `return_soft_hard_loss`)."""
     checks.check_float_tensor("student_hidden", student_hidden)
@@ -200,9 +255,17 @@ def _fused_linear_distill(student_hidden, student_weight, teacher_hidden, teache
     if student_hidden.dim() < 1 or student_hidden.numel() == 0:
         raise ValueError(f"student_hidden must be (..., hidden) with at least one token, got shape "
                          f"{tuple(student_hidden.shape)}")
-    rows_shape, hidden = student_hidden.shape[:-1], student_hidden.shape[-1]
+    rows_shape = student_hidden.shape[:-1]
     _check_layer("student", student_hidden, student_weight, student_bias)
-    if teacher_logits is not None:
+    checks.check_choice("tail", tail, SPARSE_TAILS)
+    teacher_logprobs = None
+    if teacher_topk is not None:
+        teacher_logprobs = _check_teacher_topk(teacher_topk, student_hidden, student_weight, teacher_hidden,
+                                               teacher_weight, teacher_logits, teacher_bias, teacher_softcap, loss)
+        teacher_vocab = student_weight.shape[0]  # the ids index the student's vocabulary
+    elif tail != "renormalize":
+        raise ValueError(f"tail={tail!r} applies to a sparse teacher (teacher_topk) only, and teacher_topk is None")
+    elif teacher_logits is not None:
         if teacher_hidden is not None or teacher_weight is not None:
             raise ValueError("pass the teacher either as teacher_hidden and teacher_weight or as teacher_logits, "
                              "not both")
@@ -217,7 +280,8 @@ def _fused_linear_distill(student_hidden, student_weight, teacher_hidden, teache
         teacher_vocab = teacher_logits.shape[-1]
     else:
         if teacher_hidden is None or teacher_weight is None:
-            raise ValueError("the teacher is missing: pass teacher_hidden and teacher_weight, or teacher_logits")
+            raise ValueError("the teacher is missing: pass teacher_hidden and teacher_weight, or teacher_logits, or "
+                             "teacher_topk")
         checks.check_float_tensor("teacher_hidden", teacher_hidden)
         checks.check_float_tensor("teacher_weight", teacher_weight)
         if teacher_hidden.shape[:-1] != rows_shape:
@@ -233,6 +297,8 @@ def _fused_linear_distill(student_hidden, student_weight, teacher_hidden, teache
                         "(learnable) temperature is supported by kd_loss, kl_div_loss, jsd_loss and dkd_loss, "
                         "not by the fused loss yet")
     temperature = checks.check_positive("temperature", temperature)
+    if teacher_topk is not None:
+        checks.check_sparse_temperature(temperature, tail)
     checks.check_int("ignore_index", ignore_index)
     ce_weight = checks.check_number("ce_weight", ce_weight)
     kd_weight = checks.check_number("kd_weight", kd_weight)
@@ -252,26 +318,48 @@ def _fused_linear_distill(student_hidden, student_weight, teacher_hidden, teache
                                  f"ignore_index={ignore_index}: min {int(kept.min())}, max {int(kept.max())}")
     elif ce_weight != 0.0:
         raise ValueError(f"ce_weight={ce_weight} needs labels (the next-token ids), got labels=None")
-    if num_items_in_batch is not None:
-        if isinstance(num_items_in_batch, torch.Tensor):
-            if num_items_in_batch.numel() != 1:
-                raise ValueError(f"num_items_in_batch must be a number or a tensor of one element, got shape "
-                                 f"{tuple(num_items_in_batch.shape)}")
-        elif isinstance(num_items_in_batch, bool) or not isinstance(num_items_in_batch, (int, float)) \
-                or not num_items_in_batch > 0:
-            raise ValueError(f"num_items_in_batch must be a positive number (the tokens counted over the whole "
-                             f"accumulated batch) or a tensor, got {num_items_in_batch!r}")
+    checks.check_num_items_in_batch(num_items_in_batch)
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
                                    or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int (tokens per chunk), got {chunk_size!r}")
-    floats = [student_hidden, student_weight] + [t for t in (teacher_hidden, teacher_weight, teacher_logits)
-                                                 if t is not None]
-    impl = resolve("fused_linear_distill_terms" if return_terms else "fused_linear_distill_loss", backend, *floats)
+    floats = [student_hidden, student_weight] + [t for t in (teacher_hidden, teacher_weight, teacher_logits,
+                                                             teacher_logprobs) if t is not None]
+    name = "fused_linear_distill_terms" if return_terms else "fused_linear_distill_loss"
+    impl = resolve(name, backend, *floats)
     return impl(student_hidden, student_weight, teacher_hidden, teacher_weight, labels, loss=loss, beta=beta,
                 temperature=temperature, ignore_index=ignore_index, ce_weight=ce_weight, kd_weight=kd_weight,
                 student_bias=student_bias, teacher_bias=teacher_bias, teacher_logits=teacher_logits,
+                teacher_topk=None if teacher_topk is None else tuple(teacher_topk), tail=tail,
                 student_softcap=softcaps[0], teacher_softcap=softcaps[1], vocab_mismatch=vocab_mismatch,
                 num_items_in_batch=num_items_in_batch, chunk_size=chunk_size)
+
+
+def _check_teacher_topk(teacher_topk, student_hidden, student_weight, teacher_hidden, teacher_weight,
+                        teacher_logits, teacher_bias, teacher_softcap, loss) -> torch.Tensor:
+    """A sparse teacher for the fused loss: a pair `(ids, logprobs)` of `(..., k)` tensors for the tokens of
+    `student_hidden`, alone as the teacher, with a forward-KL `loss`. Returns the log-probabilities."""
+    if isinstance(teacher_topk, torch.Tensor) or not isinstance(teacher_topk, (tuple, list)) or len(teacher_topk) != 2:
+        raise TypeError(f"teacher_topk must be a pair (teacher_indices, teacher_logprobs) of (..., k) tensors, got "
+                        f"{type(teacher_topk).__name__}" + (f" of length {len(teacher_topk)}"
+                                                            if isinstance(teacher_topk, (tuple, list)) else ""))
+    given = [name for name, t in (("teacher_hidden", teacher_hidden), ("teacher_weight", teacher_weight),
+                                  ("teacher_logits", teacher_logits)) if t is not None]
+    if given:
+        raise ValueError(f"pass the teacher either as teacher_topk or as teacher_hidden and teacher_weight or as "
+                         f"teacher_logits, not several: got teacher_topk and {' and '.join(given)}")
+    if teacher_softcap is not None or teacher_bias is not None:
+        raise ValueError("teacher_softcap and teacher_bias apply to logits made from teacher_hidden; a sparse "
+                         "teacher (teacher_topk) is given as its log-probabilities")
+    checks.check_choice("loss", loss, fused_linear.LOSSES)
+    if loss not in fused_linear.SPARSE_LOSSES:
+        raise ValueError(f"a sparse teacher (teacher_topk) gives the forward KL only: loss must be one of "
+                         f"{fused_linear.SPARSE_LOSSES}, got {loss!r} (the reverse KL and the JSD need the "
+                         f"teacher's probability of every id, not only of its k)")
+    teacher_indices, teacher_logprobs = teacher_topk
+    rows_shape = student_hidden.shape[:-1]
+    checks.check_sparse_slots(teacher_indices, teacher_logprobs, rows_shape, student_weight.shape[0],
+                              f"student_hidden {tuple(student_hidden.shape)}", student_hidden=student_hidden)
+    return teacher_logprobs
 
 
 def _check_layer(side: str, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:

@@ -23,6 +23,16 @@ logits: 131 MB, against 17 GB for all of them).
 
 Vocabularies that differ (`vocab_mismatch="truncate"`): the divergence is taken over the first `min(V_s, V_t)`
 ids of both sides (views, no copy; each distribution renormalised there), the student's CE over all of its own.
+
+A sparse teacher (`teacher_topk=(ids, logprobs)`, `(N, k)` each, with a `tail`): the teacher side of a chunk is
+its rows of ids and log-probabilities, no matrix product and no teacher logits, and `D(z_s, z_t)` is
+`fastkd.reference.sparse.sparse_kd_rows`' loss of the row (a forward KL: "forward_kl", or "kd" times T^2). Its
+gradient with respect to the chunk's student logits has a closed form
+(`fastkd.reference.sparse.sparse_kd_rows_and_grad`): with `q = softmax(z_s / T)` and the slot masses `p_k`,
+    dD/dz_j = (q_j sum_k p_k - sum_{k: i_k = j} p_k) / T,
+plus, for tail "bucket", the tail outcome's `p_tail (q_j - [j not in the set] q_j / q_tail)`. A kernel backend
+makes it with its `sparse_kd_rows` operator where its KernelSet has one (`kernel_rows`), else by the closed form
+on the chunk (a few `chunk x V` tensors, as the chunk's logits: the memory bound holds either way).
 """
 from __future__ import annotations
 
@@ -34,6 +44,9 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 LOSSES = ("forward_kl", "reverse_kl", "jsd", "kd")
+# The divergences a sparse teacher gives: its k log-probabilities define the forward KL's terms at those ids, while
+# the reverse KL and the JSD weigh every id by the student's mass against the teacher's, unknown outside the k.
+SPARSE_LOSSES = ("forward_kl", "kd")
 
 
 @dataclass(frozen=True)
@@ -45,7 +58,8 @@ class Spec:
     ignore_index: int
     kd_weight: Tensor | None  # None: no divergence term
     ce_weight: Tensor | None  # None: no CE term
-    vocab: int  # the ids the divergence runs over: min(V_s, V_t)
+    vocab: int  # the ids the divergence runs over: min(V_s, V_t) (V_s for a sparse teacher)
+    tail: str | None = None  # a sparse teacher's tail (fastkd.reference.sparse); None: the teacher is logits
 
 
 def default_chunk_size(rows: int, hidden: int, vocab: int) -> int:
@@ -96,17 +110,31 @@ def _over_student_vocabulary(d: Tensor, vocab: int) -> Tensor:
     return full
 
 
-def reference_rows(z_s: Tensor, z_t: Tensor, labels: Tensor | None, spec: Spec, grad: bool):
+def _sparse_divergence(z_s: Tensor, teacher: tuple[Tensor, Tensor], spec: Spec, grad: bool):
+    """A chunk's sparse-teacher rows and, if `grad`, their gradients with respect to `z_s`, by the closed form."""
+    from .reference.sparse import sparse_kd_rows, sparse_kd_rows_and_grad
+    ids, logprobs = teacher
+    if grad:
+        return sparse_kd_rows_and_grad(z_s, ids, logprobs, spec.tail, spec.temperature)
+    return sparse_kd_rows(z_s, ids, logprobs, spec.tail, spec.temperature), None
+
+
+def reference_rows(z_s: Tensor, teacher, labels: Tensor | None, spec: Spec, grad: bool):
     """A chunk's weighted terms `[divergence, CE]` and the gradient of their sum with respect to `z_s` (or None),
-    by the reference's closed forms (`fastkd.reference.logits._fused_rows`: `kl_div_loss` / `jsd_loss` per row)."""
+    by the reference's closed forms (`fastkd.reference.logits._fused_rows`: `kl_div_loss` / `jsd_loss` per row;
+    for a sparse teacher, `teacher` = the chunk's `(ids, logprobs)`, `sparse_kd_rows_and_grad`)."""
     from .reference.logits import _fused_rows
     kd_total = ce_total = z_s.new_zeros((), dtype=_wide(z_s))
     d_full = None
     if spec.kd_weight is not None:
-        kind = {"forward_kl": "forward", "kd": "forward", "reverse_kl": "reverse"}.get(spec.loss, "jsd")
-        if kind == "jsd" and spec.beta in (0.0, 1.0):  # TRL's ends: exactly the two KLs
-            kind = "forward" if spec.beta == 0.0 else "reverse"
-        rows, d = _fused_rows(z_s[:, :spec.vocab], z_t[:, :spec.vocab], spec.temperature, kind, spec.beta, grad)
+        if spec.tail is not None:
+            rows, d = _sparse_divergence(z_s, teacher, spec, grad)
+        else:
+            kind = {"forward_kl": "forward", "kd": "forward", "reverse_kl": "reverse"}.get(spec.loss, "jsd")
+            if kind == "jsd" and spec.beta in (0.0, 1.0):  # TRL's ends: exactly the two KLs
+                kind = "forward" if spec.beta == 0.0 else "reverse"
+            rows, d = _fused_rows(z_s[:, :spec.vocab], teacher[:, :spec.vocab], spec.temperature, kind, spec.beta,
+                                  grad)
         weight = spec.kd_weight.to(rows.dtype).expand(rows.shape)
         if labels is not None:
             weight = torch.where(labels != spec.ignore_index, weight, 0.0)
@@ -122,11 +150,44 @@ def reference_rows(z_s: Tensor, z_t: Tensor, labels: Tensor | None, spec: Spec, 
     return torch.stack([kd_total, ce_total]), d_full
 
 
+def sparse_kernel_rows(kernels, z_s: Tensor, teacher: tuple[Tensor, Tensor], labels: Tensor | None, spec: Spec,
+                       grad: bool):
+    """`reference_rows` for a sparse teacher on a kernel backend: the one place where the fused loss meets a
+    sparse-teacher kernel operator.
+
+    A KernelSet without a `sparse_kd_rows` operator (a backend that does not launch it: `kernel_ops.TRITON_ONLY`
+    ops are absent from the CUDA C++ one) gets the closed forms on the chunk (`reference_rows`): a few
+    `chunk x V` float32 tensors, as the chunk's logits, so no `N x V` tensor either; only slower than one fused
+    pass. With the operator, it is called as `fastkd.kernel_ops.sparse_kd_rows` declares it (the declaration was
+    being written beside this code: if its schema changes, this call is the one to align):
+    `(z_s, ids, logprobs, tail, T, labels, ignore_index, weight, student_grad) -> (per_row, d)`, `per_row` the
+    unweighted loss of each row (0 where the label is `ignore_index`), `d` the weighted gradient
+    `weight_r d row_r / d z_s` (0 on ignored rows; an empty tensor without `student_grad`), `weight` float32
+    `(rows,)` (T^2 and 1 / n folded in). The CE term is `cross_entropy_rows`' in either case.
+    """
+    operator = getattr(kernels, "sparse_kd_rows", None)
+    if operator is None or spec.kd_weight is None:
+        return reference_rows(z_s, teacher, labels, spec, grad)
+    ids, logprobs = teacher
+    weight = spec.kd_weight.to(torch.float32).reshape(1).expand(z_s.shape[0])
+    per_row, d_full = operator(z_s, ids, logprobs, spec.tail, spec.temperature, labels, spec.ignore_index, weight,
+                               grad)
+    kd_total = (per_row.float() * spec.kd_weight).sum()
+    ce_total = torch.zeros_like(kd_total)
+    if spec.ce_weight is not None:
+        ce_total, d = cross_entropy_rows(z_s, labels, spec.ignore_index, spec.ce_weight, grad)
+        if grad:
+            d_full = d_full.float() + d
+    return torch.stack([kd_total, ce_total]), (d_full if grad else None)
+
+
 def kernel_rows(kernels):
     """The same as `reference_rows` by a kernel backend's row operators (`fastkd.kernel_ops`): the divergence and
     its gradient in one pass, the CE term in the same pass when the divergence is the forward KL over the
-    student's whole vocabulary (else by `cross_entropy_rows`)."""
-    def rows(z_s: Tensor, z_t: Tensor, labels: Tensor | None, spec: Spec, grad: bool):
+    student's whole vocabulary (else by `cross_entropy_rows`); a sparse teacher's by `sparse_kernel_rows`."""
+    def rows(z_s: Tensor, z_t, labels: Tensor | None, spec: Spec, grad: bool):
+        if spec.tail is not None:
+            return sparse_kernel_rows(kernels, z_s, z_t, labels, spec, grad)
         n = z_s.shape[0]
         kd_total = ce_total = z_s.new_zeros((), dtype=torch.float32)
         d_full = None
@@ -166,7 +227,7 @@ class _FusedLinearLoss(torch.autograd.Function):
     grad_output in the backward. Differentiable once, as the kernel losses."""
 
     @staticmethod
-    def forward(ctx, rows, spec, chunk, softcaps, h_s, w_s, b_s, h_t, w_t, b_t, z_t, labels):
+    def forward(ctx, rows, spec, chunk, softcaps, h_s, w_s, b_s, h_t, w_t, b_t, z_t, ids_t, lp_t, labels):
         want_h, want_w, want_b = ctx.needs_input_grad[4:7]
         grad = want_h or want_w or want_b
         n = h_s.shape[0]
@@ -181,7 +242,12 @@ class _FusedLinearLoss(torch.autograd.Function):
             stop = min(start + chunk, n)
             h = h_s[start:stop]
             z_s = _logits(h, w_s, b_s, softcaps[0])
-            teacher = z_t[start:stop] if z_t is not None else _logits(h_t[start:stop], w_t, b_t, softcaps[1])
+            if ids_t is not None:  # a sparse teacher: its rows of ids and log-probabilities
+                teacher = (ids_t[start:stop], lp_t[start:stop])
+            elif z_t is not None:
+                teacher = z_t[start:stop]
+            else:
+                teacher = _logits(h_t[start:stop], w_t, b_t, softcaps[1])
             part, dz = rows(z_s, teacher, None if labels is None else labels[start:stop], spec, grad)
             parts = part if parts is None else parts + part
             if not grad:
@@ -212,25 +278,31 @@ class _FusedLinearLoss(torch.autograd.Function):
                                "forward pass and scaled by the first backward; compute the loss again instead")
         ctx.spent = True
         d_h, d_w, d_b = (None if d is None else d.mul_(grad.to(d.dtype)) for d in ctx.saved_tensors)
-        return None, None, None, None, d_h, d_w, d_b, None, None, None, None, None
+        return None, None, None, None, d_h, d_w, d_b, None, None, None, None, None, None, None
 
 
 def fused_linear_distill_terms(rows, student_hidden, student_weight, teacher_hidden, teacher_weight, labels, *,
                                loss, beta, temperature, ignore_index, ce_weight, kd_weight, student_bias,
                                teacher_bias, teacher_logits, student_softcap, teacher_softcap, vocab_mismatch,
-                               num_items_in_batch, chunk_size) -> tuple[Tensor, Tensor]:
+                               num_items_in_batch, chunk_size, teacher_topk=None,
+                               tail="renormalize") -> tuple[Tensor, Tensor]:
     """The loss (module docstring) with the chunk's rows made by `rows` (`reference_rows` or `kernel_rows(...)`),
     and its terms `[kd_weight * divergence, ce_weight * CE]`, not differentiable (Liger's `return_soft_hard_loss`);
-    arguments validated by `fastkd.functional.fused_linear_distill_loss`."""
+    arguments validated by `fastkd.functional.fused_linear_distill_loss`. `teacher_topk=(ids, logprobs)`: the
+    sparse teacher with its `tail`, in place of the teacher's hidden states or logits (module docstring)."""
     h_s = student_hidden.reshape(-1, student_hidden.shape[-1])
     n = h_s.shape[0]
     h_t = None if teacher_hidden is None else teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1])
     z_t = None if teacher_logits is None else teacher_logits.detach().reshape(n, -1)
     w_t = None if teacher_weight is None else teacher_weight.detach()
     b_t = None if teacher_bias is None else teacher_bias.detach()
+    ids_t = lp_t = None
+    if teacher_topk is not None:
+        ids_t = teacher_topk[0].reshape(n, -1)
+        lp_t = teacher_topk[1].detach().reshape(n, -1)
     flat_labels = None if labels is None else labels.reshape(-1)
     v_s = student_weight.shape[0]
-    v_t = z_t.shape[-1] if z_t is not None else w_t.shape[0]
+    v_t = v_s if ids_t is not None else z_t.shape[-1] if z_t is not None else w_t.shape[0]
     dtype = _wide(h_s)
     if num_items_in_batch is not None:
         count = torch.as_tensor(num_items_in_batch, device=h_s.device).to(dtype).reshape(())
@@ -242,7 +314,7 @@ def fused_linear_distill_terms(rows, student_hidden, student_weight, teacher_hid
     spec = Spec(loss, beta, temperature, ignore_index,
                 kd_weight=None if kd_weight == 0.0 else factor / count,
                 ce_weight=None if ce_weight == 0.0 else ce_weight / count,
-                vocab=min(v_s, v_t))
+                vocab=min(v_s, v_t), tail=None if teacher_topk is None else tail)
     chunk = chunk_size or default_chunk_size(n, h_s.shape[-1], max(v_s, v_t))
     return _FusedLinearLoss.apply(rows, spec, chunk, (student_softcap, teacher_softcap), h_s, student_weight,
-                                  student_bias, h_t, w_t, b_t, z_t, flat_labels)
+                                  student_bias, h_t, w_t, b_t, z_t, ids_t, lp_t, flat_labels)

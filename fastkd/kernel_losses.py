@@ -4,8 +4,9 @@ Each function takes the backend's `kernels` first, then exactly the arguments `f
 the reference of the same name (validated, every option given: the defaults are the public functions').
 What sits around the kernels is the same for every backend and is plain PyTorch on O(rows) or `B x B`
 tensors: the references' reductions, RKD's distance term, the normalisation of attention maps. `LOSSES` is
-the table `fastkd._dispatch` reads: which losses have kernels. Inputs in a dtype the kernels do not take
-(float64) never reach these functions: `fastkd._dispatch.resolve` sends them to the reference.
+the table `fastkd._dispatch` reads: which losses have kernels (`NEEDS`: those that need an operator not every
+backend has). Inputs in a dtype the kernels do not take (float64) never reach these functions:
+`fastkd._dispatch.resolve` sends them to the reference.
 """
 from __future__ import annotations
 
@@ -17,17 +18,20 @@ from . import fused_linear, rkd_autograd
 from .reference.attention import match_spatial
 from .reference.logits import compute_dtype, masked_reduce, reduce_rows
 from .reference.relational import distances_from_squared, flat_features, mean_normalized
+from .reference.sparse import items_count, reduce_tokens
+from .reference.sparse import sparse_kd_loss as reference_sparse_kd_loss
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 # --- The logit losses: the gradient made in the forward pass -------------------------------------------------
 #
-# KD, KL, JSD and DKD share one autograd.Function, `_RowLoss`. Its forward knows, from the reduction, the weight
-# of every row's term in the loss (a device tensor: a masked batchmean divides by the count of kept tokens
-# without a host sync), hands these weights to the backend's row operator with the flags of the gradients
-# wanted, and gets back the per-row terms and the weighted gradient(s), made in the same kernel pass as the
-# terms (fastkd/triton/kl.py: one read of each input and one write per gradient for rows that fit a block).
+# KD, KL, JSD, DKD and sparse-teacher KD share one autograd.Function, `_RowLoss`. Its forward knows, from the
+# reduction, the weight of every row's term in the loss (a device tensor: a masked batchmean divides by the
+# count of kept tokens without a host sync), hands these weights to the backend's row operator with the flags
+# of the gradients wanted, and gets back the per-row terms and the weighted gradient(s), made in the same kernel
+# pass as the terms (fastkd/triton/kl.py: one read of each input and one write per gradient for rows that fit a
+# block).
 # The loss value is the same PyTorch reduction of the per-row terms as the reference's. Only the gradient
 # buffers are saved, never the logits; the backward scales them in place by grad_output
 # (`kernels.scale_rows_`, which reads and writes nothing where grad_output is exactly 1, decided on the
@@ -36,7 +40,7 @@ KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # own T^2 (KD, DKD) is differentiated here, on O(rows) numbers. The loss is differentiable once: a second
 # backward through the same graph (retain_graph=True) is refused, as the buffers have been scaled already, and
 # there is no double backward (create_graph=True). Any backend's KernelSet with the declared `kl_rows`,
-# `jsd_rows`, `dkd_rows` and `scale_rows_` runs these.
+# `jsd_rows`, `dkd_rows` and `scale_rows_` runs these (and sparse-teacher KD with `sparse_kd_rows`, below).
 
 SECOND_BACKWARD = ("this fastkd loss is once-differentiable: its gradient was made in the forward pass and "
                    "scaled in place by the first backward, so it cannot be backpropagated through a second "
@@ -217,29 +221,65 @@ def dkd_loss(kernels, student_logits, teacher_logits, target, *, alpha, beta, te
     return _row_loss(kernels, _dkd_rows, student_logits, teacher_logits, target, temperature, alpha, beta)
 
 
+# --- Sparse-teacher KD: the teacher as k (id, log-probability) slots per row ---------------------------------
+#
+# The same Function: the backend's `sparse_kd_rows` writes the per-token terms and the student's weighted gradient
+# in one pass (fastkd/triton/sparse.py), and the loss is the reference's own reduction of the terms
+# (`reference.sparse.reduce_tokens`). The kernels make no gradient for the teacher's log-probabilities: where
+# they need one (grad mode on and `requires_grad`: a teacher trained alongside, not a cache), the loss is the
+# reference's, whose autograd reaches both sides. Not every backend has the operator yet (`NEEDS`).
+
+def _sparse_rows(kernels, student, teacher_logprobs, teacher_indices, t_rows, grads, temperature, tail, labels,
+                 ignore_index, num_items_in_batch, reduction):
+    rows, vocab = _rows(student), student.shape[-1]
+    weight = None
+    if grads[0]:
+        if num_items_in_batch is not None:  # d (kept sum / n) / d term_r = 1 / n
+            factor = 1.0 / items_count(num_items_in_batch, torch.float32, student.device)
+        else:
+            factor = _masked_weight(labels, ignore_index, reduction, rows, vocab)
+        weight = _per_row_weight(factor, rows, student.device)
+    per_token, d_student = kernels.sparse_kd_rows(student, teacher_indices, teacher_logprobs, tail, temperature,
+                                                  labels, ignore_index, weight, grads[0])
+    loss = reduce_tokens(per_token.view(student.shape[:-1]), labels, ignore_index, num_items_in_batch, reduction,
+                         vocab)
+    return loss, d_student, None, None
+
+
+def sparse_kd_loss(kernels, student_logits, teacher_indices, teacher_logprobs, labels, *, tail, temperature,
+                   ignore_index, num_items_in_batch, reduction):
+    if torch.is_grad_enabled() and teacher_logprobs.requires_grad:
+        return reference_sparse_kd_loss(student_logits, teacher_indices, teacher_logprobs, labels, tail=tail,
+                                        temperature=temperature, ignore_index=ignore_index,
+                                        num_items_in_batch=num_items_in_batch, reduction=reduction)
+    return _row_loss(kernels, _sparse_rows, student_logits, teacher_logprobs, teacher_indices, temperature, tail,
+                     labels, ignore_index, num_items_in_batch, reduction)
+
+
 def fused_linear_distill_terms(kernels, student_hidden, student_weight, teacher_hidden, teacher_weight, labels, *,
                                loss, beta, temperature, ignore_index, ce_weight, kd_weight, student_bias,
-                               teacher_bias, teacher_logits, student_softcap, teacher_softcap, vocab_mismatch,
-                               num_items_in_batch, chunk_size):
-    # The chunk loop of fastkd.fused_linear, each chunk's rows by this backend's row operators.
+                               teacher_bias, teacher_logits, teacher_topk, tail, student_softcap, teacher_softcap,
+                               vocab_mismatch, num_items_in_batch, chunk_size):
+    # The chunk loop of fastkd.fused_linear, each chunk's rows by this backend's row operators (a sparse teacher's
+    # by its `sparse_kd_rows` where it has one: fused_linear.sparse_kernel_rows).
     return fused_linear.fused_linear_distill_terms(
         fused_linear.kernel_rows(kernels), student_hidden, student_weight, teacher_hidden, teacher_weight, labels,
         loss=loss, beta=beta, temperature=temperature, ignore_index=ignore_index, ce_weight=ce_weight,
         kd_weight=kd_weight, student_bias=student_bias, teacher_bias=teacher_bias, teacher_logits=teacher_logits,
-        student_softcap=student_softcap, teacher_softcap=teacher_softcap, vocab_mismatch=vocab_mismatch,
-        num_items_in_batch=num_items_in_batch, chunk_size=chunk_size)
+        teacher_topk=teacher_topk, tail=tail, student_softcap=student_softcap, teacher_softcap=teacher_softcap,
+        vocab_mismatch=vocab_mismatch, num_items_in_batch=num_items_in_batch, chunk_size=chunk_size)
 
 
 def fused_linear_distill_loss(kernels, student_hidden, student_weight, teacher_hidden, teacher_weight, labels, *,
                               loss, beta, temperature, ignore_index, ce_weight, kd_weight, student_bias,
-                              teacher_bias, teacher_logits, student_softcap, teacher_softcap, vocab_mismatch,
-                              num_items_in_batch, chunk_size):
+                              teacher_bias, teacher_logits, teacher_topk, tail, student_softcap, teacher_softcap,
+                              vocab_mismatch, num_items_in_batch, chunk_size):
     return fused_linear_distill_terms(
         kernels, student_hidden, student_weight, teacher_hidden, teacher_weight, labels, loss=loss, beta=beta,
         temperature=temperature, ignore_index=ignore_index, ce_weight=ce_weight, kd_weight=kd_weight,
         student_bias=student_bias, teacher_bias=teacher_bias, teacher_logits=teacher_logits,
-        student_softcap=student_softcap, teacher_softcap=teacher_softcap, vocab_mismatch=vocab_mismatch,
-        num_items_in_batch=num_items_in_batch, chunk_size=chunk_size)[0]
+        teacher_topk=teacher_topk, tail=tail, student_softcap=student_softcap, teacher_softcap=teacher_softcap,
+        vocab_mismatch=vocab_mismatch, num_items_in_batch=num_items_in_batch, chunk_size=chunk_size)[0]
 
 
 def _distance_term(kernels, x_s, x_t, squared, eps):
@@ -295,5 +335,20 @@ def at_loss(kernels, f_s, f_t, *, p, mode):
     return torch.linalg.vector_norm(diff, dim=1).sum() / f_s.shape[0]
 
 
-LOSSES = {fn.__name__: fn for fn in (kd_loss, kl_div_loss, jsd_loss, dkd_loss, fused_linear_distill_loss,
-                                     fused_linear_distill_terms, rkd_distance_loss, rkd_angle_loss, rkd_loss, attention_map, at_loss)}
+LOSSES = {fn.__name__: fn for fn in (kd_loss, kl_div_loss, jsd_loss, dkd_loss, sparse_kd_loss,
+                                     fused_linear_distill_loss, fused_linear_distill_terms, rkd_distance_loss,
+                                     rkd_angle_loss, rkd_loss, attention_map, at_loss)}
+
+# The operators a loss needs that not every kernel backend has (`fastkd.kernel_ops.TRITON_ONLY`): a backend whose
+# KernelSet lacks one does not run that loss (`fastkd._dispatch`). Every other loss runs on every backend.
+NEEDS = {"sparse_kd_loss": ("sparse_kd_rows",)}
+
+
+def missing_ops(loss: str, kernels) -> list[str]:
+    """The operators `loss` needs that the KernelSet `kernels` does not have (empty: it runs there)."""
+    return [op for op in NEEDS.get(loss, ()) if not hasattr(kernels, op)]
+
+
+def backend_losses(kernels) -> list[str]:
+    """The losses the KernelSet `kernels` runs, sorted."""
+    return sorted(name for name in LOSSES if not missing_ops(name, kernels))

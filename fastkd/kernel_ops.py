@@ -10,9 +10,9 @@ backend alike:
 - its fake (shape-only) implementation, for torch.compile and `torch.library.opcheck` (None for an op that
   only mutates);
 - its autograd, where the declaration pairs it with a backward operator (attention maps). The logit row
-  operators (`kl_rows`, `jsd_rows`, `dkd_rows`) have none: they write the weighted gradient in the forward
-  pass, their outputs are not differentiable, and the autograd is `fastkd.kernel_losses`' one Function, whose
-  backward scales the stored gradient with `scale_rows_`; the RKD operators have none either
+  operators (`kl_rows`, `jsd_rows`, `dkd_rows`, `sparse_kd_rows`) have none: they write the weighted gradient
+  in the forward pass, their outputs are not differentiable, and the autograd is `fastkd.kernel_losses`' one
+  Function, whose backward scales the stored gradient with `scale_rows_`; the RKD operators have none either
   (`fastkd.rkd_autograd` composes them).
 
 One door, eager and compiled alike: the registered operator. An `autograd.Function` around the launchers
@@ -117,6 +117,21 @@ dkd_rows = KernelOp(
         _per_row(student), _per_row(student), *_input_gradients(student, teacher, student_grad, teacher_grad),
         _temperature_gradient(student, temperature_grad)))
 
+# Sparse-teacher KD (fastkd/triton/sparse.py; the loss is fastkd/reference/sparse.py's): the student's logits
+# `(..., V)` against k teacher slots per row, `teacher_indices` `(..., k)` (any integer dtype) and
+# `teacher_logprobs` `(..., k)` (-inf: an unused slot, its id never read), `tail` one of "renormalize", "bucket",
+# "none", `temperature` a positive float. Returns (per-row loss, d_student): the loss float32 `(rows,)`, NaN in a
+# row with a used id outside [0, V) (never read: the gather is masked), 0 at an ignored token; d_student, with
+# `student_grad`, `weight_r d loss_r / d student` in the student's dtype and shape (contiguous), else an empty
+# `(0,)` tensor; weights and labels as the row losses above. The teacher gets no gradient here (the loss composes
+# the reference when the log-probabilities need one).
+sparse_kd_rows = KernelOp(
+    "sparse_kd_rows",
+    "(Tensor student, Tensor teacher_indices, Tensor teacher_logprobs, str tail, float temperature, Tensor? labels, "
+    "int ignore_index, Tensor? weight, bool student_grad) -> (Tensor, Tensor)",
+    lambda student, teacher_indices, teacher_logprobs, tail, temperature, labels, ignore_index, weight,
+    student_grad: (_per_row(student), student.new_empty(student.shape if student_grad else (0,))))
+
 # The backward of the row losses (fastkd/triton/rows.py): row r of the contiguous `(..., V)` gradient `d` times
 # `scale[r]` (float32 `(rows,)`, any stride), in place; a row whose scale is exactly 1.0 is neither read nor
 # written (decided on the device). A plain multiply otherwise: 0 times an infinite entry is NaN, as autograd.
@@ -167,9 +182,17 @@ at_channel_mean_pow_backward = KernelOp(
 
 
 OPS: dict[str, KernelOp] = {op.name: op for op in (
-    kl_rows, jsd_rows, dkd_rows, scale_rows_,
+    kl_rows, jsd_rows, dkd_rows, sparse_kd_rows, scale_rows_,
     rkd_sq_distances, rkd_weighted_diff, rkd_angle_sum, rkd_angle_weights,
     at_channel_mean_pow, at_channel_mean_pow_backward)}
+
+
+# Declared ops that only the Triton backend launches so far: csrc/ops.cpp does not define them (another engineer
+# writes the CUDA C++ side later; tests/test_kernel_ops.py checks that csrc/ defines exactly the others). An
+# extension's `register` leaves them out of its KernelSet, and a loss built on one of them does not run on that
+# backend (`fastkd.kernel_losses.missing_ops`): `backend="cuda"` says so, "auto" picks Triton or the reference.
+# None today (`sparse_kd_rows` was one until csrc/sparse.cu).
+TRITON_ONLY: tuple[str, ...] = ()
 
 
 class KernelSet:
@@ -191,9 +214,11 @@ def register(backend: str, launchers: dict[str, Callable] | None = None, library
 
     `launchers`: the Python launcher of every declared op by name, defined here as operators with the declared
     schemas (Triton); None: the operators are defined already with those schemas (by a C++ extension).
-    `names`: only these ops (a partial build of the CPU stand-in); default all.
+    `names`: only these ops (a partial build of the CPU stand-in); default all, or for an extension all that
+    csrc/ defines (every declared op but `TRITON_ONLY`).
     """
-    names = tuple(OPS) if names is None else names
+    if names is None:
+        names = tuple(OPS) if launchers is not None else tuple(name for name in OPS if name not in TRITON_ONLY)
     if launchers is not None and set(launchers) != set(names):
         raise ValueError(f"backend {backend!r} must launch every declared op: missing "
                          f"{sorted(set(names) - set(launchers))}, undeclared {sorted(set(launchers) - set(names))}")

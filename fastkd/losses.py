@@ -12,7 +12,8 @@ from . import functional as KF
 from ._dispatch import check_backend_name
 
 __all__ = [
-    "KDLoss", "KLDivLoss", "KLDistillationLoss", "JSDLoss", "DKDLoss", "FusedLinearDistillLoss", "MutualLearningLoss", "RKDLoss",
+    "KDLoss", "KLDivLoss", "KLDistillationLoss", "JSDLoss", "DKDLoss", "SparseKDLoss", "FusedLinearDistillLoss",
+    "MutualLearningLoss", "RKDLoss",
     "AttentionTransferLoss", "SimilarityLoss", "FSPLoss", "PKTLoss", "NSTLoss", "CCLoss", "HintLoss",
     "ConvRegressor",
 ]
@@ -118,24 +119,60 @@ class JSDLoss(nn.Module):
                            backend=self.backend)
 
 
+class SparseKDLoss(nn.Module):
+    """KD against a sparse teacher (its top-k or sampled ids and their log-probabilities);
+    `forward(student_logits, teacher_indices, teacher_logprobs, labels=None, *, num_items_in_batch=None)`.
+
+    The options are `fastkd.functional.sparse_kd_loss`'s: `tail` "renormalize" (any temperature), "bucket" or
+    "none" (temperature 1).
+    """
+
+    def __init__(self, tail: str = "renormalize", *, temperature: float = 1.0, ignore_index: int = -100,
+                 reduction: str = "batchmean", backend: str | None = None):
+        super().__init__()
+        self.tail = checks.check_choice("tail", tail, KF.SPARSE_TAILS)
+        self.temperature = checks.check_sparse_temperature(temperature, tail)
+        self.ignore_index = checks.check_int("ignore_index", ignore_index)
+        self.reduction = checks.check_choice("reduction", reduction, checks.LOGIT_REDUCTIONS)
+        self.backend = backend_option(backend)
+
+    def forward(self, student_logits, teacher_indices, teacher_logprobs, labels=None, *, num_items_in_batch=None):
+        return KF.sparse_kd_loss(student_logits, teacher_indices, teacher_logprobs, labels, tail=self.tail,
+                                 temperature=self.temperature, ignore_index=self.ignore_index,
+                                 num_items_in_batch=num_items_in_batch, reduction=self.reduction,
+                                 backend=self.backend)
+
+    def extra_repr(self):
+        return f"tail={self.tail!r}, temperature={self.temperature}, reduction={self.reduction!r}"
+
+
 class FusedLinearDistillLoss(nn.Module):
     """The student's output layer and a distillation loss fused by chunks of tokens (no `N x V` logits):
     `forward(student_hidden, student_weight, teacher_hidden=None, teacher_weight=None, labels=None, *,
-    student_bias=None, teacher_bias=None, teacher_logits=None, num_items_in_batch=None)`.
+    student_bias=None, teacher_bias=None, teacher_logits=None, teacher_topk=None, num_items_in_batch=None)`.
 
     The options are `fastkd.functional.fused_linear_distill_loss`'s. Typical use with Hugging Face models: the
     hidden states of the last layer (`output_hidden_states=True`, shifted as the labels) and
-    `model.lm_head.weight` of both models, the labels shifted by one token.
+    `model.lm_head.weight` of both models, the labels shifted by one token. With a teacher cache, pass
+    `teacher_topk=(ids, logprobs)` to forward instead of the teacher; `tail` is then the sparse teacher's (a
+    module with a `tail` other than "renormalize" takes sparse teachers only).
     """
 
     def __init__(self, loss: str = "forward_kl", *, beta: float = 0.5, temperature: float = 1.0,
                  ignore_index: int = -100, ce_weight: float = 0.0, kd_weight: float = 1.0,
                  student_softcap: float | None = None, teacher_softcap: float | None = None,
-                 vocab_mismatch: str = "error", chunk_size: int | None = None, backend: str | None = None):
+                 vocab_mismatch: str = "error", chunk_size: int | None = None, tail: str = "renormalize",
+                 backend: str | None = None):
         super().__init__()
         self.loss = checks.check_choice("loss", loss, KF.fused_linear.LOSSES)
         self.beta = checks.check_unit_interval("beta", beta)
         self.temperature = checks.check_positive("temperature", temperature)
+        self.tail = checks.check_choice("tail", tail, KF.SPARSE_TAILS)
+        if tail != "renormalize":  # a module for sparse teachers only: what the call would refuse, refused now
+            checks.check_sparse_temperature(self.temperature, tail)
+            if loss not in KF.fused_linear.SPARSE_LOSSES:
+                raise ValueError(f"tail={tail!r} is for a sparse teacher, which gives the forward KL only: loss must "
+                                 f"be one of {KF.fused_linear.SPARSE_LOSSES}, got {loss!r}")
         self.ignore_index = checks.check_int("ignore_index", ignore_index)
         self.ce_weight = checks.check_number("ce_weight", ce_weight)
         self.kd_weight = checks.check_number("kd_weight", kd_weight)
@@ -145,18 +182,19 @@ class FusedLinearDistillLoss(nn.Module):
         self.backend = backend_option(backend)
 
     def forward(self, student_hidden, student_weight, teacher_hidden=None, teacher_weight=None, labels=None, *,
-                student_bias=None, teacher_bias=None, teacher_logits=None, num_items_in_batch=None):
+                student_bias=None, teacher_bias=None, teacher_logits=None, teacher_topk=None, num_items_in_batch=None):
         return KF.fused_linear_distill_loss(
             student_hidden, student_weight, teacher_hidden, teacher_weight, labels, loss=self.loss, beta=self.beta,
             temperature=self.temperature, ignore_index=self.ignore_index, ce_weight=self.ce_weight,
             kd_weight=self.kd_weight, student_bias=student_bias, teacher_bias=teacher_bias,
-            teacher_logits=teacher_logits, student_softcap=self.student_softcap,
+            teacher_logits=teacher_logits, teacher_topk=teacher_topk, tail=self.tail,
+            student_softcap=self.student_softcap,
             teacher_softcap=self.teacher_softcap, vocab_mismatch=self.vocab_mismatch,
             num_items_in_batch=num_items_in_batch, chunk_size=self.chunk_size, backend=self.backend)
 
     def extra_repr(self):
         return (f"loss={self.loss!r}, beta={self.beta}, temperature={self.temperature}, ce_weight={self.ce_weight}, "
-                f"kd_weight={self.kd_weight}")
+                f"kd_weight={self.kd_weight}" + ("" if self.tail == "renormalize" else f", tail={self.tail!r}"))
 
 
 class DKDLoss(nn.Module):

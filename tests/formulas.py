@@ -1,9 +1,11 @@
 """The popular implementations' loss formulas, written out once, as their code writes them: the yardsticks that
 never call fastkd. RepDistiller's `distiller_zoo` (DistillKL, RKDLoss, Attention, Similarity, PKT, NSTLoss,
 Correlation, FSP, HintLoss), torchdistill's paper-mode attention transfer, TRL's `generalized_jsd_loss`,
-mdistiller's `dkd_loss`. Each runs on tensors of its inputs' dtype (no upcast), so the same function is the
-float64 oracle (tests/test_compat_repdistiller.py, tests/test_edge_cases.py, tests/test_reference_formulas.py)
-and "eager PyTorch in the same dtype" (tests/test_adversarial.py).
+mdistiller's `dkd_loss`; and sparse-teacher KD (issue 14), its definition written out slot by slot. Each runs on
+tensors of its inputs' dtype (no upcast), so the same function is the float64 oracle
+(tests/test_compat_repdistiller.py, tests/test_edge_cases.py, tests/test_reference_formulas.py,
+tests/test_sparse_kd.py) and "eager PyTorch in the same dtype" (tests/test_adversarial.py,
+tests/test_sparse_kd.py).
 
 Imported as `from formulas import ...` (tests/ is on sys.path, see tests/helpers.py).
 """
@@ -67,6 +69,38 @@ def mdistiller_dkd(logits_student, logits_teacher, target, alpha=1.0, beta=8.0, 
     nckd_loss = F.kl_div(log_pred_student_part2, pred_teacher_part2, reduction="sum") * (temperature ** 2) \
         / target.shape[0]
     return alpha * tckd_loss + beta * nckd_loss
+
+
+def sparse_kd_tokens(s, ids, logprobs, tail, T=1.0):
+    """Sparse-teacher KD per token (`fastkd.functional.sparse_kd_loss`'s definition), one Python term per slot.
+
+    Logits `s (..., V)`, ids and teacher log-probabilities `(..., k)`; a slot whose log-probability is -inf is
+    skipped. "renormalize": `p = softmax(l / T)` over the used slots, `sum p (log p - log q_i)`; "none":
+    `sum exp(l) (l - log q_i)`; "bucket": "none" plus `p_tail (log p_tail - log q_tail)`, with
+    `p_tail = max(0, 1 - sum exp(l))` and `q_tail` the student's probabilities summed over the ids outside the
+    set of used ids (no tail when the set is the whole vocabulary). A duplicated id is a term per slot.
+    A token with no used slot gives 0. Out-of-range ids are not handled. Returns `(...)`.
+    """
+    V, k = s.shape[-1], ids.shape[-1]
+    per_token = []
+    for z, i, l in zip(s.reshape(-1, V), ids.reshape(-1, k), logprobs.reshape(-1, k)):
+        log_q = F.log_softmax(z / T, dim=-1)
+        used = [j for j in range(k) if l[j] != float("-inf")]
+        terms = [(z * 0).sum()]  # a token with no term: 0, still in the graph
+        if tail == "renormalize":
+            if used:
+                log_p = F.log_softmax(l[used] / T, dim=-1)
+                terms += [log_p[n].exp() * (log_p[n] - log_q[i[j]]) for n, j in enumerate(used)]
+        else:
+            terms += [l[j].exp() * (l[j] - log_q[i[j]]) for j in used]
+            outside = sorted(set(range(V)) - {int(i[j]) for j in used})
+            if tail == "bucket" and outside:
+                p_tail = (1 - sum((l[j].exp() for j in used), l.new_zeros(()))).clamp(min=0)
+                q_tail = log_q[outside].exp().sum()
+                if p_tail > 0:
+                    terms.append(p_tail * (p_tail.log() - q_tail.log()))
+        per_token.append(sum(terms))
+    return torch.stack(per_token).reshape(s.shape[:-1])
 
 
 # ----------------------------------------------------------------------------------------------------------

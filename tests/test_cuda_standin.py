@@ -654,6 +654,145 @@ def test_the_stage_cap_is_checked(ops, monkeypatch):
         ops.cuda_jsd_rows(s, t, 0.5, 1.0, None, None, -100, None, False, False, False)
 
 
+# --- Sparse-teacher KD (csrc/sparse.cu) ---------------------------------------------------------------------------
+# cuda_sparse_kd_rows against the reference's per-row loss (fastkd/reference/sparse.py) and its autograd gradient of
+# the weighted sum, and against the Triton launcher in the interpreter (the same formulation: a few float32 ulps).
+
+def sparse_reference(s, ids, lp, tail, T, labels, ignore_index=-100):
+    from fastkd.reference import sparse as SP
+    rows = SP.sparse_kd_rows(s, ids, lp, tail, T).reshape(-1).float()
+    if labels is not None:
+        rows = torch.where(labels.reshape(-1) != ignore_index, rows, 0.0)
+    return [rows]
+
+
+def check_sparse(ops, s, ids, lp, tail, T=1.0, labels=None, what=""):
+    """The loss (NaN rows included) and the weighted gradient against the reference; without the gradient the same
+    loss bit for bit and an empty (0,) gradient. Returns (loss, d_student)."""
+    rows = s.numel() // s.shape[-1]
+    w = row_weights(rows, 80)
+    loss, d_s = ops.cuda_sparse_kd_rows(s, ids, lp, tail, T, labels, -100, w, True)
+    reference = lambda s: sparse_reference(s, ids, lp, tail, T, labels)  # noqa: E731
+    torch.testing.assert_close(loss, reference(s)[0], rtol=1e-4, atol=1e-5, equal_nan=True,
+                               msg=lambda m: f"{what} {tail}: loss: {m}")
+    (want,) = reference_grads(reference, [s], [w])
+    check(d_s, want, f"{what} {tail}: student grad", s.dtype)
+    assert d_s.is_contiguous() and d_s.shape == s.shape
+    loss2, d_none = ops.cuda_sparse_kd_rows(s, ids, lp, tail, T, labels, -100, None, False)
+    assert d_none.shape == (0,) and d_none.dtype == s.dtype
+    torch.testing.assert_close(loss2, loss, rtol=0, atol=0, equal_nan=True)
+    return loss, d_s
+
+
+def sparse_slots(rows, V, k, seed, mass=0.9):
+    """k distinct ids per row and their log-probabilities, summing to `mass` (< 1: a bucket tail)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.stack([torch.randperm(V, generator=g)[:k] for _ in range(rows)])
+    p = torch.rand(rows, k, generator=g) + 0.1
+    return ids, (mass * p / p.sum(-1, keepdim=True)).log()
+
+
+SPARSE_TAILS = [("renormalize", 2.0), ("bucket", 1.0), ("none", 1.0)]
+
+
+@pytest.mark.parametrize("tail, T", SPARSE_TAILS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sparse_kd_rows(ops, tail, T, dtype):
+    """V small and odd; an unused slot holding an out-of-range id (never read), a duplicated id, int32 ids and
+    bf16 log-probabilities; (2, 2) leading dims."""
+    V, k = 37, 5
+    s = logits(2, 2, V, seed=81, dtype=dtype)
+    ids, lp = sparse_slots(4, V, k, seed=82)
+    ids[1, 4], lp[1, 4] = 999, float("-inf")
+    ids[2, 3] = ids[2, 1]  # a duplicate
+    check_sparse(ops, s, ids.reshape(2, 2, k), lp.reshape(2, 2, k), tail, T, what=str(dtype))
+    check_sparse(ops, s, ids.reshape(2, 2, k).int(), lp.reshape(2, 2, k).bfloat16(), tail, T, what="int32/bf16")
+
+
+@pytest.mark.parametrize("tail, T", SPARSE_TAILS)
+def test_sparse_kd_rows_unusual_rows(ops, tail, T):
+    """k = V (every id once), a row of unused slots only, a used id out of range (NaN loss, zero gradient), an
+    ignored token (loss 0, zero gradient), duplicates of one id; k = 1; a strided student."""
+    V = 7
+    s = logits(5, V, seed=83)
+    ids = torch.stack([torch.randperm(V, generator=torch.Generator().manual_seed(i)) for i in range(5)])
+    lp = torch.log_softmax(logits(5, V, seed=84), -1)
+    lp[1] = float("-inf")  # nothing said about this token
+    ids[2, 3] = V  # used, out of range: NaN
+    ids[4, :3] = 2  # id 2 three times
+    labels = torch.tensor([0, 1, 2, -100, 4])
+    loss, d_s = check_sparse(ops, s, ids, lp, tail, T, labels=labels, what="k = V")
+    assert loss[2].isnan() and (d_s[2] == 0).all() and loss[3] == 0 and (d_s[3] == 0).all()
+    assert loss[1] == 0 and (d_s[1] == 0).all()
+    one_id, one_lp = sparse_slots(3, V, 1, seed=85, mass=0.6)
+    check_sparse(ops, s[:3], one_id, one_lp, tail, T, what="k = 1")
+    wide = logits(3, V + 2, seed=86)
+    check_sparse(ops, wide[:, 1:-1], ids[:3], lp[:3], tail, T, what="strided")
+
+
+@pytest.mark.parametrize("tail, T", SPARSE_TAILS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sparse_kd_rows_long_rows_staged_and_reread(ops, monkeypatch, tail, T, dtype):
+    """V = 1037 (several columns per thread and the vector path), 2 rows, k = 40 with a duplicate: the staged row
+    (the default) and the re-read one (FASTKD_CUDA_STAGE_BYTES=0) give the same bits, both the reference's."""
+    V, k = 1037, 40
+    s = logits(2, V, seed=87, dtype=dtype)
+    ids, lp = sparse_slots(2, V, k, seed=88, mass=0.7)
+    ids[1, 7] = ids[1, 30]
+    call = lambda: ops.cuda_sparse_kd_rows(s, ids, lp, tail, T, None, -100, row_weights(2, 89), True)  # noqa: E731
+    staged, reread = staged_and_reread(monkeypatch, call)
+    for a, b in zip(staged, reread):
+        assert bitwise_equal(a, b), f"{tail}: staged and re-read rows differ"
+    monkeypatch.setenv(STAGE_ENV, "0")
+    check_sparse(ops, s, ids, lp, tail, T, what="re-read")
+    monkeypatch.delenv(STAGE_ENV)
+    check_sparse(ops, s, ids, lp, tail, T, what="staged")
+
+
+def test_sparse_kd_rows_far_bucket_tail(ops):
+    """Bucket with the logits outside the set far below the max (more than TAIL_FAR): the tail's sum takes its own
+    shift, so its mass is not lost to underflow: the reference's loss and gradient."""
+    V, k = 301, 6
+    s = logits(2, V, seed=90) - 60.0
+    ids, lp = sparse_slots(2, V, k, seed=91, mass=0.8)
+    s[torch.arange(2).unsqueeze(1), ids] += 70.0  # the set ~70 above the rest
+    check_sparse(ops, s, ids, lp, "bucket", 1.0, what="far tail")
+
+
+def test_sparse_kd_rows_bucket_bitmap_in_global_memory(ops):
+    """A row whose bitmap (V / 8 bytes) exceeds the block's shared memory (the stand-in's 227 KiB: V > ~1.86M): the
+    bitmap is a zeroed global scratch, the row re-read (too long to stage); the reference's loss and gradient."""
+    V, k = 1_900_003, 6
+    s = logits(1, V, seed=95)
+    ids, lp = sparse_slots(1, V, k, seed=96, mass=0.5)
+    ids[0, 0] = V - 1  # the last word of the bitmap
+    check_sparse(ops, s, ids, lp, "bucket", 1.0, what="global bitmap")
+
+
+@pytest.mark.parametrize("tail, T", SPARSE_TAILS)
+def test_sparse_kd_rows_match_the_triton_kernel(ops, tail, T):
+    """The stand-in against fastkd/triton/sparse.py in the interpreter on the same rows (V = 1037 and 37, a
+    duplicate, an unused slot, an out-of-range id, an ignored token, weights): the same formulation, so the loss
+    and the gradient agree to a few float32 roundings (summation order)."""
+    triton_sparse = pytest.importorskip("fastkd.triton.sparse")
+    if triton_sparse.torch.cuda.is_available():
+        pytest.skip("compares on CPU tensors (Triton's interpreter)")
+    for V, k in ((1037, 24), (37, 6)):
+        s = logits(4, V, seed=92) + 1e2
+        ids, lp = sparse_slots(4, V, k, seed=93)
+        ids[0, 2] = ids[0, 5]
+        lp[1, 0] = float("-inf")
+        ids[1, 0] = -5
+        ids[2, 1] = V + 3
+        labels = torch.tensor([0, 1, 2, -100])
+        w = row_weights(4, 94)
+        got = ops.cuda_sparse_kd_rows(s, ids, lp, tail, T, labels, -100, w, True)
+        want = triton_sparse.sparse_kd_rows(s, ids, lp, tail, T, labels, -100, w, True)
+        for what, g, x in zip(("loss", "student grad"), got, want):
+            torch.testing.assert_close(g, x, rtol=2e-5, atol=1e-7, equal_nan=True,
+                                       msg=lambda m: f"{tail}, V = {V}: {what}: {m}")
+
+
 # --- The backward: scale_rows_ ---------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])

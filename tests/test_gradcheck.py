@@ -137,3 +137,25 @@ def test_cc_loss():
 def test_hint_loss_with_regressor():
     regressor = ConvRegressor((2, 3, 6, 6), (2, 4, 3, 3), use_relu=False).double()
     check(lambda s, t: R.hint_loss(s, t, regressor), rand(2, 3, 6, 6), rand(2, 4, 3, 3, seed=1))
+
+
+# sparse_kd_loss: 3 rows of 6 student logits, 4 slots each. Row 0: three ids holding 0.9 of the teacher's mass
+# (log p_tail by its -expm1 branch) and an unused slot with an out-of-range id; row 1: two ids with 0.3 (the
+# log1p branch) and two unused slots; row 2: no used slot.
+SPARSE_IDS = torch.tensor([[4, 0, 2, 9], [1, 5, 0, -1], [3, 3, 3, 3]])
+SPARSE_PROBS = torch.tensor([[0.5, 0.3, 0.1, 0.0], [0.2, 0.1, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]], dtype=torch.float64)
+SPARSE_LABELS = torch.tensor([0, 1, 2])
+
+
+@pytest.mark.parametrize("tail", ["renormalize", "bucket", "none"])
+def test_sparse_kd_loss(tail):
+    temperature = 1.5 if tail == "renormalize" else 1.0
+    check(lambda s, l: R.sparse_kd_loss(s, SPARSE_IDS, l, SPARSE_LABELS, tail=tail, temperature=temperature),
+          rand(3, 6), SPARSE_PROBS.log().requires_grad_())
+
+
+@pytest.mark.parametrize("tail", ["renormalize", "bucket", "none"])
+def test_sparse_kd_loss_masked_tokens(tail):
+    labels = torch.tensor([-100, 1, -100])
+    check(lambda s, l: R.sparse_kd_loss(s, SPARSE_IDS, l, labels, tail=tail, reduction="none"),
+          rand(3, 6), SPARSE_PROBS.log().requires_grad_())

@@ -1,7 +1,8 @@
 """The kernel operators: one declaration each (fastkd.kernel_ops), registered alike by every backend; and the
 kernels' own contracts that no public function reaches (out-of-range indices, tiles and blocks, the power).
 
-- csrc/ops.cpp defines the CUDA C++ operators with the declared schemas (read from the source: no build needed);
+- csrc/ops.cpp defines the CUDA C++ operators with the declared schemas (read from the source: no build needed),
+  all but `kernel_ops.TRITON_ONLY`, and the CUDA C++ backend runs no loss built on those;
 - the Triton operators carry the declared schemas;
 - every declared op passes `torch.library.opcheck` (schema, fake, autograd registration, dispatch) on the
   Triton backend (interpreted on CPU tensors without a GPU), on the CUDA C++ backend with a GPU, and on the
@@ -53,10 +54,50 @@ def cpp_schemas() -> dict[str, str]:
     return schemas
 
 
+# The declared ops csrc/ defines: all but those only Triton launches so far.
+CUDA_OPS = [name for name in kernel_ops.OPS if name not in kernel_ops.TRITON_ONLY]
+
+
 def test_csrc_defines_every_declared_op_with_its_schema():
+    """Every declared op but `TRITON_ONLY`, each with its schema: so `TRITON_ONLY` is exactly the declared ops
+    csrc/ lacks (once one is added there, it must leave that list)."""
     schemas = cpp_schemas()
     assert schemas.pop("cuda_build_info") == "() -> str"
-    assert schemas == {f"cuda_{name}": op.schema for name, op in kernel_ops.OPS.items()}
+    assert set(kernel_ops.TRITON_ONLY) <= set(kernel_ops.OPS)
+    assert schemas == {f"cuda_{name}": kernel_ops.OPS[name].schema for name in CUDA_OPS}
+
+
+def test_an_op_not_in_csrc_is_no_loss_of_the_cuda_backend(monkeypatch):
+    """The mechanism of `TRITON_ONLY` (empty today), with `sparse_kd_rows` taken as Triton-only: a CUDA C++
+    KernelSet that lacks it makes `backend="cuda"` say it has no kernel for sparse_kd_loss, "auto" on CUDA tensors
+    takes Triton (or the reference where Triton cannot run), and the other losses are unchanged."""
+    import types
+    monkeypatch.setattr(kernel_ops, "TRITON_ONLY", ("sparse_kd_rows",))
+    cuda_kernels = types.SimpleNamespace(**{name: None for name in kernel_ops.OPS if name != "sparse_kd_rows"})
+    monkeypatch.setitem(_dispatch._modules, "cuda", types.SimpleNamespace(
+        unavailable_reason=lambda device, build=False: None, KERNELS=cuda_kernels))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: (9, 0))
+    assert kernel_losses.missing_ops("sparse_kd_loss", cuda_kernels) == ["sparse_kd_rows"]
+    assert "sparse_kd_loss" not in kernel_losses.backend_losses(cuda_kernels)
+    assert kernel_losses.backend_losses(fkt.KERNELS) == sorted(kernel_losses.LOSSES)
+    cuda = types.SimpleNamespace(device=torch.device("cuda"), dtype=torch.float32)  # resolves without a GPU
+    message = r"backend 'cuda' has no kernel for sparse_kd_loss: it does not have the operator\(s\) \['sparse_kd_rows"
+    with pytest.raises(fastkd.BackendUnavailableError, match=message):
+        _dispatch.resolve("sparse_kd_loss", "cuda", cuda, cuda)
+    assert _dispatch.resolve("kd_loss", "cuda", cuda, cuda).args == (cuda_kernels,)
+    # "auto": Triton first; with a preference measured for CUDA C++, still Triton for this loss.
+    monkeypatch.setattr(_dispatch, "AUTO_ORDER", ("cuda", "triton", "torch"))
+    monkeypatch.setitem(_dispatch.AUTO_PREFERENCE, ("sparse_kd_loss", 9), "cuda")
+    monkeypatch.setitem(_dispatch._modules, "triton", types.SimpleNamespace(
+        unavailable_reason=lambda device: None, KERNELS=fkt.KERNELS))
+    impl = _dispatch.resolve("sparse_kd_loss", "auto", cuda, cuda)
+    assert impl.func is kernel_losses.sparse_kd_loss and impl.args == (fkt.KERNELS,)
+    monkeypatch.setitem(_dispatch._modules, "triton", types.SimpleNamespace(
+        unavailable_reason=lambda device: "no Triton here", KERNELS=None))
+    assert _dispatch.resolve("sparse_kd_loss", "auto", cuda, cuda) is fastkd.reference.sparse_kd_loss
+    assert _dispatch.resolve("kd_loss", "auto", cuda, cuda).args == (cuda_kernels,)
+    # what `fastkd info` reports: one loss fewer for CUDA C++
+    assert _dispatch._loss_count("cuda") == _dispatch._loss_count("triton") - len(kernel_ops.TRITON_ONLY)
 
 
 def test_a_backend_must_launch_every_declared_op():
@@ -92,6 +133,7 @@ def samples(kernels, device="cpu") -> dict[str, list[tuple]]:
     labels, labels3 = torch.tensor([0, -100, 4], device=device), torch.tensor([[0, -100, 4], [1, 2, -100]], device=device)
     w, w6 = rand(3, seed=3, scale=1.0), rand(6, seed=4, scale=1.0)
     one = torch.ones(1, device=device).expand(3)  # one weight for every row: a stride-0 view
+    one6 = torch.ones(1, device=device).expand(6)
     x = features(5, 4, seed=32).to(device)
     wx = features(5, 5, seed=5).to(device)
     (qh_s, ql_s), (qh_t, ql_t) = sq_hi_lo(x), sq_hi_lo(features(5, 6, seed=33).to(device))
@@ -102,6 +144,14 @@ def samples(kernels, device="cpu") -> dict[str, list[tuple]]:
     # gradient (the last flag), alone or beside the inputs'.
     t_rows, t_rows6 = 0.5 + rand(3, seed=6, scale=1.0).abs(), 0.5 + rand(6, seed=7, scale=1.0).abs()
     t_one, t_one6 = torch.full((1,), 2.0, device=device).expand(3), torch.full((1,), 2.0, device=device).expand(6)
+    # Sparse teacher slots: a duplicated id (row 1), an unused slot holding an out-of-range id (row 2); int32 ids
+    # and bf16 log-probabilities beside int64 / float32; rows of (2, 3) with labels, and a strided student.
+    ids = torch.tensor([[1, 4, 9, 0], [2, 2, 5, 7], [0, 3, 11, 6]], device=device)
+    lp = torch.tensor([[0.5, 0.2, 0.1, 0.05], [0.3, 0.3, 0.2, 0.1], [0.6, 0.3, 1.0, 0.05]], device=device).log()
+    lp[2, 2] = float("-inf")
+    ids3 = torch.tensor([[[0, 16, 3], [5, 6, 7], [1, 2, 3]], [[4, 4, 8], [9, 10, 0], [15, 14, 13]]], device=device)
+    lp3 = torch.tensor([0.4, 0.3, 0.2], device=device).log().expand(2, 3, 3).to(torch.bfloat16)
+    tails = (("renormalize", 2.0), ("bucket", 1.0), ("none", 1.0))
     return {
         "kl_rows": [(s, t, 2.0, None, False, y, None, -100, w, one, *g, False) for g in flags]
         + [(s, t, 1.0, None, True, None, labels, -100, w, None, True, False, False)]
@@ -116,6 +166,9 @@ def samples(kernels, device="cpu") -> dict[str, list[tuple]]:
         + [(s, t, y, 1.0, None, None, None, True, True, False)]
         + [(s, t, y, 1.0, t_rows, w, one, *g, True) for g in flags]
         + [(s, t, y, 1.0, t_one, None, None, True, True, True)],
+        "sparse_kd_rows": [(s, ids, lp, tail, T, None, -100, w, g) for tail, T in tails for g in (True, False)]
+        + [(s3, ids3.int(), lp3, tail, T, labels3, -100, one6, True) for tail, T in tails]
+        + [(rand(2, 4, 17, seed=48)[:, 1:], ids3, lp3, "bucket", 1.0, None, -100, w6, True)],
         "scale_rows_": [(rand(2, 3, 17, seed=47).to(dtype), scale) for dtype in (torch.float32, torch.bfloat16)
                         for scale in (w6, torch.ones(1, device=device).expand(6))],
         "rkd_sq_distances": [(x,)],
@@ -140,7 +193,7 @@ def test_opcheck_triton(device, name):
 
 
 @gpu
-@pytest.mark.parametrize("name", list(kernel_ops.OPS))
+@pytest.mark.parametrize("name", CUDA_OPS)
 def test_opcheck_cuda(name):
     import fastkd.cuda
     reason = fastkd.cuda.unavailable_reason(torch.device("cuda"), build=True)
@@ -158,7 +211,7 @@ def standin_kernels():
     return standin.kernel_set(standin.build())
 
 
-@pytest.mark.parametrize("name", list(kernel_ops.OPS))
+@pytest.mark.parametrize("name", CUDA_OPS)
 def test_opcheck_cuda_standin(standin_kernels, name):
     for args in samples(standin_kernels)[name]:
         torch.library.opcheck(getattr(standin_kernels, name), args)

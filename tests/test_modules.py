@@ -432,7 +432,8 @@ def test_kl_div_module_zero_target_finite_input():
 def all_modules():
     return [
         L.KDLoss(2.0, ce_weight=0.1, kd_weight=0.9), L.KLDivLoss(reduction="batchmean"),
-        L.KLDistillationLoss(direction="reverse"), L.JSDLoss(0.3), L.DKDLoss(warmup=5), L.MutualLearningLoss(),
+        L.KLDistillationLoss(direction="reverse"), L.JSDLoss(0.3), L.DKDLoss(warmup=5), L.SparseKDLoss("bucket"),
+        L.MutualLearningLoss(),
         L.RKDLoss(), L.AttentionTransferLoss(), L.SimilarityLoss(), L.FSPLoss(), L.PKTLoss(), L.NSTLoss(),
         L.CCLoss(), L.HintLoss(), L.HintLoss(L.ConvRegressor((5, 3, 9, 9), (5, 6, 5, 5))),
         L.ConvRegressor((5, 3, 9, 9), (5, 6, 5, 5)),

@@ -34,6 +34,7 @@ REGISTER_BUDGET = {
     "kl_rows_kernel": 128,  # measured 116 (fp16, V=8192, labels+ce, both grads + d_T, sm_80; 113 without d_T)
     "jsd_rows_kernel": 168,  # measured 143 (fp16, V=8192, student grad, sm_90); one block (V=4096): 128, the cap
     "dkd_rows_kernel": 120,  # measured 101 (bf16, V=8192, both grads + d_T, sm_90; 90 without d_T)
+    "sparse_kd_rows_kernel": 104,  # measured 90 (bf16, V=8192, bucket, labels, student grad, sm_90)
     "scale_rows_kernel": 40,  # measured 32
     "at_map_forward_kernel": 184,  # measured 162 (fp32 channels-last p=2.5, sm_90; 8 warps for tiles >= 2048)
     "at_map_backward_kernel": 168,  # measured 148 (fp16 channels-last p=2.5, sm_90)
@@ -105,7 +106,7 @@ def _load_rows():
     params = []
     for row in PLAN:
         kernel, arch, case = row
-        if kernel in static.LOGIT_KERNELS + static.SCALE_KERNELS and "contiguous" in case:
+        if kernel in static.LOGIT_KERNELS + static.SPARSE_KERNELS + static.SCALE_KERNELS and "contiguous" in case:
             params.append(pytest.param(row, id=_id(row)))
         elif kernel in static.AT_KERNELS:
             params.append(pytest.param(row, id=_id(row)))

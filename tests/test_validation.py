@@ -341,6 +341,8 @@ VALID_CALLS = {  # every public loss, on valid CPU inputs, taking `backend`
     "kl_div_loss": lambda **kw: K.kl_div_loss(S, T, labels=LABELS, **kw),
     "jsd_loss": lambda **kw: K.jsd_loss(S, T, **kw),
     "dkd_loss": lambda **kw: K.dkd_loss(S, T, Y, **kw),
+    "sparse_kd_loss": lambda **kw: K.sparse_kd_loss(S, torch.tensor([[0, 4]] * 4),
+                                                    torch.tensor([[0.5, 0.25]] * 4).log(), LABELS, tail="bucket", **kw),
     "fused_linear_distill_loss": lambda **kw: K.fused_linear_distill_loss(S, T, S, T, LABELS, **kw),  # V 4, H 5
     "kl_div": lambda **kw: K.kl_div(S.log_softmax(-1), T.softmax(-1), **kw),
     "mutual_learning_loss": lambda **kw: K.mutual_learning_loss([S, T], Y, **kw),

@@ -30,7 +30,9 @@
 // - reads of uninitialised shared memory (they see the previous block's values here, garbage on the GPU) and
 //   out-of-bounds accesses to global memory (use compute-sanitizer on a GPU). The build (fastkd/cuda/standin.py)
 //   does stop on misaligned vector loads and stores and on indices outside fixed-size arrays (UBSan);
-// - the other intrinsics: only what csrc/ uses is here.
+// - the other intrinsics: only what csrc/ uses is here. Atomics: `atomicOr` on an unsigned word (shared or global
+//   memory alike), a sequentially consistent std::atomic_ref fetch_or: the GPU's is relaxed, which the kernels
+//   may rely on only up to a __syncthreads() (a barrier here orders everything).
 //
 // Dynamic shared memory (FASTKD_DYNAMIC_SHARED in csrc/device.cuh) is a buffer of the launch's size per block, filled
 // with 0xff bytes (NaN in every float format) so that a read of a byte the kernel never wrote shows; the kernel reads
@@ -292,6 +294,9 @@ inline const DeviceProperties* getCurrentDeviceProperties() {
 #define C10_CUDA_KERNEL_LAUNCH_CHECK() \
   do {                                 \
   } while (0)
+
+// CUDA's atomicOr(unsigned*, unsigned): the old value, the word or-ed atomically.
+inline unsigned atomicOr(unsigned* address, unsigned value) { return std::atomic_ref<unsigned>(*address).fetch_or(value); }
 
 // Qualifiers and intrinsics, after every system header (glibc declares some of these names itself).
 #define __global__

@@ -1,4 +1,5 @@
-"""The Triton backend: fused kernels for the KD family (KD, KL both ways, JSD, DKD), RKD and attention maps.
+"""The Triton backend: fused kernels for the KD family (KD, KL both ways, JSD, DKD, sparse-teacher KD), RKD and
+attention maps.
 
 `KERNELS` is its `fastkd.kernel_ops.KernelSet`: the operators `fastkd::triton_<name>`, one per declared op,
 each the launcher of the same name in this package (`kl.kl_rows`, `rkd.rkd_sq_distances`, ...). The public
@@ -21,10 +22,10 @@ except ImportError as err:  # the package imports and works without Triton
 else:
     _import_error = None
     from .. import kernel_ops
-    from . import attention, dkd, jsd, kl, rkd, rows
+    from . import attention, dkd, jsd, kl, rkd, rows, sparse
 
     KERNELS = kernel_ops.register("triton", {launcher.__name__: launcher for launcher in (
-        kl.kl_rows, jsd.jsd_rows, dkd.dkd_rows, rows.scale_rows_,
+        kl.kl_rows, jsd.jsd_rows, dkd.dkd_rows, sparse.sparse_kd_rows, rows.scale_rows_,
         rkd.rkd_sq_distances, rkd.rkd_weighted_diff, rkd.rkd_angle_sum, rkd.rkd_angle_weights,
         attention.at_channel_mean_pow, attention.at_channel_mean_pow_backward)})
 

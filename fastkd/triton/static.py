@@ -25,6 +25,7 @@ import torch
 
 ARCHS = ("8.0", "9.0")
 LOGIT_KERNELS = ("kl_rows_kernel", "jsd_rows_kernel", "dkd_rows_kernel")
+SPARSE_KERNELS = ("sparse_kd_rows_kernel",)
 SCALE_KERNELS = ("scale_rows_kernel",)
 AT_KERNELS = ("at_map_forward_kernel", "at_map_backward_kernel")
 RKD_KERNELS = ("rkd_sq_dist_kernel", "rkd_weighted_diff_kernel", "rkd_angle_forward_kernel",
@@ -142,7 +143,7 @@ def _stand_in(arch: str, record):
 def _cases():
     """(label, kernels, thunk): the public launchers on small CPU tensors, covering the specialisations,
     and the kernels each case launches."""
-    from . import attention, dkd, jsd, kl, rkd
+    from . import attention, dkd, jsd, kl, rkd, sparse
     from . import rows as row_kernels
 
     cases = []
@@ -191,6 +192,27 @@ def _cases():
                           logit_case(V, dtype, False, True, True, "grads", t_grad=True)))
         cases.append((f"{name} contiguous V=8192 plain student grad", LOGIT_KERNELS[:2],
                       logit_case(8192, dtype, False, False, False, "student grad")))
+
+    def sparse_case(V, dtype, strided, tail, grad, labels):
+        def thunk():
+            s, _, y, g, rows = logits(V, dtype, strided)
+            ids = torch.zeros(*s.shape[:-1], 64, dtype=torch.long)  # a top-64 cache
+            lp = torch.zeros(*s.shape[:-1], 64, dtype=dtype)
+            sparse.sparse_kd_rows(s, ids, lp, tail, 1.0, y if labels else None, -100, g, grad)
+        return thunk
+
+    # Sparse-teacher KD: one block (1024, 4096) and a long row (8192); the bucket tail (the bitmap: the most
+    # registers) and renormalize, with the student's gradient (and labels), and without (inference).
+    for name, dtype in dtypes.items():
+        for V in (1024, 4096, 8192):
+            for tail in ("bucket", "renormalize"):
+                cases.append((f"{name} contiguous V={V} sparse {tail} labels student grad", SPARSE_KERNELS,
+                              sparse_case(V, dtype, False, tail, True, True)))
+                cases.append((f"{name} contiguous V={V} sparse {tail} no grad", SPARSE_KERNELS,
+                              sparse_case(V, dtype, False, tail, False, False)))
+            if name != "fp16":
+                cases.append((f"{name} strided V={V} sparse bucket student grad", SPARSE_KERNELS,
+                              sparse_case(V, dtype, True, "bucket", True, False)))
 
     def scale_case(V, dtype):
         def thunk():
