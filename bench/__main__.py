@@ -6,6 +6,7 @@ Examples:
     python -m bench --losses kd,jsd --shapes llm --peers eager,compile,liger,triton --passes fwd+bwd
     python -m bench --list --losses kd --shapes llm        # the cases, their floor and fastkd's path bytes
     python -m bench --losses fused_jsd --peers eager,liger,triton  # the fused linear + JSD loss, BT x H x V
+    python -m bench --communication                       # bytes each distributed loss sends per rank (a model)
     python -m bench --resume --budget-min 8               # go on where the last run at this commit stopped
     python -m bench report                                # README.md and plots beside the newest of
                                                           # bench/results/results.csv and quick.csv
@@ -42,6 +43,9 @@ def parse_args(argv):
     p.add_argument("--budget-min", type=float, default=None, help="start no new case after this many minutes")
     p.add_argument("--list", action="store_true",
                    help="print the cases, with the floor and fastkd's path bytes per pass (logit losses), and exit")
+    p.add_argument("--communication", action="store_true",
+                   help="print the bytes each distributed loss sends per rank and call at typical shapes, against "
+                        "gathering the logits (bench/communication.py), and exit")
     args = p.parse_args(argv)
     for name, values, allowed in (("peers", args.peers, PEERS), ("passes", args.passes, PASSES),
                                   ("dtypes", args.dtypes or [], DTYPES)):
@@ -58,6 +62,10 @@ def main(argv=None) -> int:
         from . import report
         return report.main(argv[1:])
     args = parse_args(argv)
+    if args.communication:
+        from .communication import table_lines
+        print("\n".join(table_lines()))
+        return 0
 
     import torch
     from .cases import build_cases

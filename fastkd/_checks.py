@@ -145,15 +145,16 @@ def check_logits(student_logits: object, teacher_logits: object, vocab_mismatch:
         raise ValueError(f"the batch is empty: student_logits has shape {tuple(student_logits.shape)}")
 
 
-def check_target(name: str, target: object, logits: torch.Tensor) -> torch.Tensor:
-    """Class indices, one per row of `logits`, each in [0, classes)."""
+def check_target(name: str, target: object, logits: torch.Tensor, classes: int | None = None) -> torch.Tensor:
+    """Class indices, one per row of `logits`, each in [0, classes) (default: the logits' last dimension; a
+    vocabulary-parallel call passes the whole vocabulary's size)."""
     check_index_tensor(name, target)
     check_same_device(**{name: target, "student_logits": logits})
     rows_shape = logits.shape[:-1]
     if target.shape != rows_shape:
         raise ValueError(f"{name} must have shape {tuple(rows_shape)} (one class index per row of the logits), "
                          f"got {tuple(target.shape)}")
-    classes = logits.shape[-1]
+    classes = logits.shape[-1] if classes is None else classes
     if target.device.type == "cpu" and not torch.compiler.is_compiling():
         low, high = int(target.min()), int(target.max())
         if low < 0 or high >= classes:
@@ -171,10 +172,12 @@ def check_labels(labels: object, logits: torch.Tensor) -> torch.Tensor:
     return labels
 
 
-def check_sparse_teacher(student_logits: object, teacher_indices: object, teacher_logprobs: object) -> None:
+def check_sparse_teacher(student_logits: object, teacher_indices: object, teacher_logprobs: object,
+                         vocab: int | None = None) -> None:
     """Student logits `(..., V)` and a sparse teacher: ids `(..., k)` and their log-probabilities `(..., k)`, on one
     device. On CPU tensors (outside torch.compile) the ids of used slots (log-probability not -inf) must lie in
-    [0, V); elsewhere such a row's loss is NaN (reading the ids would wait on the device)."""
+    [0, V) (`vocab`: the whole vocabulary's size when the logits are a slice of it); elsewhere such a row's loss is
+    NaN (reading the ids would wait on the device)."""
     check_float_tensor("student_logits", student_logits)
     if student_logits.dim() < 1:
         raise ValueError("student_logits must have a class dimension, got a 0-d tensor")
@@ -182,7 +185,8 @@ def check_sparse_teacher(student_logits: object, teacher_indices: object, teache
         raise ValueError("student_logits must have at least one class, got 0")
     if student_logits.numel() == 0:
         raise ValueError(f"the batch is empty: student_logits has shape {tuple(student_logits.shape)}")
-    check_sparse_slots(teacher_indices, teacher_logprobs, student_logits.shape[:-1], student_logits.shape[-1],
+    check_sparse_slots(teacher_indices, teacher_logprobs, student_logits.shape[:-1],
+                       student_logits.shape[-1] if vocab is None else vocab,
                        f"student_logits {tuple(student_logits.shape)}", student_logits=student_logits)
 
 

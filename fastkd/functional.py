@@ -53,7 +53,8 @@ SPARSE_TAILS = reference.sparse.TAILS
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
             temperature: float | torch.Tensor = 4.0, *,
             reduction: str = "batchmean", target: torch.Tensor | None = None, ce_weight: float = 0.0,
-            kd_weight: float = 1.0, vocab_mismatch: str = "error", backend: str | None = None) -> torch.Tensor:
+            kd_weight: float = 1.0, vocab_mismatch: str = "error", process_group=None, vocab_range=None,
+            backend: str | None = None) -> torch.Tensor:
     """Hinton KD: `ce_weight * CE(z_s, target) + kd_weight * T^2 * KL(softmax(z_t/T) || softmax(z_s/T))`.
 
     Logits `(..., C)`; `target` `(...)` class indices, needed when `ce_weight != 0`.
@@ -61,16 +62,23 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
     Defaults give RepDistiller's `DistillKL(4)`; its training mix is `ce_weight=0.1, kd_weight=0.9`.
     The logits may differ in floating dtype: computed in the wider and at least float32 (module docstring).
     Vocabularies of different sizes: module docstring (the CE term keeps the student's whole vocabulary).
+    `process_group`, `vocab_range`: the logits split by vocabulary across the ranks (`_vocab_parallel`); `target`
+    then holds global ids.
     """
     checks.check_logits(student_logits, teacher_logits, vocab_mismatch)
     temperature = checks.check_temperature(temperature, student_logits)
     checks.check_choice("reduction", reduction, checks.LOGIT_REDUCTIONS)
     ce_weight = checks.check_number("ce_weight", ce_weight)
     kd_weight = checks.check_number("kd_weight", kd_weight)
+    where = _vocab_parallel(backend, process_group, vocab_range, student_logits, teacher_logits)
     if target is not None:
-        checks.check_target("target", target, student_logits)
+        checks.check_target("target", target, student_logits, None if where is None else where.total)
     elif ce_weight != 0.0:
         raise ValueError(f"ce_weight={ce_weight} needs target (the hard labels), got target=None")
+    if where is not None:
+        from .distributed import vocab_parallel
+        return vocab_parallel.kd_loss(student_logits, teacher_logits, temperature, reduction=reduction, target=target,
+                                      ce_weight=ce_weight, kd_weight=kd_weight, where=where, group=process_group)
     impl = resolve("kd_loss", backend, student_logits, teacher_logits)
     if student_logits.shape[-1] != teacher_logits.shape[-1]:
         s, t = _shared_vocabulary(student_logits, teacher_logits)
@@ -80,6 +88,44 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
         return loss + ce_weight * reference.logits.hard_label_term(student_logits, target, reduction, loss.dtype)
     return impl(student_logits, teacher_logits, temperature, reduction=reduction, target=target,
                 ce_weight=ce_weight, kd_weight=kd_weight)
+
+
+def _vocab_parallel(backend, process_group, vocab_range, student_logits: torch.Tensor,
+                    teacher_logits: torch.Tensor | None, local_vocab: int | None = None):
+    """A vocabulary-parallel call's slice of the vocabulary (`fastkd.distributed.VocabSlice`), or None without a
+    `process_group`.
+
+    With a group, the last dimension of the logits is this rank's slice of the vocabulary: rank r of W holds ids
+    `[r * V_local, (r + 1) * V_local)` (equal slices), or `vocab_range=(start, end)` (given on every rank; the
+    slices must tile the vocabulary in rank order). Every rank holds the same rows; targets, labels and a sparse
+    teacher's ids are global ids. Every rank gets the loss of the whole vocabulary, and the gradient of its slice
+    equals that slice of the single-process gradient. Only per-row numbers cross the network (normalisers and
+    partial sums: `fastkd.distributed.vocab_parallel`); the logits are never gathered. The layout is checked on
+    every rank first (one all-gather of four integers per rank), so a wrong one raises the same ValueError on every
+    rank. These calls run the reference's arithmetic; the kernel backends have no vocabulary-parallel form yet.
+    """
+    if process_group is None:
+        if vocab_range is not None:
+            raise ValueError("vocab_range says which slice of the vocabulary this rank's logits hold; it needs "
+                             "process_group (the ranks that hold the other slices)")
+        return None
+    if backend in ("triton", "cuda"):
+        from ._dispatch import BackendUnavailableError
+        raise BackendUnavailableError(f"backend {backend!r} has no vocabulary-parallel kernel yet: with "
+                                      f"process_group the loss runs the reference's arithmetic (backend=None or "
+                                      f"'torch')")
+    if teacher_logits is not None and student_logits.shape[-1] != teacher_logits.shape[-1]:
+        raise ValueError(f"with process_group the student's and the teacher's logits must hold the same slice of the "
+                         f"vocabulary, got {student_logits.shape[-1]} and {teacher_logits.shape[-1]} ids "
+                         f"(vocab_mismatch='truncate' is not supported across ranks)")
+    from .distributed import vocab_slice
+    if local_vocab is not None:  # the fused loss: `student_logits` is the hidden states, (..., H)
+        rows = student_logits.numel() // max(1, student_logits.shape[-1])
+        return vocab_slice(process_group, local_vocab, vocab_range, rows, student_logits.device)
+    if student_logits.dim() < 1:
+        raise ValueError("student_logits must have a class dimension, got a 0-d tensor")
+    rows = student_logits.numel() // max(1, student_logits.shape[-1])
+    return vocab_slice(process_group, student_logits.shape[-1], vocab_range, rows, student_logits.device)
 
 
 def _shared_vocabulary(student_logits: torch.Tensor, teacher_logits: torch.Tensor):
@@ -101,17 +147,24 @@ def _check_token_loss_args(student_logits, teacher_logits, temperature, labels, 
 def kl_div_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
                 temperature: float | torch.Tensor = 1.0, *,
                 direction: str = "forward", labels: torch.Tensor | None = None, ignore_index: int = -100,
-                reduction: str = "batchmean", vocab_mismatch: str = "error",
-                backend: str | None = None) -> torch.Tensor:
+                reduction: str = "batchmean", vocab_mismatch: str = "error", process_group=None,
+                vocab_range=None, backend: str | None = None) -> torch.Tensor:
     """Token-level KL for language-model distillation: forward `KL(p_t || p_s)` or reverse `KL(p_s || p_t)`.
 
     Logits `(..., V)`; `labels` `(...)`: tokens equal to `ignore_index` are left out, and "batchmean"
     is the mean over the remaining tokens (0 when none remain). No `T^2` factor.
     The logits may differ in floating dtype: computed in the wider and at least float32 (module docstring).
+    `process_group`, `vocab_range`: the logits split by vocabulary across the ranks (`_vocab_parallel`).
     """
     temperature = _check_token_loss_args(student_logits, teacher_logits, temperature, labels, ignore_index,
                                          reduction, vocab_mismatch)
     checks.check_choice("direction", direction, DIRECTIONS)
+    where = _vocab_parallel(backend, process_group, vocab_range, student_logits, teacher_logits)
+    if where is not None:
+        from .distributed import vocab_parallel
+        return vocab_parallel.token_loss(student_logits, teacher_logits, temperature, kind=direction, beta=0.5,
+                                         labels=labels, ignore_index=ignore_index, reduction=reduction, where=where,
+                                         group=process_group)
     impl = resolve("kl_div_loss", backend, student_logits, teacher_logits)
     student_logits, teacher_logits = _shared_vocabulary(student_logits, teacher_logits)
     return impl(student_logits, teacher_logits, temperature, direction=direction, labels=labels,
@@ -121,15 +174,23 @@ def kl_div_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
 def jsd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, beta: float = 0.5,
              temperature: float | torch.Tensor = 1.0, labels: torch.Tensor | None = None,
              ignore_index: int = -100, reduction: str = "batchmean", vocab_mismatch: str = "error",
-             backend: str | None = None) -> torch.Tensor:
+             process_group=None, vocab_range=None, backend: str | None = None) -> torch.Tensor:
     """TRL's generalized JSD: beta 0 is `KL(p_t || p_s)`, beta 1 is `KL(p_s || p_t)`, 0.5 the symmetric JSD.
 
     Logits `(..., V)`; masking and reductions as in `kl_div_loss`.
     The logits may differ in floating dtype: computed in the wider and at least float32 (module docstring).
+    `process_group`, `vocab_range`: the logits split by vocabulary across the ranks (`_vocab_parallel`).
     """
     temperature = _check_token_loss_args(student_logits, teacher_logits, temperature, labels, ignore_index,
                                          reduction, vocab_mismatch)
     beta = checks.check_unit_interval("beta", beta)
+    where = _vocab_parallel(backend, process_group, vocab_range, student_logits, teacher_logits)
+    if where is not None:
+        from .distributed import vocab_parallel
+        kind = "forward" if beta == 0.0 else "reverse" if beta == 1.0 else "jsd"
+        return vocab_parallel.token_loss(student_logits, teacher_logits, temperature, kind=kind, beta=beta,
+                                         labels=labels, ignore_index=ignore_index, reduction=reduction, where=where,
+                                         group=process_group)
     impl = resolve("jsd_loss", backend, student_logits, teacher_logits)
     student_logits, teacher_logits = _shared_vocabulary(student_logits, teacher_logits)
     return impl(student_logits, teacher_logits, beta=beta, temperature=temperature, labels=labels,
@@ -159,7 +220,7 @@ def dkd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target:
 def sparse_kd_loss(student_logits: torch.Tensor, teacher_indices: torch.Tensor, teacher_logprobs: torch.Tensor,
                    labels: torch.Tensor | None = None, *, tail: str = "renormalize", temperature: float = 1.0,
                    ignore_index: int = -100, num_items_in_batch=None, reduction: str = "batchmean",
-                   backend: str | None = None) -> torch.Tensor:
+                   process_group=None, vocab_range=None, backend: str | None = None) -> torch.Tensor:
     """Token-level KD against a sparse teacher: its top-k (or sampled) ids and their log-probabilities.
 
     `student_logits` `(..., V)`; `teacher_indices` `(..., k)` integer ids and `teacher_logprobs` `(..., k)` the
@@ -181,8 +242,13 @@ def sparse_kd_loss(student_logits: torch.Tensor, teacher_indices: torch.Tensor, 
     its gradient written in the same pass); the CUDA C++ backend has no kernel for it yet (naming "cuda" raises a
     BackendUnavailableError; "auto" on CUDA tensors runs Triton). Log-probabilities that require a gradient get
     the reference on any backend (the kernel makes the student's gradient only).
+    `process_group`, `vocab_range`: the student's logits split by vocabulary across the ranks
+    (`_vocab_parallel`); `teacher_indices` hold global ids and are the same on every rank.
     """
-    checks.check_sparse_teacher(student_logits, teacher_indices, teacher_logprobs)
+    checks.check_float_tensor("student_logits", student_logits)
+    where = _vocab_parallel(backend, process_group, vocab_range, student_logits, None)
+    checks.check_sparse_teacher(student_logits, teacher_indices, teacher_logprobs,
+                                None if where is None else where.total)
     checks.check_choice("tail", tail, SPARSE_TAILS)
     temperature = checks.check_sparse_temperature(temperature, tail)
     checks.check_choice("reduction", reduction, checks.LOGIT_REDUCTIONS)
@@ -193,6 +259,12 @@ def sparse_kd_loss(student_logits: torch.Tensor, teacher_indices: torch.Tensor, 
     if num_items_in_batch is not None and reduction != "batchmean":
         raise ValueError(f"num_items_in_batch replaces the token count of reduction='batchmean'; it cannot be "
                          f"combined with reduction={reduction!r}")
+    if where is not None:
+        from .distributed import vocab_parallel
+        return vocab_parallel.sparse_kd_loss(student_logits, teacher_indices, teacher_logprobs, labels, tail=tail,
+                                             temperature=temperature, ignore_index=ignore_index,
+                                             num_items_in_batch=num_items_in_batch, reduction=reduction,
+                                             where=where, group=process_group)
     impl = resolve("sparse_kd_loss", backend, student_logits, teacher_logprobs)
     return impl(student_logits, teacher_indices, teacher_logprobs, labels, tail=tail, temperature=temperature,
                 ignore_index=ignore_index, num_items_in_batch=num_items_in_batch, reduction=reduction)
@@ -207,7 +279,7 @@ def fused_linear_distill_loss(student_hidden: torch.Tensor, student_weight: torc
                               teacher_topk: tuple[torch.Tensor, torch.Tensor] | None = None, tail: str = "renormalize",
                               student_softcap: float | None = None, teacher_softcap: float | None = None,
                               vocab_mismatch: str = "error", num_items_in_batch=None, chunk_size: int | None = None,
-                              backend: str | None = None) -> torch.Tensor:
+                              process_group=None, vocab_range=None, backend: str | None = None) -> torch.Tensor:
     """Output layer + distillation loss for language models, fused by chunks of tokens: the `N x V` logits of
     either side never exist (`fastkd.fused_linear`).
 
@@ -234,6 +306,18 @@ def fused_linear_distill_loss(student_hidden: torch.Tensor, student_weight: torc
     loss NaN on a GPU; `vocab_mismatch` has no teacher vocabulary to compare). `loss` must be "forward_kl" or
     "kd" (times T^2): the k log-probabilities give the forward KL only. The teacher's log-probabilities get no
     gradient. `tail` applies to `teacher_topk` only.
+
+    Past one GPU:
+    - Tensor parallel (`process_group`, `vocab_range`): `student_weight` (and `teacher_weight`, biases,
+      `teacher_logits`) are this rank's rows `[start, end)` of the output layers, split by vocabulary as
+      `_vocab_parallel` says (Megatron's vocabulary-parallel output layer); the hidden states, labels and a sparse
+      teacher's ids (global) are the same on every rank. Every rank gets the loss of the whole vocabulary; its
+      weight's gradient is its rows of the single-process one, and the hidden states' gradient is all-reduced here
+      (the one `N x H` collective; do not also all-reduce it in a "copy to tensor-parallel region" before this
+      call). Per chunk only per-row numbers cross the network; no logit does.
+    - FSDP2: a `student_weight` (or `teacher_weight`) that is a `DTensor` sharded over its mesh is gathered once per
+      call (`fastkd.distributed.dtensor.full_weight`); its gradient goes back as a reduce-scatter averaged over the
+      mesh, as FSDP2 averages every other parameter's. Each rank's tokens are its own (data parallel).
     """
     return _fused_linear_distill(student_hidden, student_weight, teacher_hidden, teacher_weight, labels, loss=loss,
                                  beta=beta, temperature=temperature, ignore_index=ignore_index, ce_weight=ce_weight,
@@ -241,15 +325,24 @@ def fused_linear_distill_loss(student_hidden: torch.Tensor, student_weight: torc
                                  teacher_logits=teacher_logits, student_softcap=student_softcap,
                                  teacher_softcap=teacher_softcap, vocab_mismatch=vocab_mismatch,
                                  num_items_in_batch=num_items_in_batch, chunk_size=chunk_size, backend=backend,
-                                 teacher_topk=teacher_topk, tail=tail)
+                                 teacher_topk=teacher_topk, tail=tail, process_group=process_group,
+                                 vocab_range=vocab_range)
 
 
 def _fused_linear_distill(student_hidden, student_weight, teacher_hidden, teacher_weight, labels, *, loss, beta,
                           temperature, ignore_index, ce_weight, kd_weight, student_bias, teacher_bias,
                           teacher_logits, student_softcap, teacher_softcap, vocab_mismatch, num_items_in_batch,
-                          chunk_size, backend, return_terms=False, teacher_topk=None, tail="renormalize"):
+                          chunk_size, backend, return_terms=False, teacher_topk=None, tail="renormalize",
+                          process_group=None, vocab_range=None):
     """`fused_linear_distill_loss`, validated and dispatched; `return_terms`: `(loss, terms)`, the terms
     `[kd_weight * D, ce_weight * CE]` not differentiable (for the Liger drop-in's `return_soft_hard_loss`)."""
+    from .distributed.dtensor import full_weight, is_dtensor
+    if is_dtensor(student_weight) or is_dtensor(teacher_weight):
+        if process_group is not None:
+            raise ValueError("pass the output weight either as a DTensor (FSDP2: gathered once per call) or as this "
+                             "rank's vocabulary rows with process_group (tensor parallel), not both")
+        student_weight = full_weight(student_weight)
+        teacher_weight = None if teacher_weight is None else full_weight(teacher_weight.detach())
     checks.check_float_tensor("student_hidden", student_hidden)
     checks.check_float_tensor("student_weight", student_weight)
     if student_hidden.dim() < 1 or student_hidden.numel() == 0:
@@ -257,11 +350,15 @@ def _fused_linear_distill(student_hidden, student_weight, teacher_hidden, teache
                          f"{tuple(student_hidden.shape)}")
     rows_shape = student_hidden.shape[:-1]
     _check_layer("student", student_hidden, student_weight, student_bias)
+    where = _vocab_parallel(backend, process_group, vocab_range, student_hidden, None,
+                            local_vocab=student_weight.shape[0])
+    vocab = student_weight.shape[0] if where is None else where.total
     checks.check_choice("tail", tail, SPARSE_TAILS)
     teacher_logprobs = None
     if teacher_topk is not None:
         teacher_logprobs = _check_teacher_topk(teacher_topk, student_hidden, student_weight, teacher_hidden,
-                                               teacher_weight, teacher_logits, teacher_bias, teacher_softcap, loss)
+                                               teacher_weight, teacher_logits, teacher_bias, teacher_softcap, loss,
+                                               vocab)
         teacher_vocab = student_weight.shape[0]  # the ids index the student's vocabulary
     elif tail != "renormalize":
         raise ValueError(f"tail={tail!r} applies to a sparse teacher (teacher_topk) only, and teacher_topk is None")
@@ -306,6 +403,10 @@ def _fused_linear_distill(student_hidden, student_weight, teacher_hidden, teache
                 for name, c in (("student_softcap", student_softcap), ("teacher_softcap", teacher_softcap))]
     checks.check_vocab_sizes(student_weight.shape[0], teacher_vocab, vocab_mismatch,
                              " (student_weight rows against the teacher's)")
+    if where is not None and student_weight.shape[0] != teacher_vocab:
+        raise ValueError(f"with process_group the student's and the teacher's output layers must hold the same "
+                         f"slice of the vocabulary, got {student_weight.shape[0]} and {teacher_vocab} rows "
+                         f"(vocab_mismatch='truncate' is not supported across ranks)")
     if labels is not None:
         checks.check_index_tensor("labels", labels)
         checks.check_same_device(labels=labels, student_hidden=student_hidden)
@@ -313,8 +414,8 @@ def _fused_linear_distill(student_hidden, student_weight, teacher_hidden, teache
             raise ValueError(f"labels must have shape {tuple(rows_shape)} (one per token), got {tuple(labels.shape)}")
         if labels.device.type == "cpu" and not torch.compiler.is_compiling():
             kept = labels[labels != ignore_index]
-            if kept.numel() and (int(kept.min()) < 0 or int(kept.max()) >= student_weight.shape[0]):
-                raise ValueError(f"labels holds token ids outside [0, {student_weight.shape[0]}) that are not "
+            if kept.numel() and (int(kept.min()) < 0 or int(kept.max()) >= vocab):
+                raise ValueError(f"labels holds token ids outside [0, {vocab}) that are not "
                                  f"ignore_index={ignore_index}: min {int(kept.min())}, max {int(kept.max())}")
     elif ce_weight != 0.0:
         raise ValueError(f"ce_weight={ce_weight} needs labels (the next-token ids), got labels=None")
@@ -325,6 +426,16 @@ def _fused_linear_distill(student_hidden, student_weight, teacher_hidden, teache
     floats = [student_hidden, student_weight] + [t for t in (teacher_hidden, teacher_weight, teacher_logits,
                                                              teacher_logprobs) if t is not None]
     name = "fused_linear_distill_terms" if return_terms else "fused_linear_distill_loss"
+    if where is not None:
+        from .distributed import vocab_parallel
+        out = fused_linear.fused_linear_distill_terms(
+            vocab_parallel.fused_rows(where, process_group), student_hidden, student_weight, teacher_hidden,
+            teacher_weight, labels, loss=loss, beta=beta, temperature=temperature, ignore_index=ignore_index,
+            ce_weight=ce_weight, kd_weight=kd_weight, student_bias=student_bias, teacher_bias=teacher_bias,
+            teacher_logits=teacher_logits, teacher_topk=None if teacher_topk is None else tuple(teacher_topk),
+            tail=tail, student_softcap=softcaps[0], teacher_softcap=softcaps[1], vocab_mismatch=vocab_mismatch,
+            num_items_in_batch=num_items_in_batch, chunk_size=chunk_size, process_group=process_group)
+        return out if return_terms else out[0]
     impl = resolve(name, backend, *floats)
     return impl(student_hidden, student_weight, teacher_hidden, teacher_weight, labels, loss=loss, beta=beta,
                 temperature=temperature, ignore_index=ignore_index, ce_weight=ce_weight, kd_weight=kd_weight,
@@ -335,7 +446,7 @@ def _fused_linear_distill(student_hidden, student_weight, teacher_hidden, teache
 
 
 def _check_teacher_topk(teacher_topk, student_hidden, student_weight, teacher_hidden, teacher_weight,
-                        teacher_logits, teacher_bias, teacher_softcap, loss) -> torch.Tensor:
+                        teacher_logits, teacher_bias, teacher_softcap, loss, vocab: int) -> torch.Tensor:
     """A sparse teacher for the fused loss: a pair `(ids, logprobs)` of `(..., k)` tensors for the tokens of
     `student_hidden`, alone as the teacher, with a forward-KL `loss`. Returns the log-probabilities."""
     if isinstance(teacher_topk, torch.Tensor) or not isinstance(teacher_topk, (tuple, list)) or len(teacher_topk) != 2:
@@ -357,7 +468,7 @@ def _check_teacher_topk(teacher_topk, student_hidden, student_weight, teacher_hi
                          f"teacher's probability of every id, not only of its k)")
     teacher_indices, teacher_logprobs = teacher_topk
     rows_shape = student_hidden.shape[:-1]
-    checks.check_sparse_slots(teacher_indices, teacher_logprobs, rows_shape, student_weight.shape[0],
+    checks.check_sparse_slots(teacher_indices, teacher_logprobs, rows_shape, vocab,
                               f"student_hidden {tuple(student_hidden.shape)}", student_hidden=student_hidden)
     return teacher_logprobs
 
@@ -439,23 +550,54 @@ def _check_pair(f_s, f_t, **kwargs):
     checks.check_features("f_s", f_s, "f_t", f_t, **kwargs)
 
 
+def global_batch(f_s: torch.Tensor, f_t: torch.Tensor, process_group):
+    """The relational losses under data parallelism: with a `process_group`, the student's and the teacher's
+    features of every rank, concatenated in rank order (ranks may hold different batch sizes), so the relations
+    run over the global batch and every rank computes the same loss. The student's features are gathered with
+    their gradient: the backward all-reduces it, so each rank gets W times the global loss's gradient of its
+    own samples, which DDP's averaging over the W ranks divides back. One DDP step on W ranks is then one
+    single-process step on the concatenated batch (with the rest of the loss a mean over each rank's samples,
+    as usual under DDP). The teacher's features are gathered without a gradient. Crosses the network: the
+    features of every rank (B x D per side), and their gradient in the backward; never more than the batch.
+    Without a group: the features unchanged."""
+    if process_group is None:
+        return f_s, f_t
+    from .distributed import gather_rows, check_group
+    check_group(process_group)
+    # The full checks run on the gathered batch: a rank may hold no sample.
+    checks.check_float_tensor("f_s", f_s)
+    checks.check_float_tensor("f_t", f_t)
+    if f_s.dim() == 0 or f_t.dim() == 0 or f_s.shape[0] != f_t.shape[0]:
+        raise ValueError(f"f_s and f_t must hold the same samples (batch first), got shapes {tuple(f_s.shape)} and "
+                         f"{tuple(f_t.shape)}")
+    return gather_rows(f_s, process_group), gather_rows(f_t.detach(), process_group)
+
+
 def rkd_distance_loss(f_s: torch.Tensor, f_t: torch.Tensor, *, squared: bool = False, eps: float = 1e-12,
-                      backend: str | None = None) -> torch.Tensor:
-    """RKD distance loss on features `(B, ...)` flattened to `(B, D)`, B >= 2; D may differ."""
+                      process_group=None, backend: str | None = None) -> torch.Tensor:
+    """RKD distance loss on features `(B, ...)` flattened to `(B, D)`, B >= 2; D may differ.
+    `process_group`: the relations over the global batch of every rank (`global_batch`)."""
+    f_s, f_t = global_batch(f_s, f_t, process_group)
     _check_pair(f_s, f_t, min_batch=2)
     eps = checks.check_positive("eps", eps)
     return resolve("rkd_distance_loss", backend, f_s, f_t)(f_s, f_t, squared=bool(squared), eps=eps)
 
 
-def rkd_angle_loss(f_s: torch.Tensor, f_t: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
-    """RKD angle loss on features `(B, ...)` flattened to `(B, D)`, B >= 2; D may differ."""
+def rkd_angle_loss(f_s: torch.Tensor, f_t: torch.Tensor, *, process_group=None,
+                   backend: str | None = None) -> torch.Tensor:
+    """RKD angle loss on features `(B, ...)` flattened to `(B, D)`, B >= 2; D may differ.
+    `process_group`: the relations over the global batch of every rank (`global_batch`)."""
+    f_s, f_t = global_batch(f_s, f_t, process_group)
     _check_pair(f_s, f_t, min_batch=2)
     return resolve("rkd_angle_loss", backend, f_s, f_t)(f_s, f_t)
 
 
 def rkd_loss(f_s: torch.Tensor, f_t: torch.Tensor, *, distance_weight: float = 25.0, angle_weight: float = 50.0,
-             squared: bool = False, eps: float = 1e-12, backend: str | None = None) -> torch.Tensor:
-    """RKD: `distance_weight * L_distance + angle_weight * L_angle` (RepDistiller's weights 25 and 50)."""
+             squared: bool = False, eps: float = 1e-12, process_group=None,
+             backend: str | None = None) -> torch.Tensor:
+    """RKD: `distance_weight * L_distance + angle_weight * L_angle` (RepDistiller's weights 25 and 50).
+    `process_group`: the relations over the global batch of every rank (`global_batch`)."""
+    f_s, f_t = global_batch(f_s, f_t, process_group)
     _check_pair(f_s, f_t, min_batch=2)
     distance_weight = checks.check_number("distance_weight", distance_weight)
     angle_weight = checks.check_number("angle_weight", angle_weight)
@@ -494,8 +636,11 @@ def at_loss(f_s: torch.Tensor, f_t: torch.Tensor, *, p: float = 2, mode: str = "
     return resolve("at_loss", backend, f_s, f_t)(f_s, f_t, p=p, mode=mode)
 
 
-def sp_loss(f_s: torch.Tensor, f_t: torch.Tensor, *, norm: str = "l2", backend: str | None = None) -> torch.Tensor:
-    """Similarity-preserving KD on features `(B, ...)`; norm "l2" (RepDistiller) or "l1" (torchdistill)."""
+def sp_loss(f_s: torch.Tensor, f_t: torch.Tensor, *, norm: str = "l2", process_group=None,
+            backend: str | None = None) -> torch.Tensor:
+    """Similarity-preserving KD on features `(B, ...)`; norm "l2" (RepDistiller) or "l1" (torchdistill).
+    `process_group`: the similarities over the global batch of every rank (`global_batch`)."""
+    f_s, f_t = global_batch(f_s, f_t, process_group)
     _check_pair(f_s, f_t)
     checks.check_choice("norm", norm, SP_NORMS)
     return resolve("sp_loss", backend, f_s, f_t)(f_s, f_t, norm=norm)
@@ -525,8 +670,11 @@ def fsp_loss(feats_s: Sequence[torch.Tensor], feats_t: Sequence[torch.Tensor], *
     return resolve("fsp_loss", backend, *feats_s, *feats_t)(feats_s, feats_t)
 
 
-def pkt_loss(f_s: torch.Tensor, f_t: torch.Tensor, *, eps: float = 1e-7, backend: str | None = None) -> torch.Tensor:
-    """Probabilistic knowledge transfer on features `(B, ...)` (RepDistiller's `PKT`)."""
+def pkt_loss(f_s: torch.Tensor, f_t: torch.Tensor, *, eps: float = 1e-7, process_group=None,
+             backend: str | None = None) -> torch.Tensor:
+    """Probabilistic knowledge transfer on features `(B, ...)` (RepDistiller's `PKT`).
+    `process_group`: the similarities over the global batch of every rank (`global_batch`)."""
+    f_s, f_t = global_batch(f_s, f_t, process_group)
     _check_pair(f_s, f_t)
     eps = checks.check_positive("eps", eps)
     return resolve("pkt_loss", backend, f_s, f_t)(f_s, f_t, eps=eps)
@@ -538,8 +686,11 @@ def nst_loss(f_s: torch.Tensor, f_t: torch.Tensor, *, backend: str | None = None
     return resolve("nst_loss", backend, f_s, f_t)(f_s, f_t)
 
 
-def cc_loss(f_s: torch.Tensor, f_t: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
-    """Correlation congruence (RepDistiller's `Correlation`) on embeddings `(B, D)` of equal shape, B >= 2."""
+def cc_loss(f_s: torch.Tensor, f_t: torch.Tensor, *, process_group=None,
+            backend: str | None = None) -> torch.Tensor:
+    """Correlation congruence (RepDistiller's `Correlation`) on embeddings `(B, D)` of equal shape, B >= 2.
+    `process_group`: the correlations over the global batch of every rank (`global_batch`)."""
+    f_s, f_t = global_batch(f_s, f_t, process_group)
     _check_pair(f_s, f_t, min_batch=2, same_shape=True)
     return resolve("cc_loss", backend, f_s, f_t)(f_s, f_t)
 

@@ -60,6 +60,9 @@ class Spec:
     ce_weight: Tensor | None  # None: no CE term
     vocab: int  # the ids the divergence runs over: min(V_s, V_t) (V_s for a sparse teacher)
     tail: str | None = None  # a sparse teacher's tail (fastkd.reference.sparse); None: the teacher is logits
+    # Vocabulary parallel (fastkd.distributed.vocab_parallel.fused_rows): the weights are this rank's rows of the
+    # output layers and the hidden states the same on every rank, so their gradient is the sum of every slice's.
+    process_group: object = None
 
 
 def default_chunk_size(rows: int, hidden: int, vocab: int) -> int:
@@ -264,6 +267,10 @@ class _FusedLinearLoss(torch.autograd.Function):
                     d_w.add_(dz.t() @ h)
             if want_b:
                 d_b.add_(dz.sum(0))
+        if spec.process_group is not None and want_h:
+            # N x H numbers: the one collective of a vocabulary-parallel call beyond its per-row sums.
+            import torch.distributed as dist
+            dist.all_reduce(d_h, group=spec.process_group)
         ctx.spent = False
         ctx.save_for_backward(d_h, None if d_w is None else d_w.to(w_s.dtype),
                               None if d_b is None else d_b.to(b_s.dtype))
@@ -285,7 +292,7 @@ def fused_linear_distill_terms(rows, student_hidden, student_weight, teacher_hid
                                loss, beta, temperature, ignore_index, ce_weight, kd_weight, student_bias,
                                teacher_bias, teacher_logits, student_softcap, teacher_softcap, vocab_mismatch,
                                num_items_in_batch, chunk_size, teacher_topk=None,
-                               tail="renormalize") -> tuple[Tensor, Tensor]:
+                               tail="renormalize", process_group=None) -> tuple[Tensor, Tensor]:
     """The loss (module docstring) with the chunk's rows made by `rows` (`reference_rows` or `kernel_rows(...)`),
     and its terms `[kd_weight * divergence, ce_weight * CE]`, not differentiable (Liger's `return_soft_hard_loss`);
     arguments validated by `fastkd.functional.fused_linear_distill_loss`. `teacher_topk=(ids, logprobs)`: the
@@ -314,7 +321,7 @@ def fused_linear_distill_terms(rows, student_hidden, student_weight, teacher_hid
     spec = Spec(loss, beta, temperature, ignore_index,
                 kd_weight=None if kd_weight == 0.0 else factor / count,
                 ce_weight=None if ce_weight == 0.0 else ce_weight / count,
-                vocab=min(v_s, v_t), tail=None if teacher_topk is None else tail)
+                vocab=min(v_s, v_t), tail=None if teacher_topk is None else tail, process_group=process_group)
     chunk = chunk_size or default_chunk_size(n, h_s.shape[-1], max(v_s, v_t))
     return _FusedLinearLoss.apply(rows, spec, chunk, (student_softcap, teacher_softcap), h_s, student_weight,
                                   student_bias, h_t, w_t, b_t, z_t, ids_t, lp_t, flat_labels)

@@ -43,17 +43,19 @@ class KDLoss(nn.Module):
     """
 
     def __init__(self, temperature: float | torch.Tensor = 4.0, *, reduction: str = "batchmean", ce_weight: float = 0.0,
-                 kd_weight: float = 1.0, backend: str | None = None):
+                 kd_weight: float = 1.0, process_group=None, vocab_range=None, backend: str | None = None):
         super().__init__()
         set_temperature(self, temperature)
         self.reduction = checks.check_choice("reduction", reduction, checks.LOGIT_REDUCTIONS)
         self.ce_weight = checks.check_number("ce_weight", ce_weight)
         self.kd_weight = checks.check_number("kd_weight", kd_weight)
+        self.process_group, self.vocab_range = process_group, vocab_range
         self.backend = backend_option(backend)
 
     def forward(self, student_logits, teacher_logits, target=None):
         return KF.kd_loss(student_logits, teacher_logits, self.temperature, reduction=self.reduction,
-                          target=target, ce_weight=self.ce_weight, kd_weight=self.kd_weight, backend=self.backend)
+                          target=target, ce_weight=self.ce_weight, kd_weight=self.kd_weight,
+                          process_group=self.process_group, vocab_range=self.vocab_range, backend=self.backend)
 
     def extra_repr(self):
         return (f"temperature={self.temperature}, reduction={self.reduction!r}, ce_weight={self.ce_weight}, "
@@ -87,9 +89,11 @@ class KLDistillationLoss(nn.Module):
     """
 
     def __init__(self, temperature: float | torch.Tensor = 1.0, *, direction: str = "forward",
-                 ignore_index: int = -100, reduction: str = "batchmean", backend: str | None = None):
+                 ignore_index: int = -100, reduction: str = "batchmean", process_group=None, vocab_range=None,
+                 backend: str | None = None):
         super().__init__()
         set_temperature(self, temperature)
+        self.process_group, self.vocab_range = process_group, vocab_range
         self.direction = checks.check_choice("direction", direction, KF.DIRECTIONS)
         self.reduction = checks.check_choice("reduction", reduction, checks.LOGIT_REDUCTIONS)
         self.ignore_index = checks.check_int("ignore_index", ignore_index)
@@ -98,15 +102,16 @@ class KLDistillationLoss(nn.Module):
     def forward(self, student_logits, teacher_logits, labels=None):
         return KF.kl_div_loss(student_logits, teacher_logits, self.temperature, direction=self.direction,
                               labels=labels, ignore_index=self.ignore_index, reduction=self.reduction,
-                              backend=self.backend)
+                              process_group=self.process_group, vocab_range=self.vocab_range, backend=self.backend)
 
 
 class JSDLoss(nn.Module):
     """TRL's generalized JSD; `forward(student_logits, teacher_logits, labels=None)`."""
 
     def __init__(self, beta: float = 0.5, temperature: float | torch.Tensor = 1.0, *, ignore_index: int = -100,
-                 reduction: str = "batchmean", backend: str | None = None):
+                 reduction: str = "batchmean", process_group=None, vocab_range=None, backend: str | None = None):
         super().__init__()
+        self.process_group, self.vocab_range = process_group, vocab_range
         self.beta = checks.check_unit_interval("beta", beta)
         set_temperature(self, temperature)
         self.reduction = checks.check_choice("reduction", reduction, checks.LOGIT_REDUCTIONS)
@@ -116,7 +121,7 @@ class JSDLoss(nn.Module):
     def forward(self, student_logits, teacher_logits, labels=None):
         return KF.jsd_loss(student_logits, teacher_logits, beta=self.beta, temperature=self.temperature,
                            labels=labels, ignore_index=self.ignore_index, reduction=self.reduction,
-                           backend=self.backend)
+                           process_group=self.process_group, vocab_range=self.vocab_range, backend=self.backend)
 
 
 class SparseKDLoss(nn.Module):
@@ -128,8 +133,9 @@ class SparseKDLoss(nn.Module):
     """
 
     def __init__(self, tail: str = "renormalize", *, temperature: float = 1.0, ignore_index: int = -100,
-                 reduction: str = "batchmean", backend: str | None = None):
+                 reduction: str = "batchmean", process_group=None, vocab_range=None, backend: str | None = None):
         super().__init__()
+        self.process_group, self.vocab_range = process_group, vocab_range
         self.tail = checks.check_choice("tail", tail, KF.SPARSE_TAILS)
         self.temperature = checks.check_sparse_temperature(temperature, tail)
         self.ignore_index = checks.check_int("ignore_index", ignore_index)
@@ -140,6 +146,7 @@ class SparseKDLoss(nn.Module):
         return KF.sparse_kd_loss(student_logits, teacher_indices, teacher_logprobs, labels, tail=self.tail,
                                  temperature=self.temperature, ignore_index=self.ignore_index,
                                  num_items_in_batch=num_items_in_batch, reduction=self.reduction,
+                                 process_group=self.process_group, vocab_range=self.vocab_range,
                                  backend=self.backend)
 
     def extra_repr(self):
@@ -162,8 +169,9 @@ class FusedLinearDistillLoss(nn.Module):
                  ignore_index: int = -100, ce_weight: float = 0.0, kd_weight: float = 1.0,
                  student_softcap: float | None = None, teacher_softcap: float | None = None,
                  vocab_mismatch: str = "error", chunk_size: int | None = None, tail: str = "renormalize",
-                 backend: str | None = None):
+                 process_group=None, vocab_range=None, backend: str | None = None):
         super().__init__()
+        self.process_group, self.vocab_range = process_group, vocab_range
         self.loss = checks.check_choice("loss", loss, KF.fused_linear.LOSSES)
         self.beta = checks.check_unit_interval("beta", beta)
         self.temperature = checks.check_positive("temperature", temperature)
@@ -190,7 +198,8 @@ class FusedLinearDistillLoss(nn.Module):
             teacher_logits=teacher_logits, teacher_topk=teacher_topk, tail=self.tail,
             student_softcap=self.student_softcap,
             teacher_softcap=self.teacher_softcap, vocab_mismatch=self.vocab_mismatch,
-            num_items_in_batch=num_items_in_batch, chunk_size=self.chunk_size, backend=self.backend)
+            num_items_in_batch=num_items_in_batch, chunk_size=self.chunk_size, process_group=self.process_group,
+            vocab_range=self.vocab_range, backend=self.backend)
 
     def extra_repr(self):
         return (f"loss={self.loss!r}, beta={self.beta}, temperature={self.temperature}, ce_weight={self.ce_weight}, "
@@ -241,8 +250,9 @@ class RKDLoss(nn.Module):
     """Relational KD, distance and angle; `forward(f_s, f_t)` on `(B, ...)` features."""
 
     def __init__(self, distance_weight: float = 25.0, angle_weight: float = 50.0, *, squared: bool = False,
-                 eps: float = 1e-12, backend: str | None = None):
+                 eps: float = 1e-12, process_group=None, backend: str | None = None):
         super().__init__()
+        self.process_group = process_group
         self.distance_weight = checks.check_number("distance_weight", distance_weight)
         self.angle_weight = checks.check_number("angle_weight", angle_weight)
         self.squared, self.eps = squared, checks.check_positive("eps", eps)
@@ -250,7 +260,7 @@ class RKDLoss(nn.Module):
 
     def forward(self, f_s, f_t):
         return KF.rkd_loss(f_s, f_t, distance_weight=self.distance_weight, angle_weight=self.angle_weight,
-                           squared=self.squared, eps=self.eps, backend=self.backend)
+                           squared=self.squared, eps=self.eps, process_group=self.process_group, backend=self.backend)
 
 
 def _as_pairs(feats_s, feats_t):
@@ -294,12 +304,13 @@ class AttentionTransferLoss(_PairwiseFeatureLoss):
 class SimilarityLoss(_PairwiseFeatureLoss):
     """Similarity-preserving KD over lists of features (or one each)."""
 
-    def __init__(self, norm: str = "l2", *, reduction: str = "sum", backend: str | None = None):
+    def __init__(self, norm: str = "l2", *, reduction: str = "sum", process_group=None, backend: str | None = None):
         super().__init__(reduction, backend)
         self.norm = checks.check_choice("norm", norm, KF.SP_NORMS)
+        self.process_group = process_group
 
     def pair_loss(self, f_s, f_t):
-        return KF.sp_loss(f_s, f_t, norm=self.norm, backend=self.backend)
+        return KF.sp_loss(f_s, f_t, norm=self.norm, process_group=self.process_group, backend=self.backend)
 
 
 class NSTLoss(_PairwiseFeatureLoss):
@@ -323,23 +334,25 @@ class FSPLoss(nn.Module):
 class PKTLoss(nn.Module):
     """Probabilistic knowledge transfer; `forward(f_s, f_t)`."""
 
-    def __init__(self, eps: float = 1e-7, *, backend: str | None = None):
+    def __init__(self, eps: float = 1e-7, *, process_group=None, backend: str | None = None):
         super().__init__()
         self.eps, self.backend = checks.check_positive("eps", eps), backend_option(backend)
+        self.process_group = process_group
 
     def forward(self, f_s, f_t):
-        return KF.pkt_loss(f_s, f_t, eps=self.eps, backend=self.backend)
+        return KF.pkt_loss(f_s, f_t, eps=self.eps, process_group=self.process_group, backend=self.backend)
 
 
 class CCLoss(nn.Module):
     """Correlation congruence (RepDistiller's `Correlation`); `forward(f_s, f_t)`."""
 
-    def __init__(self, *, backend: str | None = None):
+    def __init__(self, *, process_group=None, backend: str | None = None):
         super().__init__()
         self.backend = backend_option(backend)
+        self.process_group = process_group
 
     def forward(self, f_s, f_t):
-        return KF.cc_loss(f_s, f_t, backend=self.backend)
+        return KF.cc_loss(f_s, f_t, process_group=self.process_group, backend=self.backend)
 
 
 class HintLoss(nn.Module):

@@ -10,7 +10,9 @@ Distilling from a cache instead of a live teacher needs, per token, the few ids 
 
 `TeacherCacheWriter` takes the teacher's logits, or its hidden states and output layer (`write_hidden`, logits
 made by chunks of tokens, never all at once), batch by batch; `TeacherCache` is a `torch.utils.data.Dataset` of
-per-sequence `(indices, logprobs)`; `collate` pads a list of them into a batch. `storage_report` gives the bytes
+per-sequence `(indices, logprobs)`; `collate` pads a list of them into a batch. A tensor-parallel teacher (its vocabulary split over
+the ranks of a `process_group`) writes with every rank passing its slice: the top-k and the draws are those of
+the whole vocabulary (`fastkd.distributed.topk`), and only rank 0 of the group writes files. `storage_report` gives the bytes
 per token against full logits (`V = 128256, k = 64`: 384 bytes against 256512 for bfloat16 logits, 668x less).
 
 Files of a cache directory
@@ -385,13 +387,56 @@ def _sampled_rows(z: Tensor, temperature: float, samples: int, width: int, u: Te
     cdf = torch.cumsum(p, dim=-1, dtype=torch.float64)
     total = cdf[:, -1:]
     drawn = torch.searchsorted(cdf, u * total, right=True).clamp_(max=z.shape[-1] - 1)
+    return _merged(drawn, width) + (total.squeeze(1),)
+
+
+def _sharded_sampled_rows(z: Tensor, temperature: float, width: int, u: Tensor, group,
+                          vocab_range) -> tuple[Tensor, Tensor, Tensor]:
+    """`_sampled_rows` of a vocabulary split over the ranks of `group` (`fastkd.distributed.layout`), every rank
+    getting the same result. The CDF of the whole row is the ranks' CDFs end to end, in rank order: with the
+    global row maximum `m` and each rank's mass `e_r = sum exp(z / T - m)` over its slice (all-gathered, W
+    numbers per row), a draw `x = u * sum_r e_r` belongs to the rank r with `sum_{q<r} e_q <= x < sum_{q<=r} e_q`
+    and is found there in the rank's own CDF at `x - sum_{q<r} e_q`; the drawn ids are combined by a max
+    all-reduce (-1 where a rank does not own the draw). The ids are those one process draws from the whole
+    logits but for the rounding of the CDF: a draw within ~1e-7 of the boundary between two ids may fall on
+    the other one (the CDF is of unnormalised masses here, normalised there)."""
+    import torch.distributed as dist
+    from .distributed.collectives import max_over_ranks, rank, world_size
+    from .distributed.layout import vocab_slice
+    rows, local = z.shape
+    where = vocab_slice(group, local, vocab_range, rows, z.device)
+    x = z.to(torch.promote_types(z.dtype, torch.float32)) / temperature
+    m = max_over_ranks(x.amax(-1) if local else x.new_full((rows,), -math.inf), group)
+    cdf = torch.cumsum(torch.exp(x - m[:, None]), dim=-1, dtype=torch.float64)
+    mass = cdf[:, -1].contiguous() if local else cdf.new_zeros(rows)
+    masses = [torch.empty_like(mass) for _ in range(world_size(group))]
+    dist.all_gather(masses, mass, group=group)
+    ends = torch.cumsum(torch.stack(masses, dim=1), dim=1)  # (rows, W): where each rank's mass ends
+    total = ends[:, -1:]
+    point = u * total
+    owner = torch.searchsorted(ends, point, right=True)
+    # `point` may round up to the total: it then belongs to the last rank with any mass.
+    last = torch.where(torch.stack(masses, dim=1) > 0, torch.arange(len(masses), device=z.device), 0).amax(1)
+    owner = torch.minimum(owner, last[:, None])
+    me = rank(group)
+    drawn = torch.full_like(owner, -1)
+    if local:
+        before = ends[:, me - 1:me] if me else torch.zeros_like(total)
+        found = torch.searchsorted(cdf, point - before, right=True).clamp_(max=local - 1) + where.start
+        drawn = torch.where(owner == me, found, drawn)
+    dist.all_reduce(drawn, op=dist.ReduceOp.MAX, group=group)
+    return _merged(drawn, width) + (total.squeeze(1),)
+
+
+def _merged(drawn: Tensor, width: int) -> tuple[Tensor, Tensor]:
+    """The distinct ids of each row of draws, in increasing order, and their counts, in `width` slots."""
     drawn, _ = torch.sort(drawn, dim=-1)
     new = torch.ones_like(drawn, dtype=torch.bool)
     new[:, 1:] = drawn[:, 1:] != drawn[:, :-1]
     slot = torch.cumsum(new, dim=-1) - 1
     ids = torch.zeros_like(drawn).scatter_(1, slot, drawn)
     counts = torch.zeros_like(drawn).scatter_add_(1, slot, torch.ones_like(drawn))
-    return ids[:, :width], counts[:, :width], total.squeeze(1)
+    return ids[:, :width], counts[:, :width]
 
 
 def _bad_rows(values: Tensor) -> Tensor:
@@ -423,6 +468,15 @@ class TeacherCacheWriter:
     resume: continue an interrupted write with the same settings (`num_sequences` says how many are stored);
         starts a new cache where there is none.
     overwrite: delete the cache already at `path` (its files only) and start again.
+    process_group: a tensor-parallel teacher whose vocabulary is split over the ranks of this group
+        (`fastkd.distributed.layout`): every rank makes a writer with the same arguments and calls `write` with
+        the same tokens and its slice of the logits `(..., V_local)` (or `write_hidden` with its rows of the
+        output weight `(V_local, H)` and bias); the top-k is `fastkd.distributed.topk.sharded_topk`, the
+        sampled ids are drawn from the whole vocabulary's CDF (`_sharded_sampled_rows`). Only rank 0 of the
+        group touches `path` (the directory, its lock, the shards, the index); the other ranks compute, take
+        part in the collectives and keep the same `num_sequences`, but write nothing. The constructor, `write`
+        and `write_hidden` are collective calls of the group. `vocab_size` is the whole vocabulary.
+    vocab_range: `(start, end)`, this rank's slice of the vocabulary; None: equal slices in rank order.
 
     `write`/`write_hidden` return the range of sequence numbers they stored. `close()` (the end of the `with`
     block) writes the index; without it the directory stays an unfinished cache.
@@ -432,7 +486,8 @@ class TeacherCacheWriter:
                  samples: int | None = None, temperature: float = 1.0,
                  logprob_dtype: torch.dtype = torch.float16, index_dtype: torch.dtype | None = None,
                  vocab_size: int | None = None, seed: int = 0, shard_tokens: int = 1 << 20,
-                 metadata: dict | None = None, resume: bool = False, overwrite: bool = False):
+                 metadata: dict | None = None, resume: bool = False, overwrite: bool = False,
+                 process_group=None, vocab_range: tuple[int, int] | None = None):
         checks.check_choice("mode", mode, MODES)
         k, samples = _mode_sizes(mode, k, samples)
         temperature = checks.check_positive("temperature", temperature)
@@ -451,6 +506,14 @@ class TeacherCacheWriter:
                 raise TypeError(f"metadata must be JSON-serialisable: {e}") from None
         if resume and overwrite:
             raise ValueError("resume=True continues the cache at path and overwrite=True deletes it: pass one")
+        if process_group is None and vocab_range is not None:
+            raise ValueError("vocab_range is for a vocabulary split over a process_group; pass process_group too")
+        if process_group is not None:
+            from .distributed.layout import check_group
+            check_group(process_group)
+        self.process_group, self.vocab_range = process_group, vocab_range
+        # Only rank 0 of a tensor-parallel group touches the files (class docstring).
+        self._writes = process_group is None or torch.distributed.get_rank(process_group) == 0
         self.path = Path(path)
         self.mode, self.k, self.samples, self.temperature = mode, k, samples, temperature
         self.seed = int(seed)
@@ -468,7 +531,14 @@ class TeacherCacheWriter:
         self._file = None
         self._closed = False
         self._lock = None
+        if process_group is None:
+            self._open(resume, overwrite)
+        else:
+            self._open_on_rank_zero(resume, overwrite)
 
+    # -- opening ------------------------------------------------------------------------------------------
+
+    def _open(self, resume: bool, overwrite: bool) -> None:
         if self.path.exists() and not self.path.is_dir():
             raise NotADirectoryError(f"path {self.path} is a file; a teacher cache is a directory")
         self.path.mkdir(parents=True, exist_ok=True)
@@ -479,7 +549,42 @@ class TeacherCacheWriter:
             self._release_lock()
             raise
 
-    # -- opening ------------------------------------------------------------------------------------------
+    def _open_on_rank_zero(self, resume: bool, overwrite: bool) -> None:
+        """The ranks first check that they compute the same thing (a different k or temperature would make
+        collectives of different shapes later), then rank 0 opens the directory and tells the others what it
+        holds (a resumed cache's sequences and vocabulary), or that it failed: every rank raises then."""
+        import torch.distributed as dist
+        group = self.process_group
+        mine = {"mode": self.mode, "k": self.k, "samples": self.samples, "temperature": self.temperature,
+                "seed": self.seed, "vocab_size": self.vocab_size}
+        every = [None] * dist.get_world_size(group)
+        dist.all_gather_object(every, mine, group=group)
+        differ = [f"rank {r}: {theirs}" for r, theirs in enumerate(every) if theirs != every[0]]
+        if differ:
+            raise ValueError(f"every rank of process_group must make its TeacherCacheWriter with the same settings; "
+                             f"rank 0: {every[0]}, {'; '.join(differ)}")
+        state, error = [None], None
+        if self._writes:
+            try:
+                self._open(resume, overwrite)
+            except Exception as e:
+                error = e
+            state[0] = {"error": None if error is None else f"{type(error).__name__}: {error}",
+                        "num_sequences": self.num_sequences, "num_tokens": self.num_tokens,
+                        "vocab_size": self.vocab_size, "index_dtype": self._index_dtype}
+        dist.broadcast_object_list(state, src=dist.get_global_rank(group, 0) if group is not None else 0,
+                                   group=group)
+        if error is not None:
+            raise error
+        state = state[0]
+        if state["error"] is not None:
+            raise TeacherCacheError(f"rank 0 of process_group could not open the teacher cache at {self.path}: "
+                                    f"{state['error']}")
+        if not self._writes:
+            self._index_dtype = state["index_dtype"]
+            if state["vocab_size"] is not None:
+                self._adopt(self._plan(state["vocab_size"]), state["vocab_size"])
+            self.num_sequences, self.num_tokens = state["num_sequences"], state["num_tokens"]
 
     def _take_lock(self) -> None:
         try:
@@ -604,7 +709,8 @@ class TeacherCacheWriter:
         """
         pieces, seq_lengths = self._pieces("logits", logits, lengths, attention_mask)
         vocab = pieces[0][0].shape[-1] if pieces else (self.vocab_size or 1)
-        chunk = self._chunk(chunk_size, max(1, _CHUNK_ELEMENTS // vocab))
+        vocab, per_rank = self._vocabulary(pieces, vocab)
+        chunk = self._chunk(chunk_size, max(1, _CHUNK_ELEMENTS // per_rank))
         return self._store(seq_lengths, _chunks(pieces, chunk), vocab)
 
     def write_hidden(self, hidden: Tensor | Sequence[Tensor], weight: Tensor, bias: Tensor | None = None,
@@ -634,9 +740,20 @@ class TeacherCacheWriter:
         if softcap is not None:
             softcap = checks.check_positive("softcap", softcap)
         rows = sum(len(r) if r is not None else len(t) for t, r in pieces)
-        chunk = self._chunk(chunk_size, default_chunk_size(rows, weight.shape[1], weight.shape[0]))
+        vocab, per_rank = self._vocabulary(pieces, weight.shape[0])
+        chunk = self._chunk(chunk_size, default_chunk_size(rows, weight.shape[1], per_rank))
         zs = (_logits(h, weight, bias, softcap) for h in _chunks(pieces, chunk))
-        return self._store(seq_lengths, zs, weight.shape[0])
+        return self._store(seq_lengths, zs, vocab)
+
+    def _vocabulary(self, pieces, local: int) -> tuple[int, int]:
+        """The whole vocabulary, and the ids per rank that size the default chunk: the same on every rank, so
+        that the ranks' chunks, hence their collectives, agree. Checks the ranks' slices (`vocab_slice`)."""
+        if self.process_group is None or not pieces:
+            return local, local
+        from .distributed.layout import vocab_slice
+        rows = sum(len(r) if r is not None else len(t) for t, r in pieces)
+        total = vocab_slice(self.process_group, local, self.vocab_range, rows, pieces[0][0].device).total
+        return total, max(1, -(-total // torch.distributed.get_world_size(self.process_group)))
 
     @staticmethod
     def _chunk(chunk_size, default: int) -> int:
@@ -721,12 +838,22 @@ class TeacherCacheWriter:
         ids_parts, value_parts, at = [], [], 0
         for z in zs:
             if self.mode == "topk":
-                ids, values = _topk_rows(z, self.temperature, self.k)
+                if self.process_group is None:
+                    ids, values = _topk_rows(z, self.temperature, self.k)
+                else:
+                    from .distributed.topk import sharded_topk
+                    ids, values = sharded_topk(z, self.k, self.process_group, vocab_range=self.vocab_range,
+                                               temperature=self.temperature)
                 bad = _bad_rows(values)
                 values = values.to(_TORCH[layout.value_dtype])
-            else:
+            elif self.process_group is None:
                 ids, values, total = _sampled_rows(z, self.temperature, self.samples, layout.width,
                                                    u[at:at + len(z)].to(z.device))
+                bad = torch.isnan(total)
+            else:
+                ids, values, total = _sharded_sampled_rows(z, self.temperature, layout.width,
+                                                           u[at:at + len(z)].to(z.device), self.process_group,
+                                                           self.vocab_range)
                 bad = torch.isnan(total)
             if bad.any():
                 row = at + int(bad.nonzero()[0])
@@ -756,6 +883,10 @@ class TeacherCacheWriter:
 
     def _append(self, records: np.ndarray) -> None:
         """One sequence into the open shard, after closing it if the sequence would take it past shard_tokens."""
+        if not self._writes:  # a rank other than 0 of a tensor-parallel group: counts only
+            self.num_sequences += 1
+            self.num_tokens += len(records)
+            return
         if self._file is not None and self._file_tokens and self._file_tokens + len(records) > self.shard_tokens:
             self._close_shard()
         if self._file is None:
@@ -808,6 +939,9 @@ class TeacherCacheWriter:
             self._abort()
             raise ValueError(f"nothing was written to {self.path} and vocab_size was not given: the cache's "
                              f"vocabulary is unknown, no index was written")
+        if not self._writes:
+            self._closed = True
+            return
         try:
             if self._file is not None:
                 self._close_shard()

@@ -609,3 +609,128 @@ def test_results_from_before_the_flop_columns_still_load(tmp_path):
                        "tflops": 500.0, "pct_mm": 62.5, "mm_tflops": 800.0}])
     rows = read_rows(old)
     assert len(rows) == 2 and rows[1]["tflops"] == "500" and "| 500 | 62.5 |" in markdown(rows)
+
+
+# --- bench/communication.py: the bytes the distributed losses send, per rank and call -------------------------
+
+from bench import communication as comm  # noqa: E402
+
+
+def test_communication_ring_convention_and_small_cases():
+    # A ring all-reduce of S bytes sends 2 (W - 1) / W x S per rank; an all-gather of T bytes in all (W - 1) / W x T.
+    assert comm.Collective("x", "all_reduce", 10, 4, "forward").sent(2) == 40
+    assert comm.Collective("x", "all_reduce", 8, 4, "forward").sent(4) == 48
+    assert comm.Collective("x", "all_gather", 12, 8, "forward").sent(4) == 72
+    # KL over N = 10 rows on 2 ranks, fp32: the layout check (4 int64 per rank, 32 bytes sent), then five
+    # all-reduces of 10 floats (two normalisers per side, the divergence's partial sums), 40 bytes each.
+    assert comm.totals(comm.vocab_parallel("kl_div_loss", rows=10, world=2, dtype=torch.float32), 2) == (232, 0)
+    # bf16 logits: the per-row numbers are float32 all the same; on 4 ranks each all-reduce of 32 bytes sends 48,
+    # and JSD sums its two partials (to the mixture) in one all-reduce of 64 bytes.
+    jsd = comm.vocab_parallel("jsd_loss", rows=8, world=4, dtype=torch.bfloat16)
+    assert comm.totals(jsd, 4) == (96 + 4 * 48 + 96, 0)
+    # KD with its CE term: three more forward (the student's normaliser at T = 1, the label's log-probability) and
+    # in the backward the sum over the slices of that normaliser's gradient.
+    assert comm.totals(comm.vocab_parallel("kd_loss", rows=10, world=2, ce=True), 2) == (32 + 8 * 40, 40)
+    # The fused loss adds the N x H all-reduce of the hidden states' gradient, in their dtype: 10 x 6 x 2 bytes.
+    assert comm.totals(comm.fused(rows=10, hidden=6, world=2, dtype=torch.bfloat16), 2) == (232 + 120, 0)
+    # RKD, 4 samples per rank on 2 ranks, D_s = 3, D_t = 5, fp32: features 48 + 80 bytes sent in the forward, and
+    # the row checks; the gathered student gradient (8 x 3 floats, 96 bytes) all-reduced in the backward.
+    from fastkd.distributed.collectives import _MAX_ROW_DIMS
+    assert comm.totals(comm.relational(batch=4, student_dim=3, teacher_dim=5, world=2), 2) == (
+        128 + 2 * 8 * (3 + _MAX_ROW_DIMS), 96)
+    # Top-2 of 3 rows on 2 ranks: layout 32, normalisers 12 + 12, candidates 2 x 3 x 2 x (4 + 8) gathered (72 sent).
+    assert comm.totals(comm.sharded_topk(rows=3, k=2, world=2), 2) == (128, 0)
+    # FSDP2 weights, V = 10, H = 3, bf16, 2 ranks: 60 bytes each gathered (30 sent), the gradient reduce-scattered.
+    assert comm.totals(comm.fsdp_weights(vocab=10, hidden=3, world=2), 2) == (30, 30)
+    # Gathering both sides' logits instead: (W - 1) / W x N x V x 2 bytes each.
+    assert comm.totals(comm.gathered_logits(rows=10, vocab=100, world=2), 2) == (2000, 0)
+    with pytest.raises(ValueError, match="unknown vocabulary-parallel loss"):
+        comm.vocab_parallel("dkd_loss", rows=1, world=2)
+    with pytest.raises(ValueError, match="no CE term"):
+        comm.vocab_parallel("kl_div_loss", rows=1, world=2, ce=True)
+
+
+def test_communication_table_from_the_cli():
+    done = run_bench("--communication")
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert "| loss | shape | W | forward | backward | total | gathering the logits instead | less |" in lines
+    table = [line for line in lines if line.startswith("| ") and "---" not in line][1:]
+    assert len(table) == len(comm.cases(2)) * len(comm.WORLDS)
+    # KL at N = 8192 on 2 ranks: 5 x 8192 floats all-reduced + 32 bytes; gathering both sides' bf16 logits instead,
+    # 2 x 8192 x 128256 x 2 / 2 bytes.
+    assert "| kl_div_loss | N=8192 V=128256 bf16 | 2 | 160.03 KiB | 0 B | 160.03 KiB | 1.96 GiB | 12,823x |" in lines
+
+
+_recorded = []
+_phase = ["forward"]
+
+
+def _record(rank, world, case):
+    """On each rank: run `case` forward and backward with every all-reduce and all-gather recorded as
+    (phase, op, bytes), all-gathers by their gathered total (every rank's part)."""
+    import torch.distributed as dist
+    from fastkd import functional as KF
+    from fastkd.distributed import topk
+    reduce, gather = dist.all_reduce, dist.all_gather
+
+    def all_reduce(tensor, *args, **kwargs):
+        _recorded.append((_phase[0], "all_reduce", tensor.numel() * tensor.element_size()))
+        return reduce(tensor, *args, **kwargs)
+
+    def all_gather(parts, tensor, *args, **kwargs):
+        _recorded.append((_phase[0], "all_gather", sum(p.numel() * p.element_size() for p in parts)))
+        return gather(parts, tensor, *args, **kwargs)
+
+    dist.all_reduce, dist.all_gather = all_reduce, all_gather
+    g = torch.Generator().manual_seed(rank if case == "rkd" else 0)
+    rows, local = 6, 5
+    s = torch.randn(rows, local, generator=g).requires_grad_()
+    t = torch.randn(rows, local, generator=g)
+    group = dist.group.WORLD
+    _phase[0] = "forward"
+    if case == "kl":
+        loss = KF.kl_div_loss(s, t, process_group=group)
+    elif case == "jsd":
+        loss = KF.jsd_loss(s, t, process_group=group)
+    elif case == "kd_ce":
+        loss = KF.kd_loss(s, t, target=torch.arange(rows), ce_weight=0.5, process_group=group)
+    elif case == "sparse_bucket":
+        ids = torch.tensor([[0, 7, 9]] * rows)
+        logprobs = torch.log(torch.tensor([[0.5, 0.2, 0.1]] * rows))
+        loss = KF.sparse_kd_loss(s, ids, logprobs, tail="bucket", process_group=group)
+    elif case == "fused_ce":
+        h = torch.randn(rows, 4, generator=g).requires_grad_()
+        loss = KF.fused_linear_distill_loss(h, torch.randn(local, 4, generator=g), torch.randn(rows, 3, generator=g),
+                                            torch.randn(local, 3, generator=g), torch.arange(rows), ce_weight=0.5,
+                                            process_group=group)
+    elif case == "topk":
+        topk.sharded_topk(t, 2, group)
+        loss = None
+    else:
+        loss = KF.rkd_loss(torch.randn(4, 3, generator=g).requires_grad_(), torch.randn(4, 5, generator=g),
+                           process_group=group)
+    _phase[0] = "backward"
+    if loss is not None:
+        loss.backward()
+    return list(_recorded)
+
+
+@pytest.mark.parametrize("case", ["kl", "jsd", "kd_ce", "sparse_bucket", "fused_ce", "topk", "rkd"])
+def test_communication_model_counts_the_real_collectives(case):
+    """The model's collectives are those a 2-rank gloo run makes, one for one (bench/communication.py)."""
+    from ranks import run_ranks
+    f32 = torch.float32
+    model = {
+        "kl": comm.vocab_parallel("kl_div_loss", rows=6, world=2, dtype=f32),
+        "kd_ce": comm.vocab_parallel("kd_loss", rows=6, world=2, dtype=f32, ce=True),
+        "sparse_bucket": comm.vocab_parallel("sparse_kd_loss", rows=6, world=2, dtype=f32, tail="bucket", k=3),
+        "fused_ce": comm.fused(rows=6, hidden=4, world=2, dtype=f32, ce=True),
+        "jsd": comm.vocab_parallel("jsd_loss", rows=6, world=2, dtype=f32),
+        "topk": comm.sharded_topk(rows=6, k=2, world=2, dtype=f32),
+        "rkd": comm.relational(batch=4, student_dim=3, teacher_dim=5, world=2),
+    }[case]
+    expected = sorted((c.when, c.op, c.elements * c.itemsize) for c in model)
+    for recorded in run_ranks(2, _record, case):
+        listed = "\n".join(map(str, recorded)) + "\nmodel:\n" + "\n".join(c.what for c in model)
+        assert sorted(recorded) == expected, listed

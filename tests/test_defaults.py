@@ -25,55 +25,58 @@ from fastkd import reference as R
 # The documented default of every optional argument of the public losses (backend aside).
 DOCUMENTED = {
     "kd_loss": dict(temperature=4.0, reduction="batchmean", target=None, ce_weight=0.0, kd_weight=1.0,
-                    vocab_mismatch="error"),
+                    vocab_mismatch="error", process_group=None, vocab_range=None),
     "kl_div_loss": dict(temperature=1.0, direction="forward", labels=None, ignore_index=-100, reduction="batchmean",
-                        vocab_mismatch="error"),
+                        vocab_mismatch="error", process_group=None, vocab_range=None),
     "jsd_loss": dict(beta=0.5, temperature=1.0, labels=None, ignore_index=-100, reduction="batchmean",
-                     vocab_mismatch="error"),
+                     vocab_mismatch="error", process_group=None, vocab_range=None),
     "dkd_loss": dict(alpha=1.0, beta=8.0, temperature=4.0, vocab_mismatch="error"),
     "sparse_kd_loss": dict(labels=None, tail="renormalize", temperature=1.0, ignore_index=-100,
-                           num_items_in_batch=None, reduction="batchmean"),
+                           num_items_in_batch=None, reduction="batchmean", process_group=None, vocab_range=None),
     "fused_linear_distill_loss": dict(teacher_hidden=None, teacher_weight=None, labels=None, loss="forward_kl",
                                       beta=0.5, temperature=1.0, ignore_index=-100, ce_weight=0.0, kd_weight=1.0,
                                       student_bias=None, teacher_bias=None, teacher_logits=None,
                                       teacher_topk=None, tail="renormalize", student_softcap=None,
                                       teacher_softcap=None, vocab_mismatch="error", num_items_in_batch=None,
-                                      chunk_size=None),
+                                      chunk_size=None, process_group=None, vocab_range=None),
     "kl_div": dict(reduction="mean", log_target=False),
     "mutual_learning_loss": dict(target=None, temperature=1.0, ce_weight=1.0, kl_weight=1.0),
-    "rkd_loss": dict(distance_weight=25.0, angle_weight=50.0, squared=False, eps=1e-12),
-    "rkd_distance_loss": dict(squared=False, eps=1e-12),
-    "rkd_angle_loss": dict(),
+    "rkd_loss": dict(distance_weight=25.0, angle_weight=50.0, squared=False, eps=1e-12, process_group=None),
+    "rkd_distance_loss": dict(squared=False, eps=1e-12, process_group=None),
+    "rkd_angle_loss": dict(process_group=None),
     "attention_map": dict(p=2),
     "at_loss": dict(p=2, mode="code"),
-    "sp_loss": dict(norm="l2"),
+    "sp_loss": dict(norm="l2", process_group=None),
     "fsp_loss": dict(),
-    "pkt_loss": dict(eps=1e-7),
+    "pkt_loss": dict(eps=1e-7, process_group=None),
     "nst_loss": dict(),
-    "cc_loss": dict(),
+    "cc_loss": dict(process_group=None),
     "hint_loss": dict(regressor=None),
 }
 
-# Options the public functions resolve before the reference runs (a mismatched vocabulary becomes two views).
-PUBLIC_ONLY = {"vocab_mismatch"}
+# Options the public functions resolve before the reference runs (a mismatched vocabulary becomes two views; a
+# process group runs fastkd.distributed's losses, or gathers a relational loss's batch).
+PUBLIC_ONLY = {"vocab_mismatch", "process_group", "vocab_range"}
 
 # module -> (the function it calls, its constructor arguments that are that function's arguments)
 MODULES = {
-    L.KDLoss: ("kd_loss", ["temperature", "reduction", "ce_weight", "kd_weight"]),
+    L.KDLoss: ("kd_loss", ["temperature", "reduction", "ce_weight", "kd_weight", "process_group", "vocab_range"]),
     L.KLDivLoss: ("kl_div", ["reduction", "log_target"]),
-    L.KLDistillationLoss: ("kl_div_loss", ["temperature", "direction", "ignore_index", "reduction"]),
-    L.JSDLoss: ("jsd_loss", ["beta", "temperature", "ignore_index", "reduction"]),
+    L.KLDistillationLoss: ("kl_div_loss", ["temperature", "direction", "ignore_index", "reduction", "process_group",
+                                           "vocab_range"]),
+    L.JSDLoss: ("jsd_loss", ["beta", "temperature", "ignore_index", "reduction", "process_group", "vocab_range"]),
     L.DKDLoss: ("dkd_loss", ["alpha", "beta", "temperature"]),
-    L.SparseKDLoss: ("sparse_kd_loss", ["tail", "temperature", "ignore_index", "reduction"]),
+    L.SparseKDLoss: ("sparse_kd_loss", ["tail", "temperature", "ignore_index", "reduction", "process_group",
+                                        "vocab_range"]),
     L.FusedLinearDistillLoss: ("fused_linear_distill_loss", ["loss", "beta", "temperature", "ignore_index",
                                                              "ce_weight", "kd_weight", "student_softcap",
                                                              "teacher_softcap", "vocab_mismatch", "chunk_size",
-                                                             "tail"]),
+                                                             "tail", "process_group", "vocab_range"]),
     L.MutualLearningLoss: ("mutual_learning_loss", ["temperature", "ce_weight", "kl_weight"]),
-    L.RKDLoss: ("rkd_loss", ["distance_weight", "angle_weight", "squared", "eps"]),
+    L.RKDLoss: ("rkd_loss", ["distance_weight", "angle_weight", "squared", "eps", "process_group"]),
     L.AttentionTransferLoss: ("at_loss", ["p", "mode"]),
-    L.SimilarityLoss: ("sp_loss", ["norm"]),
-    L.PKTLoss: ("pkt_loss", ["eps"]),
+    L.SimilarityLoss: ("sp_loss", ["norm", "process_group"]),
+    L.PKTLoss: ("pkt_loss", ["eps", "process_group"]),
 }
 
 
