@@ -17,7 +17,9 @@ What is counted, from fastkd/distributed/ (N rows, W ranks; "c" the loss's compu
   every slice's terms share, is summed over the ranks in the backward (`copy_to_ranks`: one more). The
   divergences (`kl_div_loss` forward and reverse, `kd_loss`'s KL) normalise both sides and sum their per-row
   partials: 5 all-reduces; `jsd_loss` sums its two partials (to the mixture) as one of 2 x N: 4 + 1. Their
-  student gradient comes in closed form with the forward (`_StudentDivergence`): no backward collective.
+  student gradient comes in closed form with the forward (`_StudentDivergence`): no backward collective. On a
+  kernel backend (`kernels=True`: "auto" on CUDA tensors) the slice operators hand both sides' statistics over as
+  `(N, 2)` float32 pairs: 3 all-reduces of 2 x N (maxima, sums, partial sums) for each of these divergences.
   `kd_loss`'s CE term normalises the student again at T = 1 under autograd and sums the label's log-probability
   from the slice holding it: 3 more, 1 in the backward. `sparse_kd_loss` normalises the student under autograd
   and sums its log-probabilities at the teacher's k ids (an N x k all-reduce); the "bucket" tail adds the count
@@ -104,8 +106,9 @@ def _normalisers(side: str, rows: int, c: int, gradient: bool = False) -> list[C
     return out
 
 
-def _loss_rows(loss: str, rows: int, c: int, ce: bool, tail: str, k: int) -> list[Collective]:
-    """The per-row collectives of a vocabulary-parallel loss (module docstring), without the layout check."""
+def _loss_rows(loss: str, rows: int, c: int, ce: bool, tail: str, k: int, kernels: bool = False) -> list[Collective]:
+    """The per-row collectives of a vocabulary-parallel loss (module docstring), without the layout check;
+    `kernels`: the divergence's statistics made by a kernel backend's slice operators (float32 pairs)."""
     if loss not in VOCAB_LOSSES:
         raise ValueError(f"unknown vocabulary-parallel loss {loss!r}; choose from {VOCAB_LOSSES}")
     if loss == "sparse_kd_loss":
@@ -117,6 +120,10 @@ def _loss_rows(loss: str, rows: int, c: int, ce: bool, tail: str, k: int) -> lis
         if tail == "bucket":
             out.append(Collective("ids outside the teacher's set", "all_reduce", rows, c, "forward"))
             out += _normalisers("student tail", rows, c)
+    elif kernels:
+        out = [Collective("row maxima, both sides", "all_reduce", 2 * rows, 4, "forward"),
+               Collective("row sums of exp, both sides", "all_reduce", 2 * rows, 4, "forward"),
+               Collective("divergence partial sums", "all_reduce", 2 * rows, 4, "forward")]
     else:
         # The student's divergence gradient comes in closed form with its forward: no backward collective.
         out = _normalisers("student", rows, c) + _normalisers("teacher", rows, c)
@@ -137,22 +144,24 @@ def _ce_term(rows: int, c: int) -> list[Collective]:
 
 
 def vocab_parallel(loss: str, *, rows: int, world: int, dtype: torch.dtype = torch.bfloat16, ce: bool = False,
-                   tail: str = "renormalize", k: int = 0) -> list[Collective]:
+                   tail: str = "renormalize", k: int = 0, kernels: bool = False) -> list[Collective]:
     """`kl_div_loss`, `jsd_loss`, `kd_loss` (`ce`: with its CE term), `sparse_kd_loss` (`tail`, `k` ids) with the
-    logits of `dtype` split by vocabulary over `world` ranks."""
+    logits of `dtype` split by vocabulary over `world` ranks; `kernels`: on a kernel backend (module docstring)."""
     _check(world, rows=rows, k=k)
-    return [layout_check(world)] + _loss_rows(loss, rows, compute_itemsize(dtype), ce, tail, k)
+    return [layout_check(world)] + _loss_rows(loss, rows, compute_itemsize(dtype), ce, tail, k, kernels)
 
 
 def fused(*, rows: int, hidden: int, world: int, dtype: torch.dtype = torch.bfloat16, ce: bool = False,
-          jsd: bool = False, sparse: bool = False, tail: str = "renormalize", k: int = 0) -> list[Collective]:
+          jsd: bool = False, sparse: bool = False, tail: str = "renormalize", k: int = 0,
+          kernels: bool = False) -> list[Collective]:
     """`fused_linear_distill_loss(process_group=...)`, hidden states and weights of `dtype`: a KL or KD divergence,
     JSD (`jsd`), or with `sparse` a teacher cache of `k` ids and its `tail`; `ce`: with the CE term. Every
     collective runs in the forward pass, the backward ones of the row losses included: the fused loss makes its
-    gradients there."""
+    gradients there. `kernels`: the divergence on a kernel backend's slice operators (not for a sparse teacher)."""
     _check(world, rows=rows, hidden=hidden, k=k)
     loss = "sparse_kd_loss" if sparse else "jsd_loss" if jsd else "kd_loss"
-    out = [layout_check(world)] + _loss_rows(loss, rows, compute_itemsize(dtype), False, tail, k)
+    out = [layout_check(world)] + _loss_rows(loss, rows, compute_itemsize(dtype), False, tail, k,
+                                             kernels and not sparse)
     if ce:
         out += _ce_term(rows, compute_itemsize(dtype))
     out.append(Collective("hidden states' gradient (N x H)", "all_reduce", rows * hidden, dtype.itemsize, "forward"))
@@ -223,7 +232,8 @@ def human(size: float) -> str:
     return f"{size:.0f} B"
 
 
-# The table's shapes: a Llama 3 sized output layer (V = 128256, H = 4096) over 8192 tokens in bfloat16, a
+# The table's shapes (the divergences as on a GPU, where "auto" runs them on the kernels' slice operators): a
+# Llama 3 sized output layer (V = 128256, H = 4096) over 8192 tokens in bfloat16, a
 # teacher cache of top-64, and RKD on 512-wide features of 256 samples per rank in float32.
 ROWS, VOCAB, HIDDEN, TOPK = 8192, 128256, 4096, 64
 BATCH, FEATURES = 256, 512
@@ -239,15 +249,17 @@ def cases(world: int) -> list[tuple[str, str, list[Collective], list[Collective]
     gather_one = gathered_logits(rows=ROWS, vocab=VOCAB, world=world, dtype=bf16, sides=1)
     hidden_grad = fused(rows=ROWS, hidden=HIDDEN, world=world, dtype=bf16)[-1:]
     return [
-        ("kl_div_loss", logits, vocab_parallel("kl_div_loss", rows=ROWS, world=world, dtype=bf16), gather_both),
-        ("jsd_loss", logits, vocab_parallel("jsd_loss", rows=ROWS, world=world, dtype=bf16), gather_both),
-        ("kd_loss + CE", logits, vocab_parallel("kd_loss", rows=ROWS, world=world, dtype=bf16, ce=True),
+        ("kl_div_loss", logits, vocab_parallel("kl_div_loss", rows=ROWS, world=world, dtype=bf16, kernels=True),
+         gather_both),
+        ("jsd_loss", logits, vocab_parallel("jsd_loss", rows=ROWS, world=world, dtype=bf16, kernels=True),
+         gather_both),
+        ("kd_loss + CE", logits, vocab_parallel("kd_loss", rows=ROWS, world=world, dtype=bf16, ce=True, kernels=True),
          gather_both),
         ("sparse_kd_loss, bucket", f"{logits} k={TOPK}",
          vocab_parallel("sparse_kd_loss", rows=ROWS, world=world, dtype=bf16, tail="bucket", k=TOPK),
          gather_one),
         ("fused_linear_distill_loss + CE", fused_shape,
-         fused(rows=ROWS, hidden=HIDDEN, world=world, dtype=bf16, ce=True), gather_both + hidden_grad),
+         fused(rows=ROWS, hidden=HIDDEN, world=world, dtype=bf16, ce=True, kernels=True), gather_both + hidden_grad),
         ("fused_linear_distill_loss, FSDP2 DTensor weights", f"V={VOCAB} H={HIDDEN} bf16",
          fsdp_weights(vocab=VOCAB, hidden=HIDDEN, world=world, teacher_hidden=HIDDEN), None),
         ("sharded_topk (teacher cache)", f"{logits} k={TOPK}",

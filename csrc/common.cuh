@@ -121,6 +121,24 @@ __device__ __forceinline__ float log_ratio(float z_num, float z_den, float d) {
   return fabsf(d) <= 0.5f * z_den ? log1pf(__fdiv_rn(d, z_den)) : log_rn(__fdiv_rn(z_num, z_den));
 }
 
+struct MixtureLogRatios {
+  float lp_m, lq_m;  // log p - log m, log q - log m; each meaningful only where its own probability is > 0
+};
+
+// jsd.py `mixture_log_ratios`: from a = x - M_x, b = y - M_y and L = log(Z_y / Z_x), with m = beta p + (1 - beta) q
+// and delta = (b - a) - L = log p - log q: l_hi = log hi - log m = -log1p(w_lo expm1(-|delta|)) for the larger hi of
+// p, q and the weight w_lo of the smaller (reference.logits.log_mixture without rounding log m itself). Used by
+// jsd.cu and vocab_parallel.cu (which passes log q, log p and L = 0).
+__device__ __forceinline__ MixtureLogRatios mixture_log_ratios(float a, float b, float l_yx, float beta,
+                                                               float one_minus_beta) {
+  const float delta = (b - a) - l_yx;
+  const bool p_hi = delta >= 0.0f;
+  const float t = p_hi ? -delta : delta;
+  // log1pf: 1 ulp (libdevice, not affected by --use_fast_math); expm1_accurate: a few u relative.
+  const float l_hi = -log1pf((p_hi ? one_minus_beta : beta) * expm1_accurate(t));
+  return MixtureLogRatios{p_hi ? l_hi : l_hi + delta, p_hi ? l_hi - delta : l_hi};
+}
+
 // e / z for a per-element e in [0, 1] and a row sum z >= 1 (or 0, NaN), given the row's rz = __frcp_rn(z): RN(e / z),
 // the same float as __fdiv_rn(e, z) (Markstein: q0 = RN(e rz) is faithful, the remainder e - z q0 is exact in one
 // FMA, and RN(q0 + rem rz) is the correctly rounded quotient), but for quotients below ~2^-100 (the remainder
@@ -524,6 +542,20 @@ template <int N>
 __device__ __forceinline__ void max_scaled(Floats<N>& m, float x_raw, float y_raw, float inv_temperature) {
   m.v[0] = fmaxf(m.v[0], scaled(x_raw, inv_temperature));
   m.v[1] = fmaxf(m.v[1], scaled(y_raw, inv_temperature));
+}
+
+// Pass 1 of a row kernel over the whole row pair: the block's maxima of x = X * (1/T) and y = Y * (1/T) (-inf for
+// a row of -inf: the caller takes `finite_or_zero`), the pair copied to shared memory where it fits (`first_pass`).
+template <typename TX, typename TY>
+__device__ __forceinline__ Floats<2> pair_maxima(const TX* x_row, int64_t x_col, const TY* y_row, int64_t y_col,
+                                                 int64_t n_cols, int64_t row, int64_t V, float inv_temperature) {
+  Floats<2> m;
+  m.v[0] = neg_inf();
+  m.v[1] = neg_inf();
+  first_pass(x_row, x_col, y_row, y_col, n_cols, row, V, [&](int64_t, float x_raw, float y_raw, float&, float&) {
+    max_scaled(m, x_raw, y_raw, inv_temperature);
+  });
+  return block_max<2>(m);
 }
 
 // Pass 2 of KL(P || Q) between the softmaxes of a row pair, one column: with the shifted logits a = x - M_x,

@@ -40,21 +40,6 @@
 namespace fastkd {
 namespace {
 
-struct MixtureLogRatios {
-  float lp_m, lq_m;  // log p - log m, log q - log m; each meaningful only where its own probability is > 0
-};
-
-// jsd.py `mixture_log_ratios`: from a = x - M_x, b = y - M_y and L = log(Z_y / Z_x).
-__device__ __forceinline__ MixtureLogRatios mixture_log_ratios(float a, float b, float l_yx, float beta,
-                                                               float one_minus_beta) {
-  const float delta = (b - a) - l_yx;
-  const bool p_hi = delta >= 0.0f;
-  const float t = p_hi ? -delta : delta;
-  // log1pf: 1 ulp (libdevice, not affected by --use_fast_math); expm1_accurate: a few u relative.
-  const float l_hi = -log1pf((p_hi ? one_minus_beta : beta) * expm1_accurate(t));
-  return MixtureLogRatios{p_hi ? l_hi : l_hi + delta, p_hi ? l_hi - delta : l_hi};
-}
-
 // h(w) = w - log1p(w) >= 0 to a few u relative for |w| <= 0.65 (jsd.py `x_minus_log1p_x`): with
 // s = w / (2 + w), h = 2 s^2 / (1 - s) - 2 (s^3/3 + s^5/5 + ... + s^15/15); divisions correctly rounded.
 __device__ __forceinline__ float x_minus_log1p_x(float w) {
@@ -85,13 +70,7 @@ __global__ void __launch_bounds__(kMaxThreads)
   const int64_t n_cols = active ? V : 0;  // an ignored token reads nothing
 
   // Pass 1: the maxima.
-  Floats<2> m;
-  m.v[0] = neg_inf();
-  m.v[1] = neg_inf();
-  first_pass(x_row, xl.col, y_row, yl.col, n_cols, row, V, [&](int64_t, float x_raw, float y_raw, float&, float&) {
-    max_scaled(m, x_raw, y_raw, inv_temperature);
-  });
-  m = block_max<2>(m);
+  const Floats<2> m = pair_maxima(x_row, xl.col, y_row, yl.col, n_cols, row, V, inv_temperature);
   const float m_x = finite_or_zero(m.v[0]);
   const float m_y = finite_or_zero(m.v[1]);
 

@@ -50,6 +50,15 @@ FASTKD_TORCH_LIBRARY(FASTKD_LIBRARY, m) {
   // l = -inf: unused), d_student (weighted, in the forward) -- fastkd/triton/sparse.py.
   m.def("cuda_sparse_kd_rows(Tensor student, Tensor teacher_indices, Tensor teacher_logprobs, str tail, "
         "float temperature, Tensor? labels, int ignore_index, Tensor? weight, bool student_grad) -> (Tensor, Tensor)");
+  // Vocabulary-parallel divergences, the per-slice kernels between the collectives -- fastkd/triton/vocab_parallel.py:
+  // a slice's per-row (max, sum exp) of x = logits * inv_temperature, (rows, 2) each, column 0 the student; its
+  // partial divergence sums (rows, 2) from the global shift and log_total, and forward KL's d_student; the student's
+  // gradient of reverse KL / JSD from the global row KL.
+  m.def("cuda_vocab_row_stats(Tensor student, Tensor teacher, float inv_temperature) -> (Tensor, Tensor)");
+  m.def("cuda_vocab_row_terms(Tensor student, Tensor teacher, float inv_temperature, Tensor shift, Tensor log_total, "
+        "str kind, float beta, Tensor? weight, bool student_grad) -> (Tensor, Tensor)");
+  m.def("cuda_vocab_row_grad(Tensor student, Tensor teacher, float inv_temperature, Tensor shift, Tensor log_total, "
+        "str kind, float beta, Tensor row_kl, Tensor? weight) -> Tensor");
   // d_row *= scale[row] in place -- fastkd/triton/rows.py.
   m.def("cuda_scale_rows_(Tensor(a!) d, Tensor scale) -> ()");
   // RKD: direct squared distances (B, B) of float32 rows (B, D); out_m = sum_k w_mk (x_m - x_k) for a symmetric

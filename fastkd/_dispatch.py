@@ -144,3 +144,30 @@ def resolve(loss: str, backend: str | None, *inputs: torch.Tensor) -> Callable:
     if name == "torch" or any(t.dtype not in kernel_losses.KERNEL_DTYPES for t in inputs):
         return reference.IMPLEMENTATIONS[loss]
     return functools.partial(kernel_losses.LOSSES[loss], _kernel_module(name).KERNELS)
+
+
+def resolve_kernel_set(what: str, ops: tuple[str, ...], backend: str | None, *inputs: torch.Tensor):
+    """For a loss that calls the operators `ops` itself (the vocabulary-parallel losses of `fastkd.distributed`,
+    named `what` in messages) rather than through `kernel_losses`: the KernelSet that runs them for `inputs` by
+    `resolve`'s rule, or None for the reference's arithmetic."""
+    name = default_backend() if backend is None else check_backend_name(backend)
+    device = inputs[0].device
+
+    def missing(b: str) -> list[str]:
+        return [op for op in ops if not hasattr(_kernel_module(b).KERNELS, op)]
+
+    if name == "auto":
+        if device.type != "cuda":
+            return None
+        name = next(b for b in AUTO_ORDER if b == "torch" or (_unavailable_reason(b, device) is None and not missing(b)))
+    elif name != "torch":
+        reason = _unavailable_reason(name, device, build=True)
+        if reason is not None:
+            raise BackendUnavailableError(f"backend {name!r} is not available: {reason}")
+        if missing(name):
+            raise BackendUnavailableError(
+                f"backend {name!r} has no kernel for {what}: it does not have the operator(s) {missing(name)} yet; "
+                f"backend='torch' runs it, and 'auto' picks a backend that can")
+    if name == "torch" or any(t.dtype not in kernel_losses.KERNEL_DTYPES for t in inputs):
+        return None
+    return _kernel_module(name).KERNELS

@@ -78,7 +78,8 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
     if where is not None:
         from .distributed import vocab_parallel
         return vocab_parallel.kd_loss(student_logits, teacher_logits, temperature, reduction=reduction, target=target,
-                                      ce_weight=ce_weight, kd_weight=kd_weight, where=where, group=process_group)
+                                      ce_weight=ce_weight, kd_weight=kd_weight, where=where, group=process_group,
+                                      kernels=_vocab_kernels(backend, student_logits, teacher_logits))
     impl = resolve("kd_loss", backend, student_logits, teacher_logits)
     if student_logits.shape[-1] != teacher_logits.shape[-1]:
         s, t = _shared_vocabulary(student_logits, teacher_logits)
@@ -102,18 +103,14 @@ def _vocab_parallel(backend, process_group, vocab_range, student_logits: torch.T
     equals that slice of the single-process gradient. Only per-row numbers cross the network (normalisers and
     partial sums: `fastkd.distributed.vocab_parallel`); the logits are never gathered. The layout is checked on
     every rank first (one all-gather of four integers per rank), so a wrong one raises the same ValueError on every
-    rank. These calls run the reference's arithmetic; the kernel backends have no vocabulary-parallel form yet.
+    rank. The divergences run on a kernel backend's slice operators where `_vocab_kernels` finds them, else the
+    reference's arithmetic (`fastkd.distributed.vocab_parallel`).
     """
     if process_group is None:
         if vocab_range is not None:
             raise ValueError("vocab_range says which slice of the vocabulary this rank's logits hold; it needs "
                              "process_group (the ranks that hold the other slices)")
         return None
-    if backend in ("triton", "cuda"):
-        from ._dispatch import BackendUnavailableError
-        raise BackendUnavailableError(f"backend {backend!r} has no vocabulary-parallel kernel yet: with "
-                                      f"process_group the loss runs the reference's arithmetic (backend=None or "
-                                      f"'torch')")
     if teacher_logits is not None and student_logits.shape[-1] != teacher_logits.shape[-1]:
         raise ValueError(f"with process_group the student's and the teacher's logits must hold the same slice of the "
                          f"vocabulary, got {student_logits.shape[-1]} and {teacher_logits.shape[-1]} ids "
@@ -126,6 +123,14 @@ def _vocab_parallel(backend, process_group, vocab_range, student_logits: torch.T
         raise ValueError("student_logits must have a class dimension, got a 0-d tensor")
     rows = student_logits.numel() // max(1, student_logits.shape[-1])
     return vocab_slice(process_group, student_logits.shape[-1], vocab_range, rows, student_logits.device)
+
+
+def _vocab_kernels(backend, *inputs: torch.Tensor):
+    """The KernelSet whose slice operators make a vocabulary-parallel divergence (`backend` resolved as for every
+    loss: "auto" takes a kernel backend on CUDA tensors), or None for the reference's arithmetic."""
+    from ._dispatch import resolve_kernel_set
+    from .distributed.vocab_parallel import KERNEL_OPS
+    return resolve_kernel_set("vocabulary-parallel divergences", KERNEL_OPS, backend, *inputs)
 
 
 def _shared_vocabulary(student_logits: torch.Tensor, teacher_logits: torch.Tensor):
@@ -164,7 +169,8 @@ def kl_div_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
         from .distributed import vocab_parallel
         return vocab_parallel.token_loss(student_logits, teacher_logits, temperature, kind=direction, beta=0.5,
                                          labels=labels, ignore_index=ignore_index, reduction=reduction, where=where,
-                                         group=process_group)
+                                         group=process_group,
+                                         kernels=_vocab_kernels(backend, student_logits, teacher_logits))
     impl = resolve("kl_div_loss", backend, student_logits, teacher_logits)
     student_logits, teacher_logits = _shared_vocabulary(student_logits, teacher_logits)
     return impl(student_logits, teacher_logits, temperature, direction=direction, labels=labels,
@@ -190,7 +196,8 @@ def jsd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, beta
         kind = "forward" if beta == 0.0 else "reverse" if beta == 1.0 else "jsd"
         return vocab_parallel.token_loss(student_logits, teacher_logits, temperature, kind=kind, beta=beta,
                                          labels=labels, ignore_index=ignore_index, reduction=reduction, where=where,
-                                         group=process_group)
+                                         group=process_group,
+                                         kernels=_vocab_kernels(backend, student_logits, teacher_logits))
     impl = resolve("jsd_loss", backend, student_logits, teacher_logits)
     student_logits, teacher_logits = _shared_vocabulary(student_logits, teacher_logits)
     return impl(student_logits, teacher_logits, beta=beta, temperature=temperature, labels=labels,
@@ -261,6 +268,11 @@ def sparse_kd_loss(student_logits: torch.Tensor, teacher_indices: torch.Tensor, 
                          f"combined with reduction={reduction!r}")
     if where is not None:
         from .distributed import vocab_parallel
+        if backend in ("triton", "cuda"):
+            from ._dispatch import BackendUnavailableError
+            raise BackendUnavailableError(f"backend {backend!r} has no vocabulary-parallel kernel for sparse_kd_loss: "
+                                          f"with process_group it runs the reference's arithmetic (backend=None or "
+                                          f"'torch'), which communicates k numbers per token")
         return vocab_parallel.sparse_kd_loss(student_logits, teacher_indices, teacher_logprobs, labels, tail=tail,
                                              temperature=temperature, ignore_index=ignore_index,
                                              num_items_in_batch=num_items_in_batch, reduction=reduction,
@@ -429,7 +441,8 @@ def _fused_linear_distill(student_hidden, student_weight, teacher_hidden, teache
     if where is not None:
         from .distributed import vocab_parallel
         out = fused_linear.fused_linear_distill_terms(
-            vocab_parallel.fused_rows(where, process_group), student_hidden, student_weight, teacher_hidden,
+            vocab_parallel.fused_rows(where, process_group, None if teacher_topk is not None else _vocab_kernels(
+                backend, *floats)), student_hidden, student_weight, teacher_hidden,
             teacher_weight, labels, loss=loss, beta=beta, temperature=temperature, ignore_index=ignore_index,
             ce_weight=ce_weight, kd_weight=kd_weight, student_bias=student_bias, teacher_bias=teacher_bias,
             teacher_logits=teacher_logits, teacher_topk=None if teacher_topk is None else tuple(teacher_topk),

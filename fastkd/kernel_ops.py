@@ -24,6 +24,7 @@ nothing beside a training step. One door also means the eager path is the one to
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import partial
 from typing import Callable
@@ -139,6 +140,40 @@ scale_rows_ = KernelOp(
     "scale_rows_", "(Tensor(a!) d, Tensor scale) -> ()", lambda d, scale: None, mutates=("d",))
 
 
+# --- Vocabulary-parallel divergences: per-slice kernels between collectives (fastkd/triton/vocab_parallel.py) -----
+#
+# `student`, `teacher`: this rank's slices `(..., V_local)` of the logits (any row strides, fp32/bf16/fp16),
+# `inv_temperature` the float 1/T; per-row pairs `(rows, 2)` float32, column 0 the student, 1 the teacher.
+# `vocab_row_stats` -> (maxima, sums): the slice's `m = max x`, `z = sum exp(x - m)` of `x = logits / T`.
+# `vocab_row_terms` -> (partial (rows, 2), d_student): the slice's partial divergence sums from the global
+# `shift` (the max over ranks, 0 where not finite) and `log_total` (log of the combined sum), `kind` "forward",
+# "reverse" or "jsd" (0 < beta < 1); with `student_grad` (forward only) `weight_r (q - p) / T` in the student's
+# dtype and shape, else an empty `(0,)` tensor. `vocab_row_grad` -> d_student for "reverse" / "jsd" from the
+# global row KL (`row_kl (rows,)`). Weights float32 `(rows,)`, any stride, None reads as 1. Triton
+# (fastkd/triton/vocab_parallel.py) and CUDA C++ (csrc/vocab_parallel.cu).
+
+vocab_row_stats = KernelOp(
+    "vocab_row_stats", "(Tensor student, Tensor teacher, float inv_temperature) -> (Tensor, Tensor)",
+    lambda student, teacher, inv_temperature: (
+        student.new_empty((math.prod(student.shape[:-1]), 2), dtype=torch.float32),
+        student.new_empty((math.prod(student.shape[:-1]), 2), dtype=torch.float32)))
+
+vocab_row_terms = KernelOp(
+    "vocab_row_terms",
+    "(Tensor student, Tensor teacher, float inv_temperature, Tensor shift, Tensor log_total, str kind, float beta, "
+    "Tensor? weight, bool student_grad) -> (Tensor, Tensor)",
+    lambda student, teacher, inv_temperature, shift, log_total, kind, beta, weight, student_grad: (
+        student.new_empty((math.prod(student.shape[:-1]), 2), dtype=torch.float32),
+        student.new_empty(student.shape if student_grad else (0,))))
+
+vocab_row_grad = KernelOp(
+    "vocab_row_grad",
+    "(Tensor student, Tensor teacher, float inv_temperature, Tensor shift, Tensor log_total, str kind, float beta, "
+    "Tensor row_kl, Tensor? weight) -> Tensor",
+    lambda student, teacher, inv_temperature, shift, log_total, kind, beta, row_kl, weight:
+    student.new_empty(student.shape))
+
+
 # --- RKD (fastkd/triton/rkd.py; the autograd is fastkd.rkd_autograd's) ----------------------------------------
 
 rkd_sq_distances = KernelOp(  # (B, D) float32 rows -> Q_ij = |x_i - x_j|^2, (B, B), computed directly
@@ -182,7 +217,7 @@ at_channel_mean_pow_backward = KernelOp(
 
 
 OPS: dict[str, KernelOp] = {op.name: op for op in (
-    kl_rows, jsd_rows, dkd_rows, sparse_kd_rows, scale_rows_,
+    kl_rows, jsd_rows, dkd_rows, sparse_kd_rows, scale_rows_, vocab_row_stats, vocab_row_terms, vocab_row_grad,
     rkd_sq_distances, rkd_weighted_diff, rkd_angle_sum, rkd_angle_weights,
     at_channel_mean_pow, at_channel_mean_pow_backward)}
 
@@ -191,7 +226,8 @@ OPS: dict[str, KernelOp] = {op.name: op for op in (
 # writes the CUDA C++ side later; tests/test_kernel_ops.py checks that csrc/ defines exactly the others). An
 # extension's `register` leaves them out of its KernelSet, and a loss built on one of them does not run on that
 # backend (`fastkd.kernel_losses.missing_ops`): `backend="cuda"` says so, "auto" picks Triton or the reference.
-# None today (`sparse_kd_rows` was one until csrc/sparse.cu).
+# None today (`sparse_kd_rows` was one until csrc/sparse.cu, the vocabulary-parallel slice ops until
+# csrc/vocab_parallel.cu).
 TRITON_ONLY: tuple[str, ...] = ()
 
 

@@ -657,9 +657,9 @@ def test_communication_table_from_the_cli():
     assert "| loss | shape | W | forward | backward | total | gathering the logits instead | less |" in lines
     table = [line for line in lines if line.startswith("| ") and "---" not in line][1:]
     assert len(table) == len(comm.cases(2)) * len(comm.WORLDS)
-    # KL at N = 8192 on 2 ranks: 5 x 8192 floats all-reduced + 32 bytes; gathering both sides' bf16 logits instead,
-    # 2 x 8192 x 128256 x 2 / 2 bytes.
-    assert "| kl_div_loss | N=8192 V=128256 bf16 | 2 | 160.03 KiB | 0 B | 160.03 KiB | 1.96 GiB | 12,823x |" in lines
+    # KL at N = 8192 on 2 ranks, on the kernels' slice operators: 3 x 2 x 8192 floats all-reduced + 32 bytes;
+    # gathering both sides' bf16 logits instead, 2 x 8192 x 128256 x 2 / 2 bytes.
+    assert "| kl_div_loss | N=8192 V=128256 bf16 | 2 | 192.03 KiB | 0 B | 192.03 KiB | 1.96 GiB | 10,686x |" in lines
 
 
 _recorded = []
@@ -691,6 +691,10 @@ def _record(rank, world, case):
     _phase[0] = "forward"
     if case == "kl":
         loss = KF.kl_div_loss(s, t, process_group=group)
+    elif case == "kl_triton":
+        loss = KF.kl_div_loss(s, t, process_group=group, backend="triton")
+    elif case == "jsd_triton":
+        loss = KF.jsd_loss(s, t, process_group=group, backend="triton")
     elif case == "jsd":
         loss = KF.jsd_loss(s, t, process_group=group)
     elif case == "kd_ce":
@@ -716,7 +720,8 @@ def _record(rank, world, case):
     return list(_recorded)
 
 
-@pytest.mark.parametrize("case", ["kl", "jsd", "kd_ce", "sparse_bucket", "fused_ce", "topk", "rkd"])
+@pytest.mark.parametrize("case", ["kl", "jsd", "kl_triton", "jsd_triton", "kd_ce", "sparse_bucket", "fused_ce",
+                                  "topk", "rkd"])
 def test_communication_model_counts_the_real_collectives(case):
     """The model's collectives are those a 2-rank gloo run makes, one for one (bench/communication.py)."""
     from ranks import run_ranks
@@ -727,6 +732,8 @@ def test_communication_model_counts_the_real_collectives(case):
         "sparse_bucket": comm.vocab_parallel("sparse_kd_loss", rows=6, world=2, dtype=f32, tail="bucket", k=3),
         "fused_ce": comm.fused(rows=6, hidden=4, world=2, dtype=f32, ce=True),
         "jsd": comm.vocab_parallel("jsd_loss", rows=6, world=2, dtype=f32),
+        "kl_triton": comm.vocab_parallel("kl_div_loss", rows=6, world=2, dtype=f32, kernels=True),
+        "jsd_triton": comm.vocab_parallel("jsd_loss", rows=6, world=2, dtype=f32, kernels=True),
         "topk": comm.sharded_topk(rows=6, k=2, world=2, dtype=f32),
         "rkd": comm.relational(batch=4, student_dim=3, teacher_dim=5, world=2),
     }[case]

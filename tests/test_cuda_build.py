@@ -15,7 +15,8 @@ import pytest
 
 OPS = ["cuda_at_channel_mean_pow", "cuda_at_channel_mean_pow_backward", "cuda_dkd_rows", "cuda_jsd_rows",
        "cuda_kl_rows", "cuda_rkd_angle_sum", "cuda_rkd_angle_weights", "cuda_rkd_sq_distances",
-       "cuda_rkd_weighted_diff", "cuda_scale_rows_", "cuda_sparse_kd_rows"]
+       "cuda_rkd_weighted_diff", "cuda_scale_rows_", "cuda_sparse_kd_rows", "cuda_vocab_row_grad",
+       "cuda_vocab_row_stats", "cuda_vocab_row_terms"]
 
 
 @pytest.mark.skipif(os.environ.get("FASTKD_TEST_CUDA_BUILD") != "1", reason="set FASTKD_TEST_CUDA_BUILD=1 to compile")

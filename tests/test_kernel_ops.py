@@ -152,6 +152,9 @@ def samples(kernels, device="cpu") -> dict[str, list[tuple]]:
     ids3 = torch.tensor([[[0, 16, 3], [5, 6, 7], [1, 2, 3]], [[4, 4, 8], [9, 10, 0], [15, 14, 13]]], device=device)
     lp3 = torch.tensor([0.4, 0.3, 0.2], device=device).log().expand(2, 3, 3).to(torch.bfloat16)
     tails = (("renormalize", 2.0), ("bucket", 1.0), ("none", 1.0))
+    vp_shift = torch.zeros(6, 2, device=device)
+    vp_total = torch.stack([torch.logsumexp(s3 * 0.5, -1), torch.logsumexp(t3 * 0.5, -1)], -1).reshape(6, 2)
+    vp_kl = torch.full((6,), 0.2, device=device)
     return {
         "kl_rows": [(s, t, 2.0, None, False, y, None, -100, w, one, *g, False) for g in flags]
         + [(s, t, 1.0, None, True, None, labels, -100, w, None, True, False, False)]
@@ -171,6 +174,14 @@ def samples(kernels, device="cpu") -> dict[str, list[tuple]]:
         + [(rand(2, 4, 17, seed=48)[:, 1:], ids3, lp3, "bucket", 1.0, None, -100, w6, True)],
         "scale_rows_": [(rand(2, 3, 17, seed=47).to(dtype), scale) for dtype in (torch.float32, torch.bfloat16)
                         for scale in (w6, torch.ones(1, device=device).expand(6))],
+        # The vocabulary-parallel slice kernels: a slice of (2, 3, 17), the global shifts and
+        # log-totals per row `(rows, 2)` (student, teacher), each kind, the forward gradient with and without weights.
+        "vocab_row_stats": [(s3, t3, 0.5), (s3.to(torch.bfloat16), t3.to(torch.bfloat16), 1.0)],
+        "vocab_row_terms": [(s3, t3, 0.5, vp_shift, vp_total, kind, 0.3, w6, kind == "forward")
+                            for kind in ("forward", "reverse", "jsd")]
+        + [(s3, t3, 0.5, vp_shift, vp_total, "forward", 0.3, None, True)],
+        "vocab_row_grad": [(s3, t3, 0.5, vp_shift, vp_total, kind, 0.3, vp_kl, weight)
+                           for kind in ("reverse", "jsd") for weight in (w6, None)],
         "rkd_sq_distances": [(x,)],
         "rkd_weighted_diff": [(wx + wx.T, x)],
         "rkd_angle_sum": [(qh_s, ql_s, qh_t, ql_t, u_s, u_t) for u_s, u_t in ((False, False), (False, True), (True, False))],

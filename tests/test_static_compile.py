@@ -36,6 +36,12 @@ REGISTER_BUDGET = {
     "dkd_rows_kernel": 120,  # measured 101 (bf16, V=8192, both grads + d_T, sm_90; 90 without d_T)
     "sparse_kd_rows_kernel": 104,  # measured 90 (bf16, V=8192, bucket, labels, student grad, sm_90)
     "scale_rows_kernel": 40,  # measured 32
+    # The vocabulary-parallel slice kernels, measured 2026-11-30 (a helper's static compile, sm_80/sm_90, fp32/bf16/
+    # fp16, V = 1024 and 8192, contiguous and strided): stats 64; terms 70 (forward KL with its gradient), 82 (JSD);
+    # grad 55 (JSD).
+    "vocab_stats_kernel": 80,
+    "vocab_terms_kernel": 96,
+    "vocab_grad_kernel": 72,
     "at_map_forward_kernel": 184,  # measured 162 (fp32 channels-last p=2.5, sm_90; 8 warps for tiles >= 2048)
     "at_map_backward_kernel": 168,  # measured 148 (fp16 channels-last p=2.5, sm_90)
     "rkd_sq_dist_kernel": 88,  # measured 72
@@ -106,7 +112,8 @@ def _load_rows():
     params = []
     for row in PLAN:
         kernel, arch, case = row
-        if kernel in static.LOGIT_KERNELS + static.SPARSE_KERNELS + static.SCALE_KERNELS and "contiguous" in case:
+        if (kernel in static.LOGIT_KERNELS + static.SPARSE_KERNELS + static.SCALE_KERNELS + static.VOCAB_KERNELS
+                and "contiguous" in case):
             params.append(pytest.param(row, id=_id(row)))
         elif kernel in static.AT_KERNELS:
             params.append(pytest.param(row, id=_id(row)))

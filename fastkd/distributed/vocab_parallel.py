@@ -29,7 +29,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from ..reference.logits import (NEG_INF, compute_dtype, divergence_rows, log_mixture, masked_reduce, reduce_rows,
-                                temperature_column)
+                                rows_times_grad, temperature_column)
 from ..reference.sparse import log1mexp, log_softmax_or_neg_inf, logsumexp_or_neg_inf, reduce_tokens
 from .collectives import copy_to_ranks, max_over_ranks, sum_over_ranks
 from .layout import VocabSlice
@@ -84,14 +84,18 @@ def pick(values: Tensor, ids: Tensor, where: VocabSlice, group) -> Tensor:
     return sum_over_ranks(torch.where(mine, got, 0.0), group)
 
 
-def divergence(student: Tensor, teacher: Tensor, temperature, kind: str, beta: float, group) -> Tensor:
+def divergence(student: Tensor, teacher: Tensor, temperature, kind: str, beta: float, group,
+               kernels=None) -> Tensor:
     """`reference.logits.divergence_rows` of the two slices' log-probabilities: a sum over ids per row, so the
     slices' partial rows summed over the ranks. As the single-process reference (`row_divergence`), a student that
     needs a gradient against a teacher that does not, at a number temperature, takes the closed forms
-    (`_StudentDivergence`); anything else autograd through the formula."""
-    if (torch.is_grad_enabled() and student.requires_grad and not teacher.requires_grad
-            and not isinstance(temperature, Tensor)):
-        return _StudentDivergence.apply(student, teacher, temperature, kind, beta, group)
+    (`_StudentDivergence`), by a kernel backend's operators when `kernels` is its KernelSet (`kernel_rows`); a
+    teacher that needs a gradient, or a tensor temperature, autograd through the formula."""
+    closed_form = not teacher.requires_grad and not isinstance(temperature, Tensor)
+    if closed_form and torch.is_grad_enabled() and student.requires_grad:
+        return _StudentDivergence.apply(student, teacher, temperature, kind, beta, group, kernels)
+    if closed_form and kernels is not None:
+        return kernel_rows(kernels, student, teacher, temperature, kind, beta, group, grad=False)[0]
     dtype = compute_dtype(student, teacher)
     log_ps = log_probs(student, temperature, dtype, group)
     log_pt = log_probs(teacher, temperature, dtype, group)
@@ -111,7 +115,12 @@ class _StudentDivergence(torch.autograd.Function):
     ranks: forward KL `(q - p) / T`; reverse KL `p_s (d - KL) / T`; JSD `(1 - beta) p_s (d_s - KL(p_s || m)) / T`."""
 
     @staticmethod
-    def forward(ctx, student, teacher, temperature, kind, beta, group):
+    def forward(ctx, student, teacher, temperature, kind, beta, group, kernels):
+        ctx.student_dtype = student.dtype
+        if kernels is not None:
+            rows, grad = kernel_rows(kernels, student, teacher, temperature, kind, beta, group, grad=True)
+            ctx.save_for_backward(grad)
+            return rows
         dtype = compute_dtype(student, teacher)
         log_ps = log_probs(student, temperature, dtype, group)
         log_pt = log_probs(teacher, temperature, dtype, group)
@@ -130,7 +139,6 @@ class _StudentDivergence(torch.autograd.Function):
             kl_s, kl_t = sum_over_ranks(torch.stack([part_s, part_t]), group).unbind(0)
             rows = beta * kl_t + (1.0 - beta) * kl_s
             grad = (1.0 - beta) * p * (d - kl_s.unsqueeze(-1)) / temperature
-        ctx.student_dtype = student.dtype
         ctx.save_for_backward(grad)
         return rows
 
@@ -138,7 +146,39 @@ class _StudentDivergence(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_rows):
         grad, = ctx.saved_tensors
-        return (grad * grad_rows.unsqueeze(-1)).to(ctx.student_dtype), None, None, None, None, None
+        return rows_times_grad(grad, grad_rows, ctx.student_dtype), None, None, None, None, None, None
+
+
+# The operators of a kernel backend that make the rows of `_StudentDivergence` (fastkd/kernel_ops.py).
+KERNEL_OPS = ("vocab_row_stats", "vocab_row_terms", "vocab_row_grad")
+
+
+def kernel_rows(kernels, student: Tensor, teacher: Tensor, temperature: float, kind: str, beta: float, group,
+                grad: bool) -> tuple[Tensor, Tensor | None]:
+    """`_StudentDivergence`'s rows and (if `grad`) unweighted student gradient by a backend's kernels: the slice's
+    maxima and sums of exponentials (`vocab_row_stats`), combined over the ranks into the normalisers (2 numbers
+    per row and distribution); then the slice's partial divergences (`vocab_row_terms`, which also writes the
+    forward KL's gradient `(q - p) / T` in the same pass), summed over the ranks; then, for the reverse KL and the
+    JSD, whose gradients subtract the row's whole KL, the gradient (`vocab_row_grad`: one more read of the slice).
+    Reads of each slice: two (forward KL), three (reverse KL, JSD); one write of the gradient."""
+    lead = student.shape[:-1]
+    inv_t = 1.0 / temperature
+    maxima, sums = kernels.vocab_row_stats(student, teacher, inv_t)
+    shift = max_over_ranks(maxima, group)
+    shift = torch.where(torch.isfinite(shift), shift, 0.0)
+    total = sum_over_ranks(torch.where(maxima == NEG_INF, 0.0, sums * torch.exp(maxima - shift)), group)
+    log_total = torch.where(total == 0, float("nan"), torch.log(total))
+    forward_grad = grad and kind == "forward"
+    partial, d = kernels.vocab_row_terms(student, teacher, inv_t, shift, log_total, kind, beta, None, forward_grad)
+    part = sum_over_ranks(partial, group)
+    if kind == "jsd":
+        kl = part[:, 1]
+        rows = beta * part[:, 0] + (1.0 - beta) * kl
+    else:
+        rows = kl = part[:, 0]
+    if grad and not forward_grad:
+        d = kernels.vocab_row_grad(student, teacher, inv_t, shift, log_total, kind, beta, kl.contiguous(), None)
+    return rows.reshape(lead), (d if grad else None)
 
 
 def cross_entropy(student: Tensor, target: Tensor, where: VocabSlice, dtype: torch.dtype, group) -> Tensor:
@@ -148,10 +188,10 @@ def cross_entropy(student: Tensor, target: Tensor, where: VocabSlice, dtype: tor
 
 
 def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature, *, reduction: str, target, ce_weight: float,
-            kd_weight: float, where: VocabSlice, group) -> Tensor:
+            kd_weight: float, where: VocabSlice, group, kernels=None) -> Tensor:
     """`reference.logits.kd_loss` over the whole vocabulary (module docstring)."""
     rows = student_logits.numel() // student_logits.shape[-1]
-    kl = divergence(student_logits, teacher_logits, temperature, "forward", 0.5, group)
+    kl = divergence(student_logits, teacher_logits, temperature, "forward", 0.5, group, kernels)
     if isinstance(temperature, Tensor):
         # Applied to the whole rows, the same on every rank: its gradient is this rank's own (no copy_to_ranks).
         squared = temperature_column(temperature, kl.dtype).squeeze(-1) ** 2
@@ -166,10 +206,10 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature, *, redu
 
 
 def token_loss(student_logits: Tensor, teacher_logits: Tensor, temperature, *, kind: str, beta: float, labels,
-               ignore_index: int, reduction: str, where: VocabSlice, group) -> Tensor:
+               ignore_index: int, reduction: str, where: VocabSlice, group, kernels=None) -> Tensor:
     """`kl_div_loss` (kind "forward" / "reverse") and `jsd_loss` (kind "jsd" with `beta`) over the whole
     vocabulary, masked and reduced as they are."""
-    per_token = divergence(student_logits, teacher_logits, temperature, kind, beta, group)
+    per_token = divergence(student_logits, teacher_logits, temperature, kind, beta, group, kernels)
     return masked_reduce(per_token, labels, ignore_index, reduction, where.total)
 
 
@@ -217,7 +257,7 @@ def sparse_kd_loss(student_logits: Tensor, teacher_indices: Tensor, teacher_logp
     return reduce_tokens(per_token, labels, ignore_index, num_items_in_batch, reduction, where.total)
 
 
-def fused_rows(where: VocabSlice, group):
+def fused_rows(where: VocabSlice, group, kernels=None):
     """The chunk rows of `fastkd.fused_linear` (`reference_rows`' contract: the chunk's weighted terms
     `[divergence, CE]` and their gradient with respect to the chunk's logits) for logits split by vocabulary: the
     chunk's slice of the student's (and teacher's) logits in, the loss of the whole vocabulary and this slice's
@@ -234,7 +274,7 @@ def fused_rows(where: VocabSlice, group):
                     kind = {"forward_kl": "forward", "kd": "forward", "reverse_kl": "reverse"}.get(spec.loss, "jsd")
                     if kind == "jsd" and spec.beta in (0.0, 1.0):  # TRL's ends: exactly the two KLs
                         kind = "forward" if spec.beta == 0.0 else "reverse"
-                    per_row = divergence(z, teacher, spec.temperature, kind, spec.beta, group)
+                    per_row = divergence(z, teacher, spec.temperature, kind, spec.beta, group, kernels)
                 weight = spec.kd_weight.to(per_row.dtype).expand(per_row.shape)
                 if labels is not None:
                     weight = torch.where(labels != spec.ignore_index, weight, 0.0)

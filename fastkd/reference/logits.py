@@ -210,9 +210,14 @@ class _StudentDivergence(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_rows):
         dz_s, = ctx.saved_tensors
-        # Rounded once into the student's dtype, with no second full-size temporary.
-        grad = torch.empty(dz_s.shape, dtype=ctx.student_dtype, device=dz_s.device)
-        return torch.mul(dz_s, grad_rows.unsqueeze(-1), out=grad), None, None, None, None
+        return rows_times_grad(dz_s, grad_rows, ctx.student_dtype), None, None, None, None
+
+
+def rows_times_grad(dz_s: torch.Tensor, grad_rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The saved gradient of each row's loss times the row's upstream gradient: rounded once into the student's
+    `dtype`, with no second full-size temporary."""
+    grad = torch.empty(dz_s.shape, dtype=dtype, device=dz_s.device)
+    return torch.mul(dz_s, grad_rows.unsqueeze(-1), out=grad)
 
 
 def row_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float, kind: str,

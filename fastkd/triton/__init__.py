@@ -22,10 +22,11 @@ except ImportError as err:  # the package imports and works without Triton
 else:
     _import_error = None
     from .. import kernel_ops
-    from . import attention, dkd, jsd, kl, rkd, rows, sparse
+    from . import attention, dkd, jsd, kl, rkd, rows, sparse, vocab_parallel
 
     KERNELS = kernel_ops.register("triton", {launcher.__name__: launcher for launcher in (
         kl.kl_rows, jsd.jsd_rows, dkd.dkd_rows, sparse.sparse_kd_rows, rows.scale_rows_,
+        vocab_parallel.vocab_row_stats, vocab_parallel.vocab_row_terms, vocab_parallel.vocab_row_grad,
         rkd.rkd_sq_distances, rkd.rkd_weighted_diff, rkd.rkd_angle_sum, rkd.rkd_angle_weights,
         attention.at_channel_mean_pow, attention.at_channel_mean_pow_backward)})
 

@@ -27,6 +27,7 @@ ARCHS = ("8.0", "9.0")
 LOGIT_KERNELS = ("kl_rows_kernel", "jsd_rows_kernel", "dkd_rows_kernel")
 SPARSE_KERNELS = ("sparse_kd_rows_kernel",)
 SCALE_KERNELS = ("scale_rows_kernel",)
+VOCAB_KERNELS = ("vocab_stats_kernel", "vocab_terms_kernel", "vocab_grad_kernel")
 AT_KERNELS = ("at_map_forward_kernel", "at_map_backward_kernel")
 RKD_KERNELS = ("rkd_sq_dist_kernel", "rkd_weighted_diff_kernel", "rkd_angle_forward_kernel",
                "rkd_angle_rows_kernel", "rkd_angle_cols_kernel")
@@ -143,7 +144,7 @@ def _stand_in(arch: str, record):
 def _cases():
     """(label, kernels, thunk): the public launchers on small CPU tensors, covering the specialisations,
     and the kernels each case launches."""
-    from . import attention, dkd, jsd, kl, rkd, sparse
+    from . import attention, dkd, jsd, kl, rkd, sparse, vocab_parallel
     from . import rows as row_kernels
 
     cases = []
@@ -213,6 +214,31 @@ def _cases():
             if name != "fp16":
                 cases.append((f"{name} strided V={V} sparse bucket student grad", SPARSE_KERNELS,
                               sparse_case(V, dtype, True, "bucket", True, False)))
+
+    # The vocabulary-parallel slice kernels (one specialisation per case): the statistics; the partial sums with the
+    # forward KL's gradient, and the JSD's (the mixture: the most registers); the JSD's gradient pass.
+    def vocab_case(V, dtype, strided, what):
+        def thunk():
+            s, t, _, g, rows = logits(V, dtype, strided)
+            pair, kl_rows = torch.zeros(rows, 2), torch.zeros(rows)
+            if what == "stats":
+                vocab_parallel.vocab_row_stats(s, t, 0.5)
+            elif what == "terms forward grad":
+                vocab_parallel.vocab_row_terms(s, t, 0.5, pair, pair, "forward", 0.5, g, True)
+            elif what == "terms jsd":
+                vocab_parallel.vocab_row_terms(s, t, 0.5, pair, pair, "jsd", 0.3, None, False)
+            else:
+                vocab_parallel.vocab_row_grad(s, t, 0.5, pair, pair, "jsd", 0.3, kl_rows, g)
+        return thunk
+
+    vocab_kernel = {"stats": VOCAB_KERNELS[:1], "terms forward grad": VOCAB_KERNELS[1:2],
+                    "terms jsd": VOCAB_KERNELS[1:2], "grad jsd": VOCAB_KERNELS[2:]}
+    for name, dtype in dtypes.items():
+        for V in (1024, 8192):
+            for what, kernels in vocab_kernel.items():
+                cases.append((f"{name} contiguous V={V} vocab {what}", kernels, vocab_case(V, dtype, False, what)))
+    for what, kernels in vocab_kernel.items():
+        cases.append((f"bf16 strided V=8192 vocab {what}", kernels, vocab_case(8192, torch.bfloat16, True, what)))
 
     def scale_case(V, dtype):
         def thunk():
