@@ -144,6 +144,22 @@ class TerminalProgress:
             self.width = 0
 
 
+
+def run_setup(device, progress: bool | None, log: Callable[[str], None]):
+    """A demo's `(device, terminal, log)`: the device (default CUDA if present, else the CPU); the status line
+    (`TerminalProgress`, or None: by default only when `log` is `print` on a terminal); and `log` wrapped to erase
+    the status line before each logged line."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if progress is None:
+        progress = log is print and sys.stdout.isatty()
+    terminal = TerminalProgress() if progress else None
+    if terminal is not None:
+        def log(line, _log=log):
+            terminal.clear()
+            _log(line)
+    return torch.device(device), terminal, log
+
 def run(*, epochs_teacher: int | None = None, epochs_student: int | None = None, quick: bool = False,
         seed: int = 0, device: str | torch.device | None = None, backend: str | None = None,
         log=print, progress: bool | None = None) -> dict[str, float]:
@@ -175,17 +191,8 @@ def run(*, epochs_teacher: int | None = None, epochs_student: int | None = None,
         epochs_student = QUICK_EPOCHS_STUDENT if quick else EPOCHS_STUDENT
     if epochs_teacher < 1 or epochs_student < 1:
         raise ValueError(f"epochs must be at least 1, got teacher {epochs_teacher}, student {epochs_student}")
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
+    device, terminal, log = run_setup(device, progress, log)
     kd_loss = KDLoss(temperature=TEMPERATURE, ce_weight=CE_WEIGHT, kd_weight=KD_WEIGHT, backend=backend)
-    if progress is None:
-        progress = log is print and sys.stdout.isatty()
-    terminal = TerminalProgress() if progress else None
-    if terminal is not None:
-        def log(line, _log=log):  # the status line is erased before each logged line
-            terminal.clear()
-            _log(line)
     started = time.perf_counter()
 
     images, labels = load_mnist_5k()

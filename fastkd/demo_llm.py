@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .demo import TerminalProgress, machine
+from .demo import machine, run_setup
 from .functional import fused_linear_distill_loss
 from .teacher_cache import TeacherCache, TeacherCacheWriter, collate
 
@@ -345,16 +345,7 @@ def run(*, quick: bool = False, seed: int = 0, device: str | torch.device | None
     if preset.teacher_steps < 1 or preset.student_steps < 1:
         raise ValueError(f"steps must be at least 1, got teacher {preset.teacher_steps}, "
                          f"student {preset.student_steps}")
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
-    if progress is None:
-        progress = log is print and sys.stdout.isatty()
-    terminal = TerminalProgress() if progress else None
-    if terminal is not None:
-        def log(line, _log=log):  # the status line is erased before each logged line
-            terminal.clear()
-            _log(line)
+    device, terminal, log = run_setup(device, progress, log)
     started = time.perf_counter()
 
     corpus = load_corpus(preset.modules)
