@@ -3,8 +3,9 @@
 Rank r of `process_group` holds the logits of the ids `[start_r, end_r)` (`layout.vocab_slice`). With
 `z = logits / T`, `m = max_v z_v` and `s = sum_v exp(z_v - m)` over the FULL vocabulary, the log-probability of
 id v is `(z_v - m) - log s`, and the k largest ids of the row are the k largest `z_v`:
-- the normalisers: `m` is a max all-reduce of each rank's row maximum, `s` a sum all-reduce of each rank's
-  `sum exp(z_v - m)` taken after it (exact: every term is `<= 1`, no rescaling between ranks);
+- the normalisers (`vocab_parallel.shifted_logsumexp`): `m` is a max all-reduce of each rank's row maximum,
+  `s` a sum all-reduce of each rank's `sum exp(z_v - m)` taken after it (exact: every term is `<= 1`, no
+  rescaling between ranks);
 - the candidates: each id of the global top-k is in the top-min(k, V_r) of its own rank, so each rank sends its
   top-min(k, V_r) (value and global id, padded to k) in one all-gather, and the global top-k is chosen among
   the k x W candidates of the row.
@@ -31,8 +32,9 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .. import _checks as checks
-from .collectives import max_over_ranks, world_size
+from .collectives import world_size
 from .layout import vocab_slice
+from .vocab_parallel import shifted_logsumexp
 
 
 def _local_topk(key: Tensor, k: int) -> Tensor:
@@ -88,9 +90,7 @@ def sharded_topk(logits: Tensor, k: int, process_group=None, *, vocab_range: tup
         raise ValueError(f"k must be at most the vocabulary size {total}, got {k}")
 
     if process_group is not None:
-        m = max_over_ranks(z.amax(-1) if local else z.new_full((rows,), -math.inf), process_group)
-        s = torch.exp(z - m[:, None]).sum(-1)
-        dist.all_reduce(s, op=dist.ReduceOp.SUM, group=process_group)
+        m, s = shifted_logsumexp(z, process_group)
 
     width = min(k, local)
     key = torch.where(torch.isnan(z), math.inf, z)  # NaN first, as torch.topk; no NaN in the comparisons

@@ -88,7 +88,7 @@ import triton.language as tl
 
 from .rows import (block_size, exp_diff, finite_or_zero, flat_index, grad_times_shift, log1p, log_ratio,
                    row_inv_temperature, row_layout, row_start, row_maxnreg, row_temperature, row_warps,
-                   row_weight)
+                   row_weight, store_row)
 
 
 @triton.jit
@@ -140,14 +140,14 @@ def store_gradients(dx_ptr, dy_ptr, row, offs, V, is_target, valid, a, b, ea, eb
         dx = tl.where(is_target, dx_target, q_factor * q - g_n * p)
         dx = tl.where(valid, dx, float("nan"))
         if X_GRAD:
-            tl.store(dx_ptr + row * V + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+            store_row(dx_ptr, row, V, offs, dx, mask)
     if Y_GRAD or T_GRAD:
         # The same `b - a` as the sum behind Ebar: exactly 0 for a one-hot p~.
         nckd_term = tl.where(p > 0, p * ((b - a) - e_bar), 0.0)
         dy = tl.where(is_target, dy_target, p_factor * p + g_n * nckd_term)
         dy = tl.where(valid, dy, float("nan"))
         if Y_GRAD:
-            tl.store(dy_ptr + row * V + offs, dy.to(dy_ptr.dtype.element_ty), mask=mask)
+            store_row(dy_ptr, row, V, offs, dy, mask)
     if T_GRAD:
         dt = tl.where(is_target, 0.0, grad_times_shift(dx, a) + grad_times_shift(dy, b))
     return dt

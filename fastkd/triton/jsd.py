@@ -105,7 +105,7 @@ import triton.language as tl
 
 from .rows import (block_size, exp_diff, expm1, expm1_small, finite_or_zero, flat_index, grad_times_shift, log1p,
                    log_ratio, row_inv_temperature, row_layout, row_start, row_maxnreg, row_temperature, row_warps,
-                   row_weight)
+                   row_weight, store_row)
 
 
 @triton.jit
@@ -176,13 +176,11 @@ def store_gradients(dx_ptr, dy_ptr, row, offs, V, a, b, ea, eb, p, q, lp_m, lq_m
     if X_GRAD or T_GRAD:
         gx = tl.where(ea != 0, q * (lq_m - kl_q), 0.0) * g_x
         if X_GRAD:
-            dx = tl.where(active, gx, 0.0)  # an ignored token: a zero gradient
-            tl.store(dx_ptr + row * V + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+            store_row(dx_ptr, row, V, offs, tl.where(active, gx, 0.0), mask)  # an ignored token: zeros
     if Y_GRAD or T_GRAD:
         gy = tl.where(eb != 0, p * (lp_m - kl_p), 0.0) * g_y
         if Y_GRAD:
-            dy = tl.where(active, gy, 0.0)
-            tl.store(dy_ptr + row * V + offs, dy.to(dy_ptr.dtype.element_ty), mask=mask)
+            store_row(dy_ptr, row, V, offs, tl.where(active, gy, 0.0), mask)
     if T_GRAD:
         dt = grad_times_shift(gx, a) + grad_times_shift(gy, b)
     return dt

@@ -85,7 +85,7 @@ import triton.language as tl
 
 from .rows import (block_size, exp_diff, finite_or_zero, flat_index, grad_times_shift, log_ratio,
                    row_inv_temperature, row_layout, row_start, row_maxnreg, row_temperature, row_warps,
-                   row_weight)
+                   row_weight, store_row)
 
 
 @triton.jit
@@ -124,15 +124,13 @@ def store_gradients(dx_ptr, dy_ptr, row, offs, V, a, b, ea, eb, es, active, z_x,
             dy = gy
             if HAS_CE:
                 dy += g_ce * (es / z_s - tl.where(offs == target, 1.0, 0.0))
-            dy = tl.where(active, dy, 0.0)  # an ignored token: a zero gradient
-            tl.store(dy_ptr + row * V + offs, dy.to(dy_ptr.dtype.element_ty), mask=mask)
+            store_row(dy_ptr, row, V, offs, tl.where(active, dy, 0.0), mask)  # an ignored token: zeros
     if X_GRAD or T_GRAD:
         # The same `a - b` as the sum `E`: exactly 0 for a one-hot p. 0 where p = 0 (`ea != 0` lets a NaN
         # through: a NaN logit gives a NaN gradient, as the reference's).
         gx = tl.where(ea != 0, p * ((a - b) - e_bar), 0.0) * g_kl
         if X_GRAD:
-            dx = tl.where(active, gx, 0.0)
-            tl.store(dx_ptr + row * V + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+            store_row(dx_ptr, row, V, offs, tl.where(active, gx, 0.0), mask)
     if T_GRAD:
         dt = grad_times_shift(gx, a) + grad_times_shift(gy, b)
     return dt

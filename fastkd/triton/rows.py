@@ -146,6 +146,12 @@ def grad_times_shift(g, a):
 
 
 @triton.jit
+def store_row(ptr, row, V, offs, values, mask):
+    """`values` into columns `offs` of row `row` of a contiguous `N x V` output (a gradient), in its dtype."""
+    tl.store(ptr + row * V + offs, values.to(ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def row_start(ptr, row, inner_size, outer_stride, inner_stride):
     outer = row // inner_size
     return ptr + outer * outer_stride + (row - outer * inner_size) * inner_stride

@@ -70,7 +70,7 @@ import triton
 import triton.language as tl
 
 from .rows import (block_size, expm1, finite_or_zero, flat_index, log1p, row_layout, row_maxnreg, row_start,
-                   row_warps, row_weight)
+                   row_warps, row_weight, store_row)
 
 TAILS = {"renormalize": 0, "bucket": 1, "none": 2}
 RENORMALIZE = tl.constexpr(0)
@@ -309,8 +309,7 @@ def sparse_kd_rows_kernel(
             dense = ea * q_scale
             if TAIL == BUCKET:
                 dense -= e_t * t_scale
-            tl.store(ds_ptr + row * V + offs, tl.where(live, dense * g_w, 0.0).to(ds_ptr.dtype.element_ty),
-                     mask=offs < V)
+            store_row(ds_ptr, row, V, offs, tl.where(live, dense * g_w, 0.0), offs < V)
         else:
             # Pass 3: the gradient, over the whole row (an ignored token's written as zeros, read from nothing).
             for start in range(0, V, BLOCK_V):
@@ -321,8 +320,7 @@ def sparse_kd_rows_kernel(
                 if TAIL == BUCKET:
                     # A column of S may make inf - inf here: overwritten below.
                     dense -= tail_exp(x, ea, m_o, far) * t_scale
-                tl.store(ds_ptr + row * V + offs, tl.where(live, dense * g_w, 0.0).to(ds_ptr.dtype.element_ty),
-                         mask=offs < V)
+                store_row(ds_ptr, row, V, offs, tl.where(live, dense * g_w, 0.0), offs < V)
         tl.debug_barrier()  # the row's stores before the slot pass's overwrites
 
     # Slots, pass 3: the terms p_k (log p_k - log q_{i_k}); with the gradient, the columns of S.

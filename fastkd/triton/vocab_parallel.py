@@ -69,7 +69,7 @@ import triton.language as tl
 
 from . import rows as _rows
 from .jsd import load_block, mixture_log_ratios
-from .rows import exp_diff, row_layout, row_start, row_maxnreg, row_warps, row_weight
+from .rows import exp_diff, row_layout, row_start, row_maxnreg, row_warps, row_weight, store_row
 
 KINDS = {"forward": 0, "reverse": 1, "jsd": 2}
 
@@ -158,7 +158,7 @@ def vocab_terms_kernel(x_ptr, y_ptr, shift_ptr, lt_ptr, w_ptr, part_ptr, dx_ptr,
             if X_GRAD:
                 q = tl.exp(log_q)
                 dx = exp_diff(log_q, log_p, q, p) * g
-                tl.store(dx_ptr + row * V + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+                store_row(dx_ptr, row, V, offs, dx, mask)
         elif KIND == 1:  # reverse: KL(q || p)
             q = tl.exp(log_q)
             acc0 += q * tl.where(q > 0, log_q - log_p, 0.0)
@@ -198,7 +198,7 @@ def vocab_grad_kernel(x_ptr, y_ptr, shift_ptr, lt_ptr, kl_ptr, w_ptr, dx_ptr,
             _, lq_m = mixture_log_ratios(log_q, log_p, 0.0, beta, one_minus_beta)
             d = tl.where(q > 0, lq_m, 0.0)
         dx = q * (d - kl) * g
-        tl.store(dx_ptr + row * V + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+        store_row(dx_ptr, row, V, offs, dx, mask)
 
 
 # --- launchers ---------------------------------------------------------------------------------------------
