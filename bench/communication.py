@@ -31,8 +31,8 @@ What is counted, from fastkd/distributed/ (N rows, W ranks; "c" the loss's compu
 
 - Relational losses under DDP (`functional.global_batch`, `collectives.gather_rows`): per side an all-gather of
   each rank's row count, row shape and dtype (a few int64, checked alike on every rank) and of the features
-  (W x B x D, B the batch of each rank); the backward all-reduces the gradient of the gathered student features,
-  W x B x D_s (the teacher's side has none), and keeps its own rows. DDP's own all-reduce of the parameters'
+  (W x B x D, B the batch of each rank); the backward reduce-scatters the gradient of the gathered student
+  features, W x B x D_s (the teacher's side has none), so each rank receives its own rows'. DDP's own all-reduce of the parameters'
   gradients is the same with any loss and not counted.
 - FSDP2 (`fastkd/distributed/dtensor.py`): an output weight given as a sharded `DTensor` to the fused loss is
   all-gathered once per call (V x H; the teacher's too, without a gradient) and the student's weight gradient
@@ -61,8 +61,8 @@ TAILS = ("renormalize", "none", "bucket")
 
 @dataclass(frozen=True)
 class Collective:
-    """One collective of a call: `elements` of `itemsize` bytes reduced (all-reduce), or gathered in all, every
-    rank's part together (all-gather)."""
+    """One collective of a call: `elements` of `itemsize` bytes reduced (all-reduce), or gathered or scattered in
+    all, every rank's part together (all-gather, reduce-scatter)."""
     what: str
     op: str  # "all_reduce", "all_gather" or "reduce_scatter"
     elements: int
@@ -184,7 +184,7 @@ def relational(*, batch: int, student_dim: int, teacher_dim: int, world: int,
             Collective("teacher row count, shape and dtype", "all_gather", world * info, INT64, "forward"),
             Collective("teacher features (W x B x D_t)", "all_gather", gathered * teacher_dim, dtype.itemsize,
                        "forward"),
-            Collective("gradient of the gathered student features", "all_reduce", gathered * student_dim,
+            Collective("gradient of the gathered student features", "reduce_scatter", gathered * student_dim,
                        dtype.itemsize, "backward")]
 
 

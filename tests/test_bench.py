@@ -621,6 +621,7 @@ def test_communication_ring_convention_and_small_cases():
     assert comm.Collective("x", "all_reduce", 10, 4, "forward").sent(2) == 40
     assert comm.Collective("x", "all_reduce", 8, 4, "forward").sent(4) == 48
     assert comm.Collective("x", "all_gather", 12, 8, "forward").sent(4) == 72
+    assert comm.Collective("x", "reduce_scatter", 12, 8, "backward").sent(4) == 72
     # KL over N = 10 rows on 2 ranks, fp32: the layout check (4 int64 per rank, 32 bytes sent), then five
     # all-reduces of 10 floats (two normalisers per side, the divergence's partial sums), 40 bytes each.
     assert comm.totals(comm.vocab_parallel("kl_div_loss", rows=10, world=2, dtype=torch.float32), 2) == (232, 0)
@@ -634,10 +635,10 @@ def test_communication_ring_convention_and_small_cases():
     # The fused loss adds the N x H all-reduce of the hidden states' gradient, in their dtype: 10 x 6 x 2 bytes.
     assert comm.totals(comm.fused(rows=10, hidden=6, world=2, dtype=torch.bfloat16), 2) == (232 + 120, 0)
     # RKD, 4 samples per rank on 2 ranks, D_s = 3, D_t = 5, fp32: features 48 + 80 bytes sent in the forward, and
-    # the row checks; the gathered student gradient (8 x 3 floats, 96 bytes) all-reduced in the backward.
+    # the row checks; the gathered student gradient (8 x 3 floats, 96 bytes) reduce-scattered in the backward.
     from fastkd.distributed.collectives import _MAX_ROW_DIMS
     assert comm.totals(comm.relational(batch=4, student_dim=3, teacher_dim=5, world=2), 2) == (
-        128 + 2 * 8 * (3 + _MAX_ROW_DIMS), 96)
+        128 + 2 * 8 * (3 + _MAX_ROW_DIMS), 48)
     # Top-2 of 3 rows on 2 ranks: layout 32, normalisers 12 + 12, candidates 2 x 3 x 2 x (4 + 8) gathered (72 sent).
     assert comm.totals(comm.sharded_topk(rows=3, k=2, world=2), 2) == (128, 0)
     # FSDP2 weights, V = 10, H = 3, bf16, 2 ranks: 60 bytes each gathered (30 sent), the gradient reduce-scattered.
@@ -667,12 +668,12 @@ _phase = ["forward"]
 
 
 def _record(rank, world, case):
-    """On each rank: run `case` forward and backward with every all-reduce and all-gather recorded as
-    (phase, op, bytes), all-gathers by their gathered total (every rank's part)."""
+    """On each rank: run `case` forward and backward with every all-reduce, all-gather and reduce-scatter
+    recorded as (phase, op, bytes), all-gathers and reduce-scatters by their total (every rank's part)."""
     import torch.distributed as dist
     from fastkd import functional as KF
     from fastkd.distributed import topk
-    reduce, gather = dist.all_reduce, dist.all_gather
+    reduce, gather, scatter = dist.all_reduce, dist.all_gather, dist.reduce_scatter
 
     def all_reduce(tensor, *args, **kwargs):
         _recorded.append((_phase[0], "all_reduce", tensor.numel() * tensor.element_size()))
@@ -682,7 +683,11 @@ def _record(rank, world, case):
         _recorded.append((_phase[0], "all_gather", sum(p.numel() * p.element_size() for p in parts)))
         return gather(parts, tensor, *args, **kwargs)
 
-    dist.all_reduce, dist.all_gather = all_reduce, all_gather
+    def reduce_scatter(output, parts, *args, **kwargs):
+        _recorded.append((_phase[0], "reduce_scatter", sum(p.numel() * p.element_size() for p in parts)))
+        return scatter(output, parts, *args, **kwargs)
+
+    dist.all_reduce, dist.all_gather, dist.reduce_scatter = all_reduce, all_gather, reduce_scatter
     g = torch.Generator().manual_seed(rank if case == "rkd" else 0)
     rows, local = 6, 5
     s = torch.randn(rows, local, generator=g).requires_grad_()

@@ -13,7 +13,7 @@ Two kinds of distribution, two conventions for what crosses the network in the b
   depend on the shift, so no gradient flows through it.
 - Data parallel (DDP): every rank holds its own samples and a relational loss needs the whole batch.
   `gather_rows` all-gathers a tensor along dim 0 (ranks of different batch sizes allowed), and its backward
-  all-reduces the gradient of the gathered tensor and returns this rank's rows. Every rank then holds W times
+  reduce-scatters the gradient of the gathered tensor: each rank gets the sum over the ranks of its own rows'. Every rank then holds W times
   the gradient of the global loss with respect to its own rows, and DDP's averaging over the W ranks divides
   it back: one DDP step equals one single-process step on the concatenated batch (SimCLR's GatherLayer).
 
@@ -74,10 +74,17 @@ class _GatherRows(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        grad = grad.contiguous().clone()
-        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
-        start = sum(ctx.sizes[:ctx.rank])
-        return grad[start:start + ctx.sizes[ctx.rank]], None, None
+        # Every rank's rows padded to the longest, as in the forward; rank r receives the sum over the ranks of
+        # part r. A reduce-scatter sends (W - 1) / W of the gathered gradient, half an all-reduce's 2 (W - 1) / W.
+        longest = max(ctx.sizes)
+        padded = grad.new_zeros((len(ctx.sizes) * longest,) + tuple(grad.shape[1:]))
+        start = 0
+        for r, size in enumerate(ctx.sizes):
+            padded[r * longest:r * longest + size] = grad[start:start + size]
+            start += size
+        mine = grad.new_empty((longest,) + tuple(grad.shape[1:]))
+        dist.reduce_scatter(mine, list(padded.split(longest)), op=dist.ReduceOp.SUM, group=ctx.group)
+        return mine[:ctx.sizes[ctx.rank]], None, None
 
 
 # Every dtype torch has, in a fixed order: a rank's dtype crosses the network as its index here.
