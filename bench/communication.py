@@ -22,8 +22,9 @@ What is counted, from fastkd/distributed/ (N rows, W ranks; "c" the loss's compu
   `(N, 2)` float32 pairs: 3 all-reduces of 2 x N (maxima, sums, partial sums) for each of these divergences.
   `kd_loss`'s CE term normalises the student again at T = 1 under autograd and sums the label's log-probability
   from the slice holding it: 3 more, 1 in the backward. `sparse_kd_loss` normalises the student under autograd
-  and sums its log-probabilities at the teacher's k ids (an N x k all-reduce); the "bucket" tail adds the count
-  of ids outside the set and the normaliser of the student's mass there (3 more). A tensor temperature adds the
+  and sums the terms of the teacher's k slots, each on the slice holding its id, then over the ranks (an
+  all-reduce of N, not the N x k log-probabilities); the "bucket" tail adds the count of ids outside the set and
+  the normaliser of the student's mass there (3 more). A tensor temperature adds the
   all-reduce of its gradient in the backward (its own size; not modelled here).
 - `fused_linear_distill_loss(process_group=...)`: the layout check and the same per-row numbers chunk by chunk
   (N rows in all), plus the all-reduce of the hidden states' gradient, N x H in the hidden states' dtype; all of
@@ -115,8 +116,7 @@ def _loss_rows(loss: str, rows: int, c: int, ce: bool, tail: str, k: int, kernel
         if tail not in TAILS:
             raise ValueError(f"unknown tail {tail!r}; choose from {TAILS}")
         out = _normalisers("student", rows, c, gradient=True)
-        out.append(Collective("student log-probabilities at the teacher's k ids", "all_reduce", rows * k, c,
-                              "forward"))
+        out.append(Collective("partial sums of the teacher's k slots' terms", "all_reduce", rows, c, "forward"))
         if tail == "bucket":
             out.append(Collective("ids outside the teacher's set", "all_reduce", rows, c, "forward"))
             out += _normalisers("student tail", rows, c)

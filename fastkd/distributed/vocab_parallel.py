@@ -11,7 +11,7 @@ ranks; everything else is elementwise (per id: on the slice that holds it) or pe
     CE_row   = -log p_label                (the label's log-probability, from the one rank whose slice holds it)
 
 So per row and per call the forward pass carries: a max and a sum per distribution (the normalisers), the divergence's
-partial sum, and for the CE term or a sparse teacher's k ids one more sum; with `reduction="none"` rows of these
+partial sum, and for the CE term one more sum (a sparse teacher's slots: the partial sum of their terms); with `reduction="none"` rows of these
 numbers, never a logit. In the backward pass the sums' gradient is the identity (`collectives.sum_over_ranks`),
 so rank r's gradient is exactly the columns `[start, end)` of the single-process gradient, with one addition: a per-row number that every rank holds whole and that feeds every slice's terms
 (the normaliser `lse` of each distribution, a tensor temperature) enters them through `copy_to_ranks`, so its
@@ -28,8 +28,8 @@ from torch import Tensor
 
 from torch.autograd.function import once_differentiable
 
-from ..reference.logits import (NEG_INF, compute_dtype, divergence_rows, log_mixture, masked_reduce, reduce_rows,
-                                rows_times_grad, temperature_column)
+from ..reference.logits import (NEG_INF, compute_dtype, divergence_rows, kl_rows, log_mixture, masked_reduce,
+                                reduce_rows, rows_times_grad, temperature_column)
 from ..reference.sparse import log1mexp, log_softmax_or_neg_inf, logsumexp_or_neg_inf, reduce_tokens
 from .collectives import copy_to_ranks, max_over_ranks, sum_over_ranks
 from .layout import VocabSlice
@@ -217,8 +217,9 @@ def sparse_kd_rows(student_logits: Tensor, teacher_indices: Tensor, teacher_logp
                    temperature: float, where: VocabSlice, group) -> Tensor:
     """`reference.sparse.sparse_kd_rows` with the student's logits split by vocabulary; the teacher's k ids (global)
     and log-probabilities are the same on every rank, so everything per slot is computed on every rank and only
-    the student's side crosses the network: its normaliser, its log-probabilities at the k ids, and for the
-    bucket tail the mass outside the set and the size of the set."""
+    the student's side crosses the network: its normaliser, the slots' terms `p_k (log p_k - log q_{i_k})`
+    summed on the rank that holds each id and then over the ranks (N numbers, not the N x k log-probabilities),
+    and for the bucket tail the mass outside the set and the size of the set."""
     dtype = compute_dtype(student_logits, teacher_logprobs)
     l = teacher_logprobs.to(dtype)
     ids = teacher_indices.long()
@@ -229,23 +230,23 @@ def sparse_kd_rows(student_logits: Tensor, teacher_indices: Tensor, teacher_logp
     ids = torch.where(readable, ids, 0)
 
     log_q = log_probs(student_logits, temperature, dtype, group)
-    log_q_ids = pick(log_q, ids, where, group)
-    if tail == "renormalize":
-        rows = divergence_rows(log_q_ids, log_softmax_or_neg_inf(l / temperature), "forward")
-    elif tail == "none":
-        rows = divergence_rows(log_q_ids, l, "forward")
-    else:
+    local = ids - where.start
+    mine = readable & (local >= 0) & (local < log_q.shape[-1])  # the slots whose id this slice holds
+    log_q_mine = log_q.gather(-1, torch.where(mine, local, 0)) if log_q.shape[-1] else log_q.new_zeros(ids.shape)
+    log_p = log_softmax_or_neg_inf(l / temperature) if tail == "renormalize" else l
+    # `kl_rows` of the slots this slice holds (each slot is held by one rank; the others count p = 0 there, a
+    # term of exactly 0), summed over the ranks: `divergence_rows` of the k slots, in another order.
+    rows = sum_over_ranks(kl_rows(torch.where(mine, log_p, NEG_INF), torch.where(mine, log_q_mine, 0.0)), group)
+    if tail == "bucket":
         # This slice's members of the set (a duplicated id once, as the reference's scatter_add).
-        local = ids - where.start
-        mine = readable & (local >= 0) & (local < log_q.shape[-1])
         in_set = torch.zeros_like(log_q).scatter_add_(-1, torch.where(mine, local, 0), mine.to(dtype)) > 0
         outside = sum_over_ranks((~in_set).sum(-1).to(dtype), group)
         log_q_tail = logsumexp_over_ranks(log_q.masked_fill(in_set, NEG_INF), group)
         log_q_tail = torch.where(readable.any(-1), log_q_tail, 0.0)
         log_p_tail = log1mexp(logsumexp_or_neg_inf(l, -1))
         log_p_tail = torch.where(outside == 0, NEG_INF, log_p_tail)
-        rows = divergence_rows(torch.cat([log_q_ids, log_q_tail.unsqueeze(-1)], -1),
-                               torch.cat([l, log_p_tail.unsqueeze(-1)], -1), "forward")
+        # The tail's outcome, the same on every rank.
+        rows = rows + kl_rows(log_p_tail.unsqueeze(-1), log_q_tail.unsqueeze(-1))
     return torch.where(bad_row, float("nan"), rows)
 
 
