@@ -15,8 +15,9 @@ What is counted, from fastkd/distributed/ (N rows, W ranks; "c" the loss's compu
 - Vocabulary parallel (`vocab_parallel`): a log-softmax over the split vocabulary is a max all-reduce and a sum
   all-reduce per row (`shifted_logsumexp`); where it runs under autograd, the gradient of its log-sum, which
   every slice's terms share, is summed over the ranks in the backward (`copy_to_ranks`: one more). The
-  divergences (`kl_div_loss` forward and reverse, `kd_loss`'s KL) normalise both sides and sum their per-row
-  partials: 5 all-reduces; `jsd_loss` sums its two partials (to the mixture) as one of 2 x N: 4 + 1. Their
+  divergences (`kl_div_loss` forward and reverse, `kd_loss`'s KL) normalise both sides together (a max and a
+  sum all-reduce of 2 x N, `shifted_logsumexps`) and sum their per-row partials: 3 all-reduces; `jsd_loss` sums
+  its two partials (to the mixture) as one of 2 x N. Their
   student gradient comes in closed form with the forward (`_StudentDivergence`): no backward collective. On a
   kernel backend (`kernels=True`: "auto" on CUDA tensors) the slice operators hand both sides' statistics over as
   `(N, 2)` float32 pairs: 3 all-reduces of 2 x N (maxima, sums, partial sums) for each of these divergences.
@@ -125,8 +126,9 @@ def _loss_rows(loss: str, rows: int, c: int, ce: bool, tail: str, k: int, kernel
                Collective("row sums of exp, both sides", "all_reduce", 2 * rows, 4, "forward"),
                Collective("divergence partial sums", "all_reduce", 2 * rows, 4, "forward")]
     else:
-        # The student's divergence gradient comes in closed form with its forward: no backward collective.
-        out = _normalisers("student", rows, c) + _normalisers("teacher", rows, c)
+        # The student's divergence gradient comes in closed form with its forward: no backward collective. Both
+        # sides' normalisers travel together (`vocab_parallel.shifted_logsumexps`).
+        out = _normalisers("both sides'", 2 * rows, c)
         # JSD sums its two KL partials (to the mixture) in one all-reduce of 2 x N.
         out.append(Collective("divergence partial sums", "all_reduce", 2 * rows if loss == "jsd_loss" else rows,
                               c, "forward"))

@@ -622,8 +622,9 @@ def test_communication_ring_convention_and_small_cases():
     assert comm.Collective("x", "all_reduce", 8, 4, "forward").sent(4) == 48
     assert comm.Collective("x", "all_gather", 12, 8, "forward").sent(4) == 72
     assert comm.Collective("x", "reduce_scatter", 12, 8, "backward").sent(4) == 72
-    # KL over N = 10 rows on 2 ranks, fp32: the layout check (4 int64 per rank, 32 bytes sent), then five
-    # all-reduces of 10 floats (two normalisers per side, the divergence's partial sums), 40 bytes each.
+    # KL over N = 10 rows on 2 ranks, fp32: the layout check (4 int64 per rank, 32 bytes sent), then both sides'
+    # row maxima and sums of exp (two all-reduces of 20 floats, 80 bytes each) and the divergence's partial sums
+    # (10 floats, 40 bytes).
     assert comm.totals(comm.vocab_parallel("kl_div_loss", rows=10, world=2, dtype=torch.float32), 2) == (232, 0)
     # bf16 logits: the per-row numbers are float32 all the same; on 4 ranks each all-reduce of 32 bytes sends 48,
     # and JSD sums its two partials (to the mixture) in one all-reduce of 64 bytes.

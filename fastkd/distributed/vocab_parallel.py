@@ -36,12 +36,19 @@ from .layout import VocabSlice
 
 
 def shifted_logsumexp(x: Tensor, group) -> tuple[Tensor, Tensor]:
-    """`(m, log s)` with `logsumexp = m + log s` over the last dim of every rank's slice of `x`: `m` the row maximum
+    """`(m, s)` with `logsumexp = m + log s` over the last dim of every rank's slice of `x`: `m` the row maximum
     over the ranks (0 where it is not finite), no gradient; `s = sum exp(x - m)`, 0 where every entry is -inf."""
-    local_max = x.detach().amax(-1) if x.shape[-1] else x.new_full(x.shape[:-1], NEG_INF)
+    shift, total = shifted_logsumexps([x], group)
+    return shift[0], total[0]
+
+
+def shifted_logsumexps(xs: list[Tensor], group) -> tuple[Tensor, Tensor]:
+    """`shifted_logsumexp` of each of `xs` (tensors of the same shape and dtype), stacked: the maxima of all in one
+    all-reduce and the sums in another, so two distributions cost two collectives of 2 x N, not four of N."""
+    local_max = torch.stack([x.detach().amax(-1) if x.shape[-1] else x.new_full(x.shape[:-1], NEG_INF) for x in xs])
     shift = max_over_ranks(local_max, group)
     shift = torch.where(torch.isfinite(shift), shift, 0.0)
-    total = sum_over_ranks(torch.exp(x - shift.unsqueeze(-1)).sum(-1), group)
+    total = sum_over_ranks(torch.stack([torch.exp(x - m.unsqueeze(-1)).sum(-1) for x, m in zip(xs, shift)]), group)
     return shift, total
 
 
@@ -66,13 +73,20 @@ def scaled_logits(logits: Tensor, temperature, dtype: torch.dtype, group) -> Ten
 def log_probs(logits: Tensor, temperature, dtype: torch.dtype, group) -> Tensor:
     """This slice of `log_softmax(logits / T)` over the whole vocabulary. A row that is -inf everywhere is NaN,
     as `torch.log_softmax` makes it in one process."""
-    scaled = scaled_logits(logits, temperature, dtype, group)
-    shift, total = shifted_logsumexp(scaled, group)
+    return log_probs_of([logits], temperature, dtype, group)[0]
+
+
+def log_probs_of(logits: list[Tensor], temperature, dtype: torch.dtype, group) -> list[Tensor]:
+    """`log_probs` of each of `logits` (slices of the same shape), their normalisers taken together
+    (`shifted_logsumexps`)."""
+    scaled = [scaled_logits(x, temperature, dtype, group) for x in logits]
+    shift, total = shifted_logsumexps(scaled, group)
     log_total = torch.where(total == 0, float("nan"), torch.log(total))
     # `(z - m) - log s`, as torch.log_softmax: `z - (m + log s)` would round `m + log s` first, an error of an ulp
     # of the logits' size (0.002 at 1e4 in float32). Every slice's terms depend on `log s`: its gradient is the sum
     # of every slice's part.
-    return (scaled - shift.unsqueeze(-1)) - copy_to_ranks(log_total, group).unsqueeze(-1)
+    log_total = copy_to_ranks(log_total, group)
+    return [(x - m.unsqueeze(-1)) - s.unsqueeze(-1) for x, m, s in zip(scaled, shift, log_total)]
 
 
 def pick(values: Tensor, ids: Tensor, where: VocabSlice, group) -> Tensor:
@@ -96,9 +110,7 @@ def divergence(student: Tensor, teacher: Tensor, temperature, kind: str, beta: f
         return _StudentDivergence.apply(student, teacher, temperature, kind, beta, group, kernels)
     if closed_form and kernels is not None:
         return kernel_rows(kernels, student, teacher, temperature, kind, beta, group, grad=False)[0]
-    dtype = compute_dtype(student, teacher)
-    log_ps = log_probs(student, temperature, dtype, group)
-    log_pt = log_probs(teacher, temperature, dtype, group)
+    log_ps, log_pt = log_probs_of([student, teacher], temperature, compute_dtype(student, teacher), group)
     return sum_over_ranks(divergence_rows(log_ps, log_pt, kind, beta), group)
 
 
@@ -121,9 +133,7 @@ class _StudentDivergence(torch.autograd.Function):
             rows, grad = kernel_rows(kernels, student, teacher, temperature, kind, beta, group, grad=True)
             ctx.save_for_backward(grad)
             return rows
-        dtype = compute_dtype(student, teacher)
-        log_ps = log_probs(student, temperature, dtype, group)
-        log_pt = log_probs(teacher, temperature, dtype, group)
+        log_ps, log_pt = log_probs_of([student, teacher], temperature, compute_dtype(student, teacher), group)
         if kind == "forward":
             p, _, part = _kl_partial(log_pt, log_ps)
             rows = sum_over_ranks(part, group)
