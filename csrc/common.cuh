@@ -306,6 +306,28 @@ struct MaxSize {
   static constexpr size_t value = A > B ? A : B;
 };
 
+// How visit_row and visit_one_row split columns [0, n): with `vector` (every pointer contiguous and at the same
+// element phase `ph` modulo K), a scalar head up to the first K-aligned column, `chunks` vector chunks of K
+// columns, and a scalar tail; without it, `scalars` = n scalar columns.
+template <int K>
+struct RowSpan {
+  int64_t head = 0;
+  int64_t chunks = 0;
+  int64_t body_end = 0;
+  int64_t scalars = 0;
+  __device__ __forceinline__ RowSpan(bool vector, int ph, int64_t n) {
+    if (vector) {
+      head = (K - ph) % K;
+      if (head > n) head = n;
+      chunks = (n - head) / K;
+    }
+    body_end = head + chunks * K;
+    scalars = head + (n - body_end);
+  }
+  // The column of scalar visit i < scalars: the head's, then the tail's.
+  __device__ __forceinline__ int64_t scalar_col(int64_t i) const { return i < head ? i : body_end + (i - head); }
+};
+
 // Visits columns [0, n) of a row pair, each exactly once, spread over the block's threads:
 // `f(col, x, y, out_a, out_b)` gets the two elements as floats and, for each output that is written (WA, WB:
 // contiguous rows `a`, `b`), sets the value stored at `a[col]`, `b[col]`.
@@ -321,28 +343,19 @@ __device__ __forceinline__ void visit_row(const TX* __restrict__ x, int64_t x_co
   constexpr size_t kWidest = MaxSize<MaxSize<sizeof(TX), sizeof(TY)>::value,
                                      MaxSize<WA ? sizeof(TA) : 1, WB ? sizeof(TB) : 1>::value>::value;
   constexpr int K = static_cast<int>(16 / kWidest);
-  int64_t head = 0;
-  int64_t chunks = 0;
-  if (x_col == 1 && y_col == 1) {
-    const int ph = phase<TX, K>(x);
-    const bool same = phase<TY, K>(y) == ph && (!WA || phase<TA, K>(a) == ph) && (!WB || phase<TB, K>(b) == ph);
-    if (same) {
-      head = (K - ph) % K;
-      if (head > n) head = n;
-      chunks = (n - head) / K;
-    }
-  }
-  const int64_t body_end = head + chunks * K;
-  const int64_t scalars = head + (n - body_end);
-  for (int64_t i = threadIdx.x; i < scalars; i += blockDim.x) {
-    const int64_t c = i < head ? i : body_end + (i - head);
+  const int ph = phase<TX, K>(x);
+  const RowSpan<K> span(x_col == 1 && y_col == 1 && phase<TY, K>(y) == ph && (!WA || phase<TA, K>(a) == ph) &&
+                            (!WB || phase<TB, K>(b) == ph),
+                        ph, n);
+  for (int64_t i = threadIdx.x; i < span.scalars; i += blockDim.x) {
+    const int64_t c = span.scalar_col(i);
     float out_a = 0.0f, out_b = 0.0f;
     f(c, to_float(x[c * x_col]), to_float(y[c * y_col]), out_a, out_b);
     if (WA) a[c] = from_float<TA>(out_a);
     if (WB) b[c] = from_float<TB>(out_b);
   }
-  for (int64_t i = threadIdx.x; i < chunks; i += blockDim.x) {
-    const int64_t c0 = head + i * K;
+  for (int64_t i = threadIdx.x; i < span.chunks; i += blockDim.x) {
+    const int64_t c0 = span.head + i * K;
     const Chunk<TX, K> cx = load_chunk<TX, K>(x + c0);
     const Chunk<TY, K> cy = load_chunk<TY, K>(y + c0);
     Chunk<TA, K> ca;
@@ -453,26 +466,16 @@ __device__ __forceinline__ void visit_one_row(const TX* __restrict__ x, int64_t 
                                               F&& f) {
   constexpr size_t kWidest = MaxSize<sizeof(TX), WA ? sizeof(TA) : 1>::value;
   constexpr int K = static_cast<int>(16 / kWidest);
-  int64_t head = 0;
-  int64_t chunks = 0;
-  if (x_col == 1) {
-    const int ph = phase<TX, K>(x);
-    if (!WA || phase<TA, K>(a) == ph) {
-      head = (K - ph) % K;
-      if (head > n) head = n;
-      chunks = (n - head) / K;
-    }
-  }
-  const int64_t body_end = head + chunks * K;
-  const int64_t scalars = head + (n - body_end);
-  for (int64_t i = threadIdx.x; i < scalars; i += blockDim.x) {
-    const int64_t c = i < head ? i : body_end + (i - head);
+  const int ph = phase<TX, K>(x);
+  const RowSpan<K> span(x_col == 1 && (!WA || phase<TA, K>(a) == ph), ph, n);
+  for (int64_t i = threadIdx.x; i < span.scalars; i += blockDim.x) {
+    const int64_t c = span.scalar_col(i);
     float out = 0.0f;
     f(c, to_float(x[c * x_col]), out);
     if (WA) a[c] = from_float<TA>(out);
   }
-  for (int64_t i = threadIdx.x; i < chunks; i += blockDim.x) {
-    const int64_t c0 = head + i * K;
+  for (int64_t i = threadIdx.x; i < span.chunks; i += blockDim.x) {
+    const int64_t c0 = span.head + i * K;
     const Chunk<TX, K> cx = load_chunk<TX, K>(x + c0);
     Chunk<TA, K> ca;
 #pragma unroll
