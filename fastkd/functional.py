@@ -272,7 +272,7 @@ def sparse_kd_loss(student_logits: torch.Tensor, teacher_indices: torch.Tensor, 
             from ._dispatch import BackendUnavailableError
             raise BackendUnavailableError(f"backend {backend!r} has no vocabulary-parallel kernel for sparse_kd_loss: "
                                           f"with process_group it runs the reference's arithmetic (backend=None or "
-                                          f"'torch'), which communicates k numbers per token")
+                                          f"'torch')")
         return vocab_parallel.sparse_kd_loss(student_logits, teacher_indices, teacher_logprobs, labels, tail=tail,
                                              temperature=temperature, ignore_index=ignore_index,
                                              num_items_in_batch=num_items_in_batch, reduction=reduction,

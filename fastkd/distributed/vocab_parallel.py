@@ -10,12 +10,14 @@ ranks; everything else is elementwise (per id: on the slice that holds it) or pe
     KL_row   = sum_r [sum_{j in slice r} p_j (log p_j - log q_j)]                (forward, reverse, JSD alike)
     CE_row   = -log p_label                (the label's log-probability, from the one rank whose slice holds it)
 
-So per row and per call the forward pass carries: a max and a sum per distribution (the normalisers), the divergence's
-partial sum, and for the CE term one more sum (a sparse teacher's slots: the partial sum of their terms); with `reduction="none"` rows of these
-numbers, never a logit. In the backward pass the sums' gradient is the identity (`collectives.sum_over_ranks`),
-so rank r's gradient is exactly the columns `[start, end)` of the single-process gradient, with one addition: a per-row number that every rank holds whole and that feeds every slice's terms
-(the normaliser `lse` of each distribution, a tensor temperature) enters them through `copy_to_ranks`, so its
-gradient is summed over the slices in the backward (an all-reduce of O(rows) numbers per such quantity).
+So per row and per call the forward pass carries: a max and a sum per distribution (the normalisers), the
+divergence's partial sum (a sparse teacher's: the partial sum of its slots' terms), and for the CE term one more
+sum; with `reduction="none"` rows of these numbers, never a logit. In the backward pass the sums' gradient is the
+identity (`collectives.sum_over_ranks`), so rank r's gradient is exactly the columns `[start, end)` of the
+single-process gradient, with one addition: a per-row number that every rank holds whole and that feeds every
+slice's terms (the normaliser `lse` of each distribution, a tensor temperature) enters them through
+`copy_to_ranks`, so its gradient is summed over the slices in the backward (an all-reduce of O(rows) numbers per
+such quantity).
 
 This is the reference arithmetic, under autograd: it keeps the slice's log-probabilities for the backward pass,
 `rows x V / W` per distribution, as the single-process reference keeps `rows x V`. For language-model sizes use
@@ -46,10 +48,22 @@ def shifted_logsumexps(xs: list[Tensor], group) -> tuple[Tensor, Tensor]:
     """`shifted_logsumexp` of each of `xs` (tensors of the same shape and dtype), stacked: the maxima of all in one
     all-reduce and the sums in another, so two distributions cost two collectives of 2 x N, not four of N."""
     local_max = torch.stack([x.detach().amax(-1) if x.shape[-1] else x.new_full(x.shape[:-1], NEG_INF) for x in xs])
-    shift = max_over_ranks(local_max, group)
-    shift = torch.where(torch.isfinite(shift), shift, 0.0)
+    shift = global_shift(local_max, group)
     total = sum_over_ranks(torch.stack([torch.exp(x - m.unsqueeze(-1)).sum(-1) for x, m in zip(xs, shift)]), group)
     return shift, total
+
+
+def global_shift(local_max: Tensor, group) -> Tensor:
+    """The row maximum over the ranks of each rank's `local_max`, 0 where it is not finite: the shift that keeps
+    `exp` in range (a logsumexp does not depend on it, so it carries no gradient)."""
+    shift = max_over_ranks(local_max, group)
+    return torch.where(torch.isfinite(shift), shift, 0.0)
+
+
+def log_of_total(total: Tensor) -> Tensor:
+    """`log s` of a combined sum of exponentials; NaN where `s = 0` (a row -inf everywhere), as
+    `torch.log_softmax` gives there."""
+    return torch.where(total == 0, float("nan"), torch.log(total))
 
 
 def logsumexp_over_ranks(x: Tensor, group) -> Tensor:
@@ -81,7 +95,7 @@ def log_probs_of(logits: list[Tensor], temperature, dtype: torch.dtype, group) -
     (`shifted_logsumexps`)."""
     scaled = [scaled_logits(x, temperature, dtype, group) for x in logits]
     shift, total = shifted_logsumexps(scaled, group)
-    log_total = torch.where(total == 0, float("nan"), torch.log(total))
+    log_total = log_of_total(total)
     # `(z - m) - log s`, as torch.log_softmax: `z - (m + log s)` would round `m + log s` first, an error of an ulp
     # of the logits' size (0.002 at 1e4 in float32). Every slice's terms depend on `log s`: its gradient is the sum
     # of every slice's part.
@@ -174,10 +188,9 @@ def kernel_rows(kernels, student: Tensor, teacher: Tensor, temperature: float, k
     lead = student.shape[:-1]
     inv_t = 1.0 / temperature
     maxima, sums = kernels.vocab_row_stats(student, teacher, inv_t)
-    shift = max_over_ranks(maxima, group)
-    shift = torch.where(torch.isfinite(shift), shift, 0.0)
+    shift = global_shift(maxima, group)
     total = sum_over_ranks(torch.where(maxima == NEG_INF, 0.0, sums * torch.exp(maxima - shift)), group)
-    log_total = torch.where(total == 0, float("nan"), torch.log(total))
+    log_total = log_of_total(total)
     forward_grad = grad and kind == "forward"
     partial, d = kernels.vocab_row_terms(student, teacher, inv_t, shift, log_total, kind, beta, None, forward_grad)
     part = sum_over_ranks(partial, group)
