@@ -34,8 +34,8 @@ What is counted, from fastkd/distributed/ (N rows, W ranks; "c" the loss's compu
 - Relational losses under DDP (`functional.global_batch`, `collectives.gather_rows`): per side an all-gather of
   each rank's row count, row shape and dtype (a few int64, checked alike on every rank) and of the features
   (W x B x D, B the batch of each rank); the backward reduce-scatters the gradient of the gathered student
-  features, W x B x D_s (the teacher's side has none), so each rank receives its own rows'. DDP's own all-reduce of the parameters'
-  gradients is the same with any loss and not counted.
+  features, W x B x D_s (the teacher's side has none), so each rank receives its own rows'. DDP's own
+  all-reduce of the parameters' gradients is the same with any loss and not counted.
 - FSDP2 (`fastkd/distributed/dtensor.py`): an output weight given as a sharded `DTensor` to the fused loss is
   all-gathered once per call (V x H; the teacher's too, without a gradient) and the student's weight gradient
   reduce-scattered back, as FSDP2 does for any parameter; the rows of each rank are its own, nothing else crosses.
@@ -108,7 +108,7 @@ def _normalisers(side: str, rows: int, c: int, gradient: bool = False) -> list[C
     return out
 
 
-def _loss_rows(loss: str, rows: int, c: int, ce: bool, tail: str, k: int, kernels: bool = False) -> list[Collective]:
+def _loss_rows(loss: str, rows: int, c: int, ce: bool, tail: str, kernels: bool = False) -> list[Collective]:
     """The per-row collectives of a vocabulary-parallel loss (module docstring), without the layout check;
     `kernels`: the divergence's statistics made by a kernel backend's slice operators (float32 pairs)."""
     if loss not in VOCAB_LOSSES:
@@ -146,24 +146,24 @@ def _ce_term(rows: int, c: int) -> list[Collective]:
 
 
 def vocab_parallel(loss: str, *, rows: int, world: int, dtype: torch.dtype = torch.bfloat16, ce: bool = False,
-                   tail: str = "renormalize", k: int = 0, kernels: bool = False) -> list[Collective]:
-    """`kl_div_loss`, `jsd_loss`, `kd_loss` (`ce`: with its CE term), `sparse_kd_loss` (`tail`, `k` ids) with the
-    logits of `dtype` split by vocabulary over `world` ranks; `kernels`: on a kernel backend (module docstring)."""
-    _check(world, rows=rows, k=k)
-    return [layout_check(world)] + _loss_rows(loss, rows, compute_itemsize(dtype), ce, tail, k, kernels)
+                   tail: str = "renormalize", kernels: bool = False) -> list[Collective]:
+    """`kl_div_loss`, `jsd_loss`, `kd_loss` (`ce`: with its CE term), `sparse_kd_loss` (`tail`; the teacher's k
+    does not count: its slots' terms are summed per slice) with the logits of `dtype` split by vocabulary over
+    `world` ranks; `kernels`: on a kernel backend (module docstring)."""
+    _check(world, rows=rows)
+    return [layout_check(world)] + _loss_rows(loss, rows, compute_itemsize(dtype), ce, tail, kernels)
 
 
 def fused(*, rows: int, hidden: int, world: int, dtype: torch.dtype = torch.bfloat16, ce: bool = False,
-          jsd: bool = False, sparse: bool = False, tail: str = "renormalize", k: int = 0,
+          jsd: bool = False, sparse: bool = False, tail: str = "renormalize",
           kernels: bool = False) -> list[Collective]:
     """`fused_linear_distill_loss(process_group=...)`, hidden states and weights of `dtype`: a KL or KD divergence,
-    JSD (`jsd`), or with `sparse` a teacher cache of `k` ids and its `tail`; `ce`: with the CE term. Every
+    JSD (`jsd`), or with `sparse` a teacher cache and its `tail`; `ce`: with the CE term. Every
     collective runs in the forward pass, the backward ones of the row losses included: the fused loss makes its
     gradients there. `kernels`: the divergence on a kernel backend's slice operators (not for a sparse teacher)."""
-    _check(world, rows=rows, hidden=hidden, k=k)
+    _check(world, rows=rows, hidden=hidden)
     loss = "sparse_kd_loss" if sparse else "jsd_loss" if jsd else "kd_loss"
-    out = [layout_check(world)] + _loss_rows(loss, rows, compute_itemsize(dtype), False, tail, k,
-                                             kernels and not sparse)
+    out = [layout_check(world)] + _loss_rows(loss, rows, compute_itemsize(dtype), False, tail, kernels and not sparse)
     if ce:
         out += _ce_term(rows, compute_itemsize(dtype))
     out.append(Collective("hidden states' gradient (N x H)", "all_reduce", rows * hidden, dtype.itemsize, "forward"))
@@ -258,7 +258,7 @@ def cases(world: int) -> list[tuple[str, str, list[Collective], list[Collective]
         ("kd_loss + CE", logits, vocab_parallel("kd_loss", rows=ROWS, world=world, dtype=bf16, ce=True, kernels=True),
          gather_both),
         ("sparse_kd_loss, bucket", f"{logits} k={TOPK}",
-         vocab_parallel("sparse_kd_loss", rows=ROWS, world=world, dtype=bf16, tail="bucket", k=TOPK),
+         vocab_parallel("sparse_kd_loss", rows=ROWS, world=world, dtype=bf16, tail="bucket"),
          gather_one),
         ("fused_linear_distill_loss + CE", fused_shape,
          fused(rows=ROWS, hidden=HIDDEN, world=world, dtype=bf16, ce=True, kernels=True), gather_both + hidden_grad),

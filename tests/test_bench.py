@@ -735,7 +735,7 @@ def test_communication_model_counts_the_real_collectives(case):
     model = {
         "kl": comm.vocab_parallel("kl_div_loss", rows=6, world=2, dtype=f32),
         "kd_ce": comm.vocab_parallel("kd_loss", rows=6, world=2, dtype=f32, ce=True),
-        "sparse_bucket": comm.vocab_parallel("sparse_kd_loss", rows=6, world=2, dtype=f32, tail="bucket", k=3),
+        "sparse_bucket": comm.vocab_parallel("sparse_kd_loss", rows=6, world=2, dtype=f32, tail="bucket"),
         "fused_ce": comm.fused(rows=6, hidden=4, world=2, dtype=f32, ce=True),
         "jsd": comm.vocab_parallel("jsd_loss", rows=6, world=2, dtype=f32),
         "kl_triton": comm.vocab_parallel("kl_div_loss", rows=6, world=2, dtype=f32, kernels=True),
