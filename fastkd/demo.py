@@ -144,7 +144,6 @@ class TerminalProgress:
             self.width = 0
 
 
-
 def run_setup(device, progress: bool | None, log: Callable[[str], None]):
     """A demo's `(device, terminal, log)`: the device (default CUDA if present, else the CPU); the status line
     (`TerminalProgress`, or None: by default only when `log` is `print` on a terminal); and `log` wrapped to erase
@@ -159,6 +158,7 @@ def run_setup(device, progress: bool | None, log: Callable[[str], None]):
             terminal.clear()
             _log(line)
     return torch.device(device), terminal, log
+
 
 def run(*, epochs_teacher: int | None = None, epochs_student: int | None = None, quick: bool = False,
         seed: int = 0, device: str | torch.device | None = None, backend: str | None = None,

@@ -13,9 +13,10 @@ Two kinds of distribution, two conventions for what crosses the network in the b
   depend on the shift, so no gradient flows through it.
 - Data parallel (DDP): every rank holds its own samples and a relational loss needs the whole batch.
   `gather_rows` all-gathers a tensor along dim 0 (ranks of different batch sizes allowed), and its backward
-  reduce-scatters the gradient of the gathered tensor: each rank gets the sum over the ranks of its own rows'. Every rank then holds W times
-  the gradient of the global loss with respect to its own rows, and DDP's averaging over the W ranks divides
-  it back: one DDP step equals one single-process step on the concatenated batch (SimCLR's GatherLayer).
+  reduce-scatters the gradient of the gathered tensor: each rank gets the sum over the ranks of its own rows'.
+  Every rank then holds W times the gradient of the global loss with respect to its own rows, and DDP's
+  averaging over the W ranks divides it back: one DDP step equals one single-process step on the concatenated
+  batch (SimCLR's GatherLayer).
 
 Every collective runs on `group` (None: the default group) and is bounded by the group's timeout (set at
 `init_process_group(timeout=...)`): a rank that never arrives raises there rather than hanging forever.
